@@ -1,0 +1,1 @@
+"""opd-grpc: the token engine of a hospital's outpatient department, served over gRPC."""

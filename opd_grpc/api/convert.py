@@ -1,0 +1,105 @@
+"""Translation between `opd.v1` messages and the domain model; no rule lives here."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from google.protobuf import timestamp_pb2
+
+from opd_grpc._gen.opd.v1 import opd_pb2 as pb
+from opd_grpc.engine.model import (
+    PRIORITY, Allocation, CallResult, CapacityChange, DayStats, Doctor, Patient, Release, Slot, SlotStatus,
+    Source, Status, TokenView,
+)
+from opd_grpc.engine.service import AllocateCommand, SlotRequest
+
+SOURCE_FROM_PB = {pb.SOURCE_EMERGENCY: Source.EMERGENCY, pb.SOURCE_PAID_PRIORITY: Source.PAID_PRIORITY,
+                  pb.SOURCE_FOLLOW_UP: Source.FOLLOW_UP, pb.SOURCE_ONLINE_BOOKING: Source.ONLINE_BOOKING,
+                  pb.SOURCE_WALK_IN: Source.WALK_IN}
+SOURCE_TO_PB = {v: k for k, v in SOURCE_FROM_PB.items()}
+STATUS_TO_PB = {s: pb.Status.Value(f"STATUS_{s.value}") for s in Status}
+GENDER_FROM_PB = {pb.GENDER_FEMALE: "FEMALE", pb.GENDER_MALE: "MALE", pb.GENDER_OTHER: "OTHER"}
+GENDER_TO_PB = {v: k for k, v in GENDER_FROM_PB.items()}
+
+
+def timestamp(when: dt.datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(when)
+    return ts
+
+
+def allocate_command(r: pb.AllocateTokenRequest | pb.AllocateEmergencyRequest, source: Source | None) -> AllocateCommand:
+    p = r.patient
+    patient = Patient(p.name, p.phone, p.age, GENDER_FROM_PB.get(p.gender, ""), p.mrn)
+    return AllocateCommand(patient, r.doctor_id, r.date, r.preferred_slot_time, source, r.flexible)
+
+
+def slot_requests(r: pb.CreateSlotsRequest) -> list[SlotRequest]:
+    return [SlotRequest(s.date, s.start_time, s.end_time,
+                        s.max_capacity if s.HasField("max_capacity") else None,
+                        s.consultation_minutes if s.HasField("consultation_minutes") else None)
+            for s in r.slots]
+
+
+def doctor(d: Doctor) -> pb.Doctor:
+    return pb.Doctor(doctor_id=d.doctor_id, name=d.name, specialization=d.specialization)
+
+
+def slot(s: Slot) -> pb.Slot:
+    return pb.Slot(slot_id=s.slot_id, doctor_id=s.doctor_id, date=s.date.isoformat(),
+                   start_time=f"{s.start_time:%H:%M}", end_time=f"{s.end_time:%H:%M}",
+                   max_capacity=s.max_capacity, consultation_minutes=s.consultation_minutes)
+
+
+def token(v: TokenView) -> pb.Token:
+    t = v.token
+    p = t.patient
+    msg = pb.Token(
+        token_id=t.token_id, token_number=t.token_number, slot_id=t.slot_id, doctor_id=t.doctor_id,
+        date=t.date.isoformat(), source=SOURCE_TO_PB[t.source], priority=PRIORITY[t.source],
+        status=STATUS_TO_PB[t.status], queue_position=v.queue_position, waitlist_position=v.waitlist_position,
+        patient=pb.Patient(name=p.name, phone=p.phone, age=p.age, gender=GENDER_TO_PB.get(p.gender, 0), mrn=p.mrn),
+        created_at=timestamp(t.created_at), updated_at=timestamp(t.updated_at))
+    for name in ("checked_in_at", "called_at", "completed_at"):
+        if (when := getattr(t, name)) is not None:
+            getattr(msg, name).CopyFrom(timestamp(when))
+    if v.estimated_time is not None:
+        msg.estimated_time.CopyFrom(timestamp(v.estimated_time))
+    return msg
+
+
+def allocation(a: Allocation, response: type[pb.AllocateTokenResponse] | type[pb.AllocateEmergencyResponse]):
+    msg = response(token=token(a.token), moved_to_later_slot=a.moved_to_later_slot)
+    if a.bumped is not None:
+        msg.bumped_token.CopyFrom(token(a.bumped))
+    return msg
+
+
+def release(r: Release, response: type[pb.CancelTokenResponse] | type[pb.MarkNoShowResponse]):
+    return response(token=token(r.token), promoted=[token(p) for p in r.promoted])
+
+
+def call_result(r: CallResult) -> pb.CallNextResponse:
+    msg = pb.CallNextResponse(token=token(r.token))
+    if r.completed is not None:
+        msg.completed_token.CopyFrom(token(r.completed))
+    return msg
+
+
+def capacity_change(c: CapacityChange) -> pb.UpdateSlotCapacityResponse:
+    return pb.UpdateSlotCapacityResponse(slot=slot(c.slot), promoted=[token(p) for p in c.promoted])
+
+
+def slot_status(s: SlotStatus) -> pb.GetSlotStatusResponse:
+    return pb.GetSlotStatusResponse(slot=slot(s.slot), max_capacity=s.slot.max_capacity,
+                                    seat_holders=s.seat_holders, free_seats=s.free_seats,
+                                    waitlist=[token(t) for t in s.waitlist])
+
+
+def stats(s: DayStats) -> pb.DoctorDayStats:
+    return pb.DoctorDayStats(
+        doctor_id=s.doctor_id, date=s.date.isoformat(),
+        by_status={f"STATUS_{k.value}": n for k, n in s.by_status.items()},
+        by_source={f"SOURCE_{k.value}": n for k, n in s.by_source.items()},
+        total_tokens=s.total_tokens, total_capacity=s.total_capacity, seat_holders=s.seat_holders,
+        utilisation=s.utilisation, bumps=s.bumps, no_shows=s.no_shows, mean_wait_minutes=s.mean_wait_minutes)

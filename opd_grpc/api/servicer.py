@@ -1,0 +1,147 @@
+"""`opd.v1.OPDTokenService`: each method translates its request, runs one use case of the engine in the
+worker pool (the engine and storage are synchronous), and translates the answer or the refusal."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from opd_grpc._gen.opd.v1 import opd_pb2 as pb
+from opd_grpc._gen.opd.v1 import opd_pb2_grpc
+from opd_grpc.api import convert
+from opd_grpc.api.status import from_engine_error, rich_status
+from opd_grpc.engine.errors import EngineError
+from opd_grpc.engine.model import Source
+from opd_grpc.engine.service import OPDService, Replay, Retry
+
+log = logging.getLogger(__name__)
+R = TypeVar("R", bound=Message)
+
+
+class OPDTokenServicer(opd_pb2_grpc.OPDTokenServiceServicer):
+    def __init__(self, service: OPDService, executor: ThreadPoolExecutor):
+        self.service = service
+        self.executor = executor
+
+    async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+        except EngineError as error:
+            await context.abort_with_status(from_engine_error(error))
+        except Exception:  # a bug, never bad input: logged with its trace, answered without internals
+            log.exception("unexpected failure in %s", fn.__name__)
+            await context.abort_with_status(rich_status(
+                grpc.StatusCode.INTERNAL.value[0], "The server failed to handle this request; it changed nothing "
+                "that was not committed. Try again, and report it if it persists.", "INTERNAL_ERROR"))
+
+    async def _change(self, context: grpc.aio.ServicerContext, request: Message, response: type[R],
+                      render: Callable[[Any], R], fn: Callable[..., Any], *args: Any) -> R:
+        """A state-changing call: with a request_id, its first answer is stored and replayed (SPEC §9)."""
+        retry = None
+        if request_id := getattr(request, "request_id"):
+            retry = Retry(request_id, type(request).__name__, _fingerprint(request),
+                          lambda result: render(result).SerializeToString())
+        result = await self._call(context, fn, *args, retry)
+        return response.FromString(result.response) if isinstance(result, Replay) else render(result)
+
+    # ---- doctors and slots ----
+
+    async def CreateDoctor(self, request: pb.CreateDoctorRequest, context: Any) -> pb.CreateDoctorResponse:
+        return await self._change(context, request, pb.CreateDoctorResponse,
+                                  lambda d: pb.CreateDoctorResponse(doctor=convert.doctor(d)),
+                                  self.service.create_doctor, request.name, request.specialization)
+
+    async def GetDoctor(self, request: pb.GetDoctorRequest, context: Any) -> pb.GetDoctorResponse:
+        doctor = await self._call(context, self.service.get_doctor, request.doctor_id)
+        return pb.GetDoctorResponse(doctor=convert.doctor(doctor))
+
+    async def ListDoctors(self, request: pb.ListDoctorsRequest, context: Any) -> pb.ListDoctorsResponse:
+        page = await self._call(context, self.service.list_doctors, request.page_size, request.page_token)
+        return pb.ListDoctorsResponse(doctors=[convert.doctor(d) for d in page.items],
+                                      next_page_token=page.next_page_token)
+
+    async def CreateSlots(self, request: pb.CreateSlotsRequest, context: Any) -> pb.CreateSlotsResponse:
+        return await self._change(context, request, pb.CreateSlotsResponse,
+                                  lambda slots: pb.CreateSlotsResponse(slots=[convert.slot(s) for s in slots]),
+                                  self.service.create_slots, request.doctor_id, convert.slot_requests(request))
+
+    async def ListSlots(self, request: pb.ListSlotsRequest, context: Any) -> pb.ListSlotsResponse:
+        page = await self._call(context, self.service.list_slots, request.doctor_id, request.date,
+                                request.page_size, request.page_token)
+        return pb.ListSlotsResponse(slots=[convert.slot(s) for s in page.items], next_page_token=page.next_page_token)
+
+    async def UpdateSlotCapacity(self, request: pb.UpdateSlotCapacityRequest,
+                                 context: Any) -> pb.UpdateSlotCapacityResponse:
+        return await self._change(context, request, pb.UpdateSlotCapacityResponse, convert.capacity_change,
+                                  self.service.update_slot_capacity, request.slot_id, request.max_capacity)
+
+    async def GetSlotStatus(self, request: pb.GetSlotStatusRequest, context: Any) -> pb.GetSlotStatusResponse:
+        return convert.slot_status(await self._call(context, self.service.get_slot_status, request.slot_id))
+
+    # ---- tokens ----
+
+    async def AllocateToken(self, request: pb.AllocateTokenRequest, context: Any) -> pb.AllocateTokenResponse:
+        command = convert.allocate_command(request, convert.SOURCE_FROM_PB.get(request.source))
+        return await self._change(context, request, pb.AllocateTokenResponse,
+                                  functools.partial(convert.allocation, response=pb.AllocateTokenResponse),
+                                  self.service.allocate, command)
+
+    async def AllocateEmergency(self, request: pb.AllocateEmergencyRequest,
+                                context: Any) -> pb.AllocateEmergencyResponse:
+        command = convert.allocate_command(request, Source.EMERGENCY)
+        return await self._change(context, request, pb.AllocateEmergencyResponse,
+                                  functools.partial(convert.allocation, response=pb.AllocateEmergencyResponse),
+                                  self.service.allocate, command)
+
+    async def CancelToken(self, request: pb.CancelTokenRequest, context: Any) -> pb.CancelTokenResponse:
+        return await self._change(context, request, pb.CancelTokenResponse,
+                                  functools.partial(convert.release, response=pb.CancelTokenResponse),
+                                  self.service.cancel, request.token_id)
+
+    async def MarkNoShow(self, request: pb.MarkNoShowRequest, context: Any) -> pb.MarkNoShowResponse:
+        return await self._change(context, request, pb.MarkNoShowResponse,
+                                  functools.partial(convert.release, response=pb.MarkNoShowResponse),
+                                  self.service.mark_no_show, request.token_id)
+
+    async def CheckInToken(self, request: pb.CheckInTokenRequest, context: Any) -> pb.CheckInTokenResponse:
+        return await self._change(context, request, pb.CheckInTokenResponse,
+                                  lambda v: pb.CheckInTokenResponse(token=convert.token(v)),
+                                  self.service.check_in, request.token_id)
+
+    async def CallNext(self, request: pb.CallNextRequest, context: Any) -> pb.CallNextResponse:
+        return await self._change(context, request, pb.CallNextResponse, convert.call_result,
+                                  self.service.call_next, request.doctor_id, request.date)
+
+    async def CompleteToken(self, request: pb.CompleteTokenRequest, context: Any) -> pb.CompleteTokenResponse:
+        return await self._change(context, request, pb.CompleteTokenResponse,
+                                  lambda v: pb.CompleteTokenResponse(token=convert.token(v)),
+                                  self.service.complete, request.token_id)
+
+    async def GetToken(self, request: pb.GetTokenRequest, context: Any) -> pb.GetTokenResponse:
+        return pb.GetTokenResponse(token=convert.token(
+            await self._call(context, self.service.get_token, request.token_id)))
+
+    async def ListTokens(self, request: pb.ListTokensRequest, context: Any) -> pb.ListTokensResponse:
+        page = await self._call(context, self.service.list_tokens, request.doctor_id, request.date,
+                                request.page_size, request.page_token)
+        return pb.ListTokensResponse(tokens=[convert.token(v) for v in page.items],
+                                     next_page_token=page.next_page_token)
+
+    async def GetStats(self, request: pb.GetStatsRequest, context: Any) -> pb.GetStatsResponse:
+        stats = await self._call(context, self.service.stats, request.date, request.doctor_id)
+        return pb.GetStatsResponse(stats=[convert.stats(s) for s in stats])
+
+
+def _fingerprint(request: Message) -> bytes:
+    """The request without its request_id, serialized deterministically and hashed."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.ClearField("request_id")
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).digest()

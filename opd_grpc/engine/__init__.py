@@ -1,0 +1,1 @@
+"""The rules of SPEC.md as plain Python: the domain model and the service layer. No gRPC, no SQL."""

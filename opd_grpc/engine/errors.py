@@ -1,0 +1,54 @@
+"""Refusals of the engine: each says what went wrong, for whom to fix, and why (a reason code).
+
+The servicer maps each kind to a gRPC status code (SPEC §12); the engine knows nothing of gRPC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+@dataclass
+class EngineError(Exception):
+    """A refused request: nothing was changed."""
+
+    message: str
+    reason: str
+    violations: list[FieldViolation] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgument(EngineError):
+    """Malformed or missing input."""
+
+    def __init__(self, violations: list[FieldViolation], reason: str = "INVALID_ARGUMENT"):
+        text = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(f"Invalid request: {text}", reason, violations)
+
+
+class NotFound(EngineError):
+    """An unknown doctor, slot or token."""
+
+
+class AlreadyExists(EngineError):
+    """A duplicate patient token or an overlapping slot."""
+
+
+class FailedPrecondition(EngineError):
+    """The request is well formed but the state does not allow it now."""
+
+
+class ResourceExhausted(EngineError):
+    """A bounded resource is full."""
+
+
+def invalid(field_name: str, description: str, reason: str = "INVALID_ARGUMENT") -> InvalidArgument:
+    return InvalidArgument([FieldViolation(field_name, description)], reason)

@@ -1,0 +1,584 @@
+"""The domain model: doctors, slots, tokens and the rules of SPEC §2–8, in plain Python.
+
+`DoctorDay` is the aggregate: one doctor's slots and tokens on one date. Every rule that decides who gets
+a seat lives in its methods, and each change is recorded as exactly one `QueueEvent` (SPEC §3.6) that the
+storage layer writes in the same transaction. No gRPC and no SQL here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import re
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+from opd_grpc.engine.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted, invalid
+
+
+class Source(enum.Enum):
+    EMERGENCY = "EMERGENCY"
+    PAID_PRIORITY = "PAID_PRIORITY"
+    FOLLOW_UP = "FOLLOW_UP"
+    ONLINE_BOOKING = "ONLINE_BOOKING"
+    WALK_IN = "WALK_IN"
+
+
+# SPEC §2: the priority of each source; 1 is served first.
+PRIORITY: dict[Source, int] = {
+    Source.EMERGENCY: 1,
+    Source.PAID_PRIORITY: 2,
+    Source.FOLLOW_UP: 3,
+    Source.ONLINE_BOOKING: 4,
+    Source.WALK_IN: 5,
+}
+
+
+class Status(enum.Enum):
+    CONFIRMED = "CONFIRMED"
+    WAITLISTED = "WAITLISTED"
+    CHECKED_IN = "CHECKED_IN"
+    CALLED = "CALLED"
+    COMPLETED = "COMPLETED"
+    CANCELLED = "CANCELLED"
+    NO_SHOW = "NO_SHOW"
+
+
+SEAT_HOLDING = frozenset({Status.CONFIRMED, Status.CHECKED_IN, Status.CALLED, Status.COMPLETED})
+TERMINAL = frozenset({Status.COMPLETED, Status.CANCELLED, Status.NO_SHOW})
+ACTIVE = frozenset(Status) - TERMINAL
+# Seat holders that still wait for (or are in) their consultation, and so have an estimated time.
+IN_QUEUE = frozenset({Status.CONFIRMED, Status.CHECKED_IN, Status.CALLED})
+
+
+class EventKind(enum.Enum):
+    ALLOCATED = "ALLOCATED"
+    WAITLISTED = "WAITLISTED"
+    PROMOTED = "PROMOTED"
+    BUMPED = "BUMPED"
+    CHECKED_IN = "CHECKED_IN"
+    CALLED = "CALLED"
+    COMPLETED = "COMPLETED"
+    CANCELLED = "CANCELLED"
+    NO_SHOW = "NO_SHOW"
+    SLOT_CHANGED = "SLOT_CHANGED"
+
+
+@dataclass(frozen=True)
+class Move:
+    """One legal state move of SPEC §7: from which statuses, to which, and the event it writes."""
+
+    allowed_from: frozenset[Status]
+    to: Status
+    event: EventKind
+    verb: str
+
+
+# SPEC §7, the one table of legal moves. Anything else is refused with FAILED_PRECONDITION.
+PROMOTE = Move(frozenset({Status.WAITLISTED}), Status.CONFIRMED, EventKind.PROMOTED, "promoted")
+BUMP = Move(frozenset({Status.CONFIRMED, Status.CHECKED_IN}), Status.WAITLISTED, EventKind.BUMPED, "bumped")
+CHECK_IN = Move(frozenset({Status.CONFIRMED}), Status.CHECKED_IN, EventKind.CHECKED_IN, "checked in")
+CALL = Move(frozenset({Status.CHECKED_IN}), Status.CALLED, EventKind.CALLED, "called")
+COMPLETE = Move(frozenset({Status.CALLED}), Status.COMPLETED, EventKind.COMPLETED, "completed")
+NO_SHOW = Move(frozenset(IN_QUEUE), Status.NO_SHOW, EventKind.NO_SHOW, "marked no-show")
+CANCEL = Move(frozenset(ACTIVE), Status.CANCELLED, EventKind.CANCELLED, "cancelled")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The settings that the rules read (SPEC §14)."""
+
+    default_slot_capacity: int = 10
+    average_consultation_minutes: int = 5
+    no_show_grace_period_minutes: int = 15
+    max_waitlist_size: int = 50
+    timezone: dt.tzinfo = dt.timezone.utc
+
+
+@dataclass(frozen=True)
+class Doctor:
+    doctor_id: str
+    name: str
+    specialization: str
+
+
+_SPACES = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class Patient:
+    name: str
+    phone: str
+    age: int
+    gender: str
+    mrn: str = ""
+
+    def identity(self) -> str:
+        """SPEC §1: the same mrn, or without one the same phone and name (case and spacing folded)."""
+        if self.mrn:
+            return "mrn:" + self.mrn.strip().casefold()
+        digits = "".join(ch for ch in self.phone if ch.isdigit())
+        return f"phone:{digits}:{_SPACES.sub(' ', self.name.strip()).casefold()}"
+
+
+@dataclass
+class Slot:
+    slot_id: str
+    doctor_id: str
+    date: dt.date
+    start_time: dt.time
+    end_time: dt.time
+    max_capacity: int
+    consultation_minutes: int
+
+    def starts_at(self, tz: dt.tzinfo) -> dt.datetime:
+        return dt.datetime.combine(self.date, self.start_time, tz)
+
+    def ends_at(self, tz: dt.tzinfo) -> dt.datetime:
+        return dt.datetime.combine(self.date, self.end_time, tz)
+
+
+@dataclass
+class Token:
+    token_id: str
+    token_number: int
+    doctor_id: str
+    date: dt.date
+    slot_id: str
+    source: Source
+    status: Status
+    patient: Patient
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    checked_in_at: dt.datetime | None = None
+    called_at: dt.datetime | None = None
+    completed_at: dt.datetime | None = None
+    bump_count: int = 0
+
+    @property
+    def priority(self) -> int:
+        return PRIORITY[self.source]
+
+    def order_key(self) -> tuple[int, dt.datetime, int]:
+        """SPEC §2: lower priority number first, then earlier queue time, then lower token number."""
+        return (self.priority, self.created_at, self.token_number)
+
+
+@dataclass(frozen=True)
+class QueueEvent:
+    doctor_id: str
+    date: dt.date
+    sequence: int
+    kind: EventKind
+    occurred_at: dt.datetime
+    token_id: str = ""
+    token_number: int = 0
+    slot_id: str = ""
+    status: Status | None = None
+    caused_by_token_id: str = ""
+
+
+@dataclass(frozen=True)
+class TokenView:
+    """A token as callers see it: with its place in the queue and estimated time (SPEC §8)."""
+
+    token: Token
+    estimated_time: dt.datetime | None
+    queue_position: int
+    waitlist_position: int
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    slot: Slot
+    seat_holders: int
+    free_seats: int
+    waitlist: list[TokenView]
+
+
+@dataclass(frozen=True)
+class DayStats:
+    doctor_id: str
+    date: dt.date
+    by_status: dict[Status, int]
+    by_source: dict[Source, int]
+    total_tokens: int
+    total_capacity: int
+    seat_holders: int
+    utilisation: float
+    bumps: int
+    no_shows: int
+    mean_wait_minutes: float
+
+
+def slot_id_for(doctor_id: str, date: dt.date, start: dt.time) -> str:
+    return f"{doctor_id}-{date:%Y%m%d}-{start:%H%M}"
+
+
+def token_id_for(doctor_id: str, date: dt.date, number: int) -> str:
+    return f"{doctor_id}-{date:%Y%m%d}-T{number}"
+
+
+_SLOT_ID = re.compile(r"^(?P<doctor>[A-Z]+\d+)-(?P<date>\d{8})-(?P<hhmm>\d{4})$")
+_TOKEN_ID = re.compile(r"^(?P<doctor>[A-Z]+\d+)-(?P<date>\d{8})-T(?P<number>\d+)$")
+
+
+def day_of_slot_id(slot_id: str) -> tuple[str, dt.date]:
+    """The doctor and date a slot id belongs to; an id of another shape names no slot."""
+    return _day_of(_SLOT_ID, slot_id, "slot")
+
+
+def day_of_token_id(token_id: str) -> tuple[str, dt.date]:
+    """The doctor and date a token id belongs to; an id of another shape names no token."""
+    return _day_of(_TOKEN_ID, token_id, "token")
+
+
+def _day_of(pattern: re.Pattern[str], text: str, what: str) -> tuple[str, dt.date]:
+    match = pattern.match(text)
+    if match:
+        try:
+            return match["doctor"], dt.datetime.strptime(match["date"], "%Y%m%d").date()
+        except ValueError:
+            pass
+    raise NotFound(f"No {what} has the id {text!r}.", f"{what.upper()}_NOT_FOUND")
+
+
+@dataclass
+class Allocation:
+    token: TokenView
+    moved_to_later_slot: bool = False
+    bumped: TokenView | None = None
+
+
+@dataclass
+class Release:
+    """A token moved by a call, with the waitlisted tokens that a freed seat promoted."""
+
+    token: TokenView
+    promoted: list[TokenView] = field(default_factory=list)
+
+
+@dataclass
+class CallResult:
+    token: TokenView
+    completed: TokenView | None
+
+
+@dataclass
+class CapacityChange:
+    slot: Slot
+    promoted: list[TokenView]
+
+
+class DoctorDay:
+    """One doctor's slots and tokens on one date: the unit of consistency, locked as a whole.
+
+    Methods check everything before they change anything, so a refusal leaves the day as it was.
+    Changes accumulate in `pending_events`, `dirty_tokens` and `dirty_slots` until storage saves them.
+    """
+
+    def __init__(self, doctor_id: str, date: dt.date, rules: Rules, slots: Iterable[Slot] = (),
+                 tokens: Iterable[Token] = (), last_token_number: int = 0, last_sequence: int = 0,
+                 exists: bool = True):
+        self.doctor_id = doctor_id
+        self.date = date
+        self.rules = rules
+        self.slots: dict[str, Slot] = {s.slot_id: s for s in sorted(slots, key=lambda s: s.start_time)}
+        self.tokens: dict[str, Token] = {t.token_id: t for t in tokens}
+        self.last_token_number = last_token_number
+        self.last_sequence = last_sequence
+        self.exists = exists
+        self.pending_events: list[QueueEvent] = []
+        self.new_tokens: list[str] = []
+        self.dirty_tokens: set[str] = set()
+        self.new_slots: list[str] = []
+        self.dirty_slots: set[str] = set()
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def slot(self, slot_id: str) -> Slot:
+        try:
+            return self.slots[slot_id]
+        except KeyError:
+            raise NotFound(f"No slot has the id {slot_id!r}.", "SLOT_NOT_FOUND") from None
+
+    def token(self, token_id: str) -> Token:
+        try:
+            return self.tokens[token_id]
+        except KeyError:
+            raise NotFound(f"No token has the id {token_id!r}.", "TOKEN_NOT_FOUND") from None
+
+    def _slot_tokens(self, slot_id: str) -> list[Token]:
+        return [t for t in self.tokens.values() if t.slot_id == slot_id]
+
+    def seat_holders(self, slot_id: str) -> int:
+        return sum(1 for t in self.tokens.values() if t.slot_id == slot_id and t.status in SEAT_HOLDING)
+
+    def free_seats(self, slot: Slot) -> int:
+        return slot.max_capacity - self.seat_holders(slot.slot_id)
+
+    def waitlist(self, slot_id: str) -> list[Token]:
+        """SPEC §3.3: the waitlist in the order of §2; the first is promoted next."""
+        waiting = [t for t in self.tokens.values() if t.slot_id == slot_id and t.status is Status.WAITLISTED]
+        return sorted(waiting, key=Token.order_key)
+
+    def serving_order(self, slot_id: str) -> list[Token]:
+        """SPEC §8: not-yet-completed seat holders, CALLED first, then in the order of §2."""
+        in_queue = [t for t in self._slot_tokens(slot_id) if t.status in IN_QUEUE]
+        return sorted(in_queue, key=lambda t: (t.status is not Status.CALLED, t.order_key()))
+
+    def view(self, token: Token) -> TokenView:
+        if token.status is Status.WAITLISTED:
+            place = self.waitlist(token.slot_id).index(token) + 1
+            return TokenView(replace(token), None, 0, place)
+        if token.status in IN_QUEUE:
+            slot = self.slots[token.slot_id]
+            place = self.serving_order(token.slot_id).index(token) + 1
+            eta = slot.starts_at(self.rules.timezone) + dt.timedelta(minutes=(place - 1) * slot.consultation_minutes)
+            return TokenView(replace(token), eta, place, 0)
+        return TokenView(replace(token), None, 0, 0)
+
+    def views(self) -> list[TokenView]:
+        """Every token of the day in token_number order, computed in one pass per slot."""
+        positions: dict[str, tuple[dt.datetime | None, int, int]] = {}
+        for slot in self.slots.values():
+            start = slot.starts_at(self.rules.timezone)
+            for place, t in enumerate(self.serving_order(slot.slot_id), 1):
+                positions[t.token_id] = (start + dt.timedelta(minutes=(place - 1) * slot.consultation_minutes),
+                                         place, 0)
+            for place, t in enumerate(self.waitlist(slot.slot_id), 1):
+                positions[t.token_id] = (None, 0, place)
+        ordered = sorted(self.tokens.values(), key=lambda t: t.token_number)
+        return [TokenView(replace(t), *positions.get(t.token_id, (None, 0, 0))) for t in ordered]
+
+    def slot_status(self, slot_id: str) -> SlotStatus:
+        slot = self.slot(slot_id)
+        return SlotStatus(replace(slot), self.seat_holders(slot_id), self.free_seats(slot),
+                          [self.view(t) for t in self.waitlist(slot_id)])
+
+    def stats(self) -> DayStats:
+        tokens = list(self.tokens.values())
+        capacity = sum(s.max_capacity for s in self.slots.values())
+        holders = sum(1 for t in tokens if t.status in SEAT_HOLDING)
+        waits = [(t.called_at - t.checked_in_at).total_seconds() / 60 for t in tokens
+                 if t.called_at and t.checked_in_at]
+        return DayStats(
+            doctor_id=self.doctor_id, date=self.date,
+            by_status={s: n for s in Status if (n := sum(1 for t in tokens if t.status is s))},
+            by_source={s: n for s in Source if (n := sum(1 for t in tokens if t.source is s))},
+            total_tokens=len(tokens), total_capacity=capacity, seat_holders=holders,
+            utilisation=holders / capacity if capacity else 0.0,
+            bumps=sum(t.bump_count for t in tokens),
+            no_shows=sum(1 for t in tokens if t.status is Status.NO_SHOW),
+            mean_wait_minutes=sum(waits) / len(waits) if waits else 0.0,
+        )
+
+    # ---- slots ---------------------------------------------------------------------------------
+
+    def add_slot(self, start: dt.time, end: dt.time, max_capacity: int, consultation_minutes: int,
+                 now: dt.datetime) -> Slot:
+        """Adds a slot; a doctor's slots never overlap (SPEC §1)."""
+        for other in self.slots.values():
+            if start < other.end_time and other.start_time < end:
+                raise AlreadyExists(
+                    f"{start:%H:%M}-{end:%H:%M} overlaps {self.doctor_id}'s slot {other.start_time:%H:%M}-"
+                    f"{other.end_time:%H:%M} on {self.date.isoformat()}.", "SLOT_OVERLAP")
+        slot = Slot(slot_id_for(self.doctor_id, self.date, start), self.doctor_id, self.date, start, end,
+                    max_capacity, consultation_minutes)
+        self.slots = dict(sorted({**self.slots, slot.slot_id: slot}.items(), key=lambda kv: kv[1].start_time))
+        self.new_slots.append(slot.slot_id)
+        self._record(EventKind.SLOT_CHANGED, now, slot_id=slot.slot_id)
+        return slot
+
+    def set_capacity(self, slot_id: str, max_capacity: int, now: dt.datetime) -> CapacityChange:
+        """SPEC §6: a raise promotes at once; a cut below the seat holders is refused."""
+        slot = self.slot(slot_id)
+        holders = self.seat_holders(slot_id)
+        if max_capacity < holders:
+            raise FailedPrecondition(
+                f"Slot {slot_id} has {holders} seat holders; its capacity cannot go below that "
+                f"(asked {max_capacity}). Cancel tokens first.", "CAPACITY_BELOW_SEAT_HOLDERS")
+        slot.max_capacity = max_capacity
+        self.dirty_slots.add(slot_id)
+        self._record(EventKind.SLOT_CHANGED, now, slot_id=slot_id)
+        promoted = self._fill_seats(slot, now, caused_by="")
+        return CapacityChange(replace(slot), [self.view(t) for t in promoted])
+
+    # ---- allocation (SPEC §4, §5) ----------------------------------------------------------------
+
+    def allocate(self, patient: Patient, source: Source, preferred_start: dt.time | None, flexible: bool,
+                 now: dt.datetime) -> Allocation:
+        self._refuse_duplicate(patient)
+        tz = self.rules.timezone
+        open_slots = [s for s in self.slots.values() if s.ends_at(tz) > now]
+        if preferred_start is not None:
+            slot = next((s for s in self.slots.values() if s.start_time == preferred_start), None)
+            if slot is None:
+                raise NotFound(f"{self.doctor_id} has no slot starting at {preferred_start:%H:%M} on "
+                               f"{self.date.isoformat()}.", "SLOT_NOT_FOUND")
+            if slot not in open_slots:
+                raise FailedPrecondition(f"Slot {slot.slot_id} ended at {slot.end_time:%H:%M}; it takes no "
+                                         "new tokens. Choose a later slot.", "SLOT_CLOSED")
+        else:
+            if not open_slots:
+                raise FailedPrecondition(f"All of {self.doctor_id}'s slots on {self.date.isoformat()} have "
+                                         "ended; choose another date.", "SLOT_CLOSED")
+            slot = next((s for s in open_slots if self.free_seats(s) > 0), open_slots[0])
+
+        later_free = next((s for s in open_slots if s.start_time > slot.start_time and self.free_seats(s) > 0),
+                          None)
+        if self.free_seats(slot) > 0:
+            return Allocation(self.view(self._new_token(patient, source, slot, Status.CONFIRMED, now)))
+        if source is Source.EMERGENCY:
+            victim = self._bump_victim(slot)
+            if victim is not None:
+                token = self._new_token(patient, source, slot, Status.CONFIRMED, now, before=victim)
+                return Allocation(self.view(token), bumped=self.view(victim))
+        if flexible and later_free is not None:
+            token = self._new_token(patient, source, later_free, Status.CONFIRMED, now)
+            return Allocation(self.view(token), moved_to_later_slot=True)
+        waiting = len(self.waitlist(slot.slot_id))
+        if waiting >= self.rules.max_waitlist_size:
+            raise ResourceExhausted(f"Slot {slot.slot_id} is full and its waitlist already holds {waiting} "
+                                    "tokens; choose another slot or date.", "WAITLIST_FULL")
+        return Allocation(self.view(self._new_token(patient, source, slot, Status.WAITLISTED, now)))
+
+    def _refuse_duplicate(self, patient: Patient) -> None:
+        """SPEC §3.5: at most one active token per patient per doctor and date."""
+        identity = patient.identity()
+        for t in self.tokens.values():
+            if t.status in ACTIVE and t.patient.identity() == identity:
+                raise AlreadyExists(f"This patient already holds token {t.token_number} ({t.token_id}, "
+                                    f"{t.status.value}) with {self.doctor_id} on {self.date.isoformat()}.",
+                                    "PATIENT_ALREADY_HAS_TOKEN")
+
+    def _bump_victim(self, slot: Slot) -> Token | None:
+        """SPEC §5: the CONFIRMED or CHECKED_IN non-emergency seat holder with the worst §2 order."""
+        candidates = [t for t in self._slot_tokens(slot.slot_id)
+                      if t.status in BUMP.allowed_from and t.source is not Source.EMERGENCY]
+        return max(candidates, key=Token.order_key, default=None)
+
+    def _new_token(self, patient: Patient, source: Source, slot: Slot, status: Status, now: dt.datetime,
+                   before: Token | None = None) -> Token:
+        """Creates a token with the next number; with `before`, that seat holder is bumped for it first."""
+        self.last_token_number += 1
+        number = self.last_token_number
+        token = Token(token_id_for(self.doctor_id, self.date, number), number, self.doctor_id, self.date,
+                      slot.slot_id, source, status, patient, created_at=now, updated_at=now)
+        self.tokens[token.token_id] = token
+        self.new_tokens.append(token.token_id)
+        if before is not None:
+            self._move(before, BUMP, now, caused_by=token.token_id)
+            before.checked_in_at = None
+            before.bump_count += 1
+        kind = EventKind.ALLOCATED if status is Status.CONFIRMED else EventKind.WAITLISTED
+        self._record(kind, now, token)
+        return token
+
+    # ---- the day in the clinic (SPEC §6, §7) -------------------------------------------------------
+
+    def cancel(self, token_id: str, now: dt.datetime) -> Release:
+        return self._release(self.token(token_id), CANCEL, now)
+
+    def mark_no_show(self, token_id: str, now: dt.datetime) -> Release:
+        token = self.token(token_id)
+        self._check_move(token, NO_SHOW)
+        due = self._no_show_due(token)
+        if now < due:
+            local = due.astimezone(self.rules.timezone)
+            raise FailedPrecondition(
+                f"Token {token.token_number} ({token_id}) can be marked no-show from {local:%Y-%m-%d %H:%M}, "
+                f"{self.rules.no_show_grace_period_minutes} minutes after its estimated time.",
+                "GRACE_PERIOD_NOT_ELAPSED")
+        return self._release(token, NO_SHOW, now)
+
+    def mark_overdue_no_shows(self, now: dt.datetime) -> list[Release]:
+        """SPEC §6 with AUTO_NO_SHOW: confirmed patients who never checked in, past their grace period."""
+        overdue = [t for t in self.tokens.values() if t.status is Status.CONFIRMED and self._no_show_due(t) <= now]
+        return [self._release(t, NO_SHOW, now) for t in sorted(overdue, key=lambda t: t.token_number)]
+
+    def _no_show_due(self, token: Token) -> dt.datetime:
+        """SPEC §6: no-show only from estimated_time + NO_SHOW_GRACE_PERIOD_MINUTES."""
+        eta = self.view(token).estimated_time
+        assert eta is not None  # every seat holder still in the queue has one
+        return eta + dt.timedelta(minutes=self.rules.no_show_grace_period_minutes)
+
+    def check_in(self, token_id: str, now: dt.datetime) -> TokenView:
+        token = self.token(token_id)
+        self._move(token, CHECK_IN, now)
+        token.checked_in_at = now
+        return self.view(token)
+
+    def complete(self, token_id: str, now: dt.datetime) -> TokenView:
+        token = self.token(token_id)
+        self._move(token, COMPLETE, now)
+        token.completed_at = now
+        return self.view(token)
+
+    def call_next(self, now: dt.datetime) -> CallResult:
+        """SPEC §7: the best CHECKED_IN token of the earliest slot that has one; the doctor's CALLED
+        token, if any, is completed by it."""
+        for slot in self.slots.values():
+            waiting = [t for t in self._slot_tokens(slot.slot_id) if t.status is Status.CHECKED_IN]
+            if waiting:
+                break
+        else:
+            raise NotFound(f"Nobody is checked in and waiting for {self.doctor_id} on {self.date.isoformat()}.",
+                           "QUEUE_EMPTY")
+        nxt = min(waiting, key=Token.order_key)
+        completed = None
+        for t in sorted(self.tokens.values(), key=lambda t: t.called_at or now):
+            if t.status is Status.CALLED:
+                self._move(t, COMPLETE, now)
+                t.completed_at = now
+                completed = t
+        self._move(nxt, CALL, now)
+        nxt.called_at = now
+        return CallResult(self.view(nxt), self.view(completed) if completed else None)
+
+    def _release(self, token: Token, move: Move, now: dt.datetime) -> Release:
+        held_seat = token.status in SEAT_HOLDING
+        self._move(token, move, now)
+        promoted = self._fill_seats(self.slots[token.slot_id], now, token.token_id) if held_seat else []
+        return Release(self.view(token), [self.view(t) for t in promoted])
+
+    def _fill_seats(self, slot: Slot, now: dt.datetime, caused_by: str) -> list[Token]:
+        """SPEC §3.2 and §6: while a seat is free, the waitlist head takes it."""
+        promoted = []
+        for head in self.waitlist(slot.slot_id)[: max(self.free_seats(slot), 0)]:
+            self._move(head, PROMOTE, now, caused_by=caused_by)
+            promoted.append(head)
+        return promoted
+
+    def _check_move(self, token: Token, move: Move) -> None:
+        if token.status not in move.allowed_from:
+            allowed = " or ".join(sorted(s.value for s in move.allowed_from))
+            raise FailedPrecondition(
+                f"Token {token.token_number} ({token.token_id}) is {token.status.value}; only a {allowed} "
+                f"token can be {move.verb}.", "ILLEGAL_STATE_TRANSITION")
+
+    def _move(self, token: Token, move: Move, now: dt.datetime, caused_by: str = "") -> None:
+        self._check_move(token, move)
+        token.status = move.to
+        token.updated_at = now
+        self.dirty_tokens.add(token.token_id)
+        self._record(move.event, now, token, caused_by)
+
+    def _record(self, kind: EventKind, now: dt.datetime, token: Token | None = None, caused_by: str = "",
+                slot_id: str = "") -> None:
+        """SPEC §3.6: one event per change, numbered without gaps per doctor and date."""
+        self.last_sequence += 1
+        if token is None:
+            event = QueueEvent(self.doctor_id, self.date, self.last_sequence, kind, now, slot_id=slot_id)
+        else:
+            event = QueueEvent(self.doctor_id, self.date, self.last_sequence, kind, now, token.token_id,
+                               token.token_number, token.slot_id, token.status, caused_by)
+        self.pending_events.append(event)
+
+    def clear_pending(self) -> None:
+        self.pending_events.clear()
+        self.new_tokens.clear()
+        self.dirty_tokens.clear()
+        self.new_slots.clear()
+        self.dirty_slots.clear()
+        self.exists = True

@@ -1,0 +1,418 @@
+"""The service layer: one use case per method, each one unit of work under the lock of its doctor-day.
+
+It checks input, locks, loads the `DoctorDay` (from a cache that the day's event sequence validates),
+applies the rule, and hands the changes, their events and the request's idempotency record to storage in
+one transaction (SPEC §3.6, §3.7, §9).
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import datetime as dt
+import threading
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol, TypeVar
+
+from opd_grpc.engine.clock import Clock
+from opd_grpc.engine.errors import FailedPrecondition, NotFound, invalid
+from opd_grpc.engine.model import (
+    Allocation, CallResult, CapacityChange, DayStats, Doctor, DoctorDay, Patient, Release, Rules, Slot,
+    SlotStatus, Source, TokenView, day_of_slot_id, day_of_token_id,
+)
+from opd_grpc.engine.parse import Violations
+
+T = TypeVar("T")
+DayKey = tuple[str, dt.date]
+
+
+@dataclass(frozen=True)
+class StoredRequest:
+    method: str
+    fingerprint: bytes
+    response: bytes
+
+
+@dataclass(frozen=True)
+class Retry:
+    """SPEC §9: a request_id, the request's fingerprint, and how to store the first answer."""
+
+    request_id: str
+    method: str
+    fingerprint: bytes
+    encode: Callable[[Any], bytes]
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The stored first answer to a repeated request_id."""
+
+    response: bytes
+
+
+class UnitOfWork(Protocol):
+    def commit(self) -> None: ...
+    def stored_request(self, request_id: str) -> StoredRequest | None: ...
+    def store_request(self, request_id: str, stored: StoredRequest, now: dt.datetime) -> None: ...
+    def day_version(self, key: DayKey) -> int | None: ...
+    def load_day(self, key: DayKey, rules: Rules) -> DoctorDay: ...
+    def save_day(self, day: DoctorDay) -> None: ...
+    def doctor(self, doctor_id: str) -> Doctor | None: ...
+    def add_doctor(self, name: str, specialization: str) -> Doctor: ...
+    def doctors(self, offset: int, limit: int) -> list[Doctor]: ...
+    def slots(self, doctor_id: str, date: dt.date | None, offset: int, limit: int) -> list[Slot]: ...
+    def doctors_on(self, date: dt.date) -> list[str]: ...
+
+
+class Store(Protocol):
+    def unit_of_work(self, write: bool) -> AbstractContextManager[UnitOfWork]: ...
+
+
+@dataclass(frozen=True)
+class AllocateCommand:
+    patient: Patient
+    doctor_id: str
+    date: str
+    preferred_slot_time: str
+    source: Source | None
+    flexible: bool
+
+
+@dataclass(frozen=True)
+class SlotRequest:
+    date: str
+    start_time: str
+    end_time: str
+    max_capacity: int | None
+    consultation_minutes: int | None
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Any]
+    next_page_token: str
+
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+_DAY_CACHE_SIZE = 4096
+
+
+class OPDService:
+    def __init__(self, store: Store, clock: Clock, rules: Rules):
+        self.store = store
+        self.clock = clock
+        self.rules = rules
+        self._guard = threading.Lock()
+        self._day_locks: dict[DayKey, threading.Lock] = {}
+        self._days: collections.OrderedDict[DayKey, DoctorDay] = collections.OrderedDict()
+        self._doctors: dict[str, Doctor] = {}
+        self._doctor_lock = threading.Lock()
+
+    # ---- doctors and slots --------------------------------------------------------------------
+
+    def create_doctor(self, name: str, specialization: str, retry: Retry | None) -> Doctor | Replay:
+        v = Violations()
+        name = v.text("name", name)
+        specialization = v.text("specialization", specialization)
+        self._check(v, retry)
+        with self._doctor_lock, self.store.unit_of_work(write=True) as uow:
+            if (replay := self._replay(uow, retry)) is not None:
+                return replay
+            doctor = uow.add_doctor(name, specialization)
+            self._finish(uow, retry, doctor)
+        return doctor
+
+    def get_doctor(self, doctor_id: str) -> Doctor:
+        v = Violations()
+        v.doctor_id("doctor_id", doctor_id)
+        v.check()
+        if doctor := self._doctors.get(doctor_id):
+            return doctor
+        with self.store.unit_of_work(write=False) as uow:
+            return self._doctor(uow, doctor_id)
+
+    def list_doctors(self, page_size: int, page_token: str) -> Page:
+        offset, limit = _page(page_size, page_token)
+        with self.store.unit_of_work(write=False) as uow:
+            return _paged(uow.doctors(offset, limit + 1), offset, limit)
+
+    def create_slots(self, doctor_id: str, requests: list[SlotRequest], retry: Retry | None) -> list[Slot] | Replay:
+        """SPEC §11: a batch on any dates, all or nothing."""
+        v = Violations()
+        v.doctor_id("doctor_id", doctor_id)
+        if not requests:
+            v.add("slots", "at least one slot is required")
+        parsed = []
+        for i, r in enumerate(requests):
+            f = f"slots[{i}]"
+            date, start, end = v.date(f"{f}.date", r.date), v.time(f"{f}.start_time", r.start_time), \
+                v.time(f"{f}.end_time", r.end_time)
+            if r.start_time and r.end_time and end <= start:
+                v.add(f"{f}.end_time", f"{r.end_time} is not after start_time {r.start_time}")
+            capacity = self.rules.default_slot_capacity if r.max_capacity is None else r.max_capacity
+            if capacity <= 0:
+                v.add(f"{f}.max_capacity", f"{capacity} is not a positive number of seats")
+            minutes = self.rules.average_consultation_minutes if r.consultation_minutes is None \
+                else r.consultation_minutes
+            if minutes <= 0:
+                v.add(f"{f}.consultation_minutes", f"{minutes} is not a positive number of minutes")
+            parsed.append((date, start, end, capacity, minutes))
+        self._check(v, retry)
+        keys = sorted({(doctor_id, p[0]) for p in parsed})
+        now = self.clock.now()
+        with self._locked(keys) as uow:
+            if (replay := self._replay(uow, retry)) is not None:
+                return replay
+            self._doctor(uow, doctor_id)
+            days = {key: self._day(uow, key, create=True) for key in keys}
+            try:
+                created = [days[(doctor_id, date)].add_slot(start, end, cap, minutes, now)
+                           for date, start, end, cap, minutes in parsed]
+                for day in days.values():
+                    uow.save_day(day)
+                self._finish(uow, retry, created)
+            except BaseException:
+                self._forget(keys)
+                raise
+            for day in days.values():
+                day.clear_pending()
+        return created
+
+    def list_slots(self, doctor_id: str, date: str, page_size: int, page_token: str) -> Page:
+        v = Violations()
+        v.doctor_id("doctor_id", doctor_id)
+        day = v.date("date", date) if date else None
+        v.check()
+        offset, limit = _page(page_size, page_token)
+        with self.store.unit_of_work(write=False) as uow:
+            self._doctor(uow, doctor_id)
+            return _paged(uow.slots(doctor_id, day, offset, limit + 1), offset, limit)
+
+    def update_slot_capacity(self, slot_id: str, max_capacity: int, retry: Retry | None) -> CapacityChange | Replay:
+        v = Violations()
+        if max_capacity <= 0:
+            v.add("max_capacity", f"{max_capacity} is not a positive number of seats")
+        self._check(v, retry)
+        return self._change(day_of_slot_id(slot_id), retry,
+                            lambda day, now: day.set_capacity(slot_id, max_capacity, now))
+
+    def get_slot_status(self, slot_id: str) -> SlotStatus:
+        return self._read(day_of_slot_id(slot_id), lambda day: day.slot_status(slot_id))
+
+    # ---- tokens -------------------------------------------------------------------------------
+
+    def allocate(self, cmd: AllocateCommand, retry: Retry | None) -> Allocation | Replay:
+        """SPEC §4 (and §5 for SOURCE_EMERGENCY)."""
+        v = Violations()
+        p = cmd.patient
+        patient = Patient(v.text("patient.name", p.name), p.phone.strip(), p.age, p.gender, p.mrn.strip())
+        if not patient.mrn and not any(ch.isdigit() for ch in patient.phone):
+            v.add("patient.phone", "is required when patient.mrn is not given")
+        if not 0 <= p.age <= 150:
+            v.add("patient.age", f"{p.age} is not an age in years (0 to 150)")
+        v.doctor_id("doctor_id", cmd.doctor_id)
+        date = v.date("date", cmd.date)
+        preferred = v.time("preferred_slot_time", cmd.preferred_slot_time) if cmd.preferred_slot_time else None
+        if cmd.source is None:
+            v.add("source", "is required: one of SOURCE_EMERGENCY, SOURCE_PAID_PRIORITY, SOURCE_FOLLOW_UP, "
+                            "SOURCE_ONLINE_BOOKING, SOURCE_WALK_IN")
+        self._check(v, retry)
+        assert cmd.source is not None
+        source = cmd.source
+        return self._change((cmd.doctor_id, date), retry,
+                            lambda day, now: day.allocate(patient, source, preferred, cmd.flexible, now))
+
+    def cancel(self, token_id: str, retry: Retry | None) -> Release | Replay:
+        self._check(Violations(), retry)
+        return self._change(day_of_token_id(token_id), retry, lambda day, now: day.cancel(token_id, now))
+
+    def mark_no_show(self, token_id: str, retry: Retry | None) -> Release | Replay:
+        self._check(Violations(), retry)
+        return self._change(day_of_token_id(token_id), retry, lambda day, now: day.mark_no_show(token_id, now))
+
+    def check_in(self, token_id: str, retry: Retry | None) -> TokenView | Replay:
+        self._check(Violations(), retry)
+        return self._change(day_of_token_id(token_id), retry, lambda day, now: day.check_in(token_id, now))
+
+    def complete(self, token_id: str, retry: Retry | None) -> TokenView | Replay:
+        self._check(Violations(), retry)
+        return self._change(day_of_token_id(token_id), retry, lambda day, now: day.complete(token_id, now))
+
+    def call_next(self, doctor_id: str, date: str, retry: Retry | None) -> CallResult | Replay:
+        v = Violations()
+        v.doctor_id("doctor_id", doctor_id)
+        day = v.date("date", date)
+        self._check(v, retry)
+        return self._change((doctor_id, day), retry, lambda d, now: d.call_next(now))
+
+    def get_token(self, token_id: str) -> TokenView:
+        return self._read(day_of_token_id(token_id), lambda day: day.view(day.token(token_id)))
+
+    def list_tokens(self, doctor_id: str, date: str, page_size: int, page_token: str) -> Page:
+        v = Violations()
+        v.doctor_id("doctor_id", doctor_id)
+        day = v.date("date", date)
+        v.check()
+        offset, limit = _page(page_size, page_token)
+        views = self._read((doctor_id, day), lambda d: d.views(), missing_ok=True)
+        return _paged(views[offset: offset + limit + 1], offset, limit)
+
+    def stats(self, date: str, doctor_id: str) -> list[DayStats]:
+        v = Violations()
+        day = v.date("date", date)
+        if doctor_id:
+            v.doctor_id("doctor_id", doctor_id)
+        v.check()
+        if doctor_id:
+            doctors = [doctor_id]
+        else:
+            with self.store.unit_of_work(write=False) as uow:
+                doctors = uow.doctors_on(day)
+        return [self._read((d, day), DoctorDay.stats, missing_ok=True) for d in doctors]
+
+    def mark_overdue_no_shows(self) -> int:
+        """Marks today's overdue confirmed tokens no-show (AUTO_NO_SHOW); answers how many."""
+        today = self.clock.now().astimezone(self.rules.timezone).date()
+        with self.store.unit_of_work(write=False) as uow:
+            doctors = uow.doctors_on(today)
+        marked = 0
+        for doctor_id in doctors:
+            released = self._change((doctor_id, today), None, lambda day, now: day.mark_overdue_no_shows(now))
+            assert not isinstance(released, Replay)
+            marked += len(released)
+        return marked
+
+    # ---- the unit of work -----------------------------------------------------------------------
+
+    def _check(self, v: Violations, retry: Retry | None) -> None:
+        if retry is not None:
+            v.request_id(retry.request_id)
+        v.check()
+
+    def _change(self, key: DayKey, retry: Retry | None, rule: Callable[[DoctorDay, dt.datetime], T]) -> T | Replay:
+        """Runs one rule on one doctor-day and commits its changes, events and idempotency record."""
+        with self._locked([key]) as uow:
+            if (replay := self._replay(uow, retry)) is not None:
+                return replay
+            day = self._day(uow, key)
+            try:
+                result = rule(day, self.clock.now())
+                uow.save_day(day)
+                self._finish(uow, retry, result)
+            except BaseException:
+                self._forget([key])
+                raise
+            day.clear_pending()
+        return result
+
+    def _read(self, key: DayKey, query: Callable[[DoctorDay], T], missing_ok: bool = False) -> T:
+        with self._locked([key], write=False) as uow:
+            return query(self._day(uow, key, create=missing_ok))
+
+    def _locked(self, keys: list[DayKey], write: bool = True) -> AbstractContextManager[UnitOfWork]:
+        """The doctor-day locks, taken in sorted order (no deadlock), then a unit of work."""
+        return _Locked([self._lock_for(k) for k in sorted(keys)], self.store.unit_of_work(write))
+
+    def _lock_for(self, key: DayKey) -> threading.Lock:
+        with self._guard:
+            lock = self._day_locks.get(key)
+            if lock is None:
+                lock = self._day_locks[key] = threading.Lock()
+            return lock
+
+    def _day(self, uow: UnitOfWork, key: DayKey, create: bool = False) -> DoctorDay:
+        """The doctor-day, from the cache when its event sequence is still the stored one."""
+        version = uow.day_version(key)
+        if version is None:
+            self._doctor(uow, key[0])
+            if not create:
+                raise NotFound(f"{key[0]} has no slots on {key[1].isoformat()}; create slots first.",
+                               "SLOT_NOT_FOUND")
+            return DoctorDay(key[0], key[1], self.rules, exists=False)
+        with self._guard:
+            day = self._days.get(key)
+            if day is not None and day.last_sequence == version:
+                self._days.move_to_end(key)
+                return day
+        day = uow.load_day(key, self.rules)
+        with self._guard:
+            self._days[key] = day
+            while len(self._days) > _DAY_CACHE_SIZE:
+                self._days.popitem(last=False)
+        return day
+
+    def _forget(self, keys: Iterable[DayKey]) -> None:
+        with self._guard:
+            for key in keys:
+                self._days.pop(key, None)
+
+    def _doctor(self, uow: UnitOfWork, doctor_id: str) -> Doctor:
+        doctor = self._doctors.get(doctor_id) or uow.doctor(doctor_id)
+        if doctor is None:
+            raise NotFound(f"No doctor has the id {doctor_id!r}.", "DOCTOR_NOT_FOUND")
+        self._doctors[doctor_id] = doctor
+        return doctor
+
+    def _replay(self, uow: UnitOfWork, retry: Retry | None) -> Replay | None:
+        if retry is None:
+            return None
+        stored = uow.stored_request(retry.request_id)
+        if stored is None:
+            return None
+        if stored.method != retry.method or stored.fingerprint != retry.fingerprint:
+            raise FailedPrecondition(f"request_id {retry.request_id} was already used for a different request "
+                                     f"({stored.method}); use a new UUID for a new request.", "REQUEST_ID_REUSED")
+        return Replay(stored.response)
+
+    def _finish(self, uow: UnitOfWork, retry: Retry | None, result: Any) -> None:
+        if retry is not None:
+            uow.store_request(retry.request_id, StoredRequest(retry.method, retry.fingerprint,
+                                                              retry.encode(result)), self.clock.now())
+        uow.commit()
+
+
+class _Locked(AbstractContextManager):
+    def __init__(self, locks: list[threading.Lock], uow: AbstractContextManager[UnitOfWork]):
+        self.locks = locks
+        self.uow_cm = uow
+
+    def __enter__(self) -> UnitOfWork:
+        for lock in self.locks:
+            lock.acquire()
+        try:
+            return self.uow_cm.__enter__()
+        except BaseException:
+            self._release()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.uow_cm.__exit__(*exc)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for lock in reversed(self.locks):
+            lock.release()
+
+
+def _page(page_size: int, page_token: str) -> tuple[int, int]:
+    if page_size < 0:
+        raise invalid("page_size", f"{page_size} is negative")
+    offset = 0
+    if page_token:
+        try:
+            offset = int(base64.urlsafe_b64decode(page_token.encode()).decode().removeprefix("o:"))
+        except ValueError:
+            raise invalid("page_token", "is not a token from a previous page; start again without it") from None
+        if offset < 0:
+            raise invalid("page_token", "is not a token from a previous page; start again without it")
+    return offset, min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _paged(rows: list, offset: int, limit: int) -> Page:
+    more = len(rows) > limit
+    token = base64.urlsafe_b64encode(f"o:{offset + limit}".encode()).decode() if more else ""
+    return Page(rows[:limit], token)

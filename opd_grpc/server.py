@@ -1,0 +1,99 @@
+"""The gRPC server: the OPD service, health, reflection (always on), the test clock (only when asked for),
+and a graceful stop on SIGTERM/SIGINT: health goes NOT_SERVING, then calls in flight get a grace period."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from opd_grpc._gen.opd.v1 import opd_pb2, opd_pb2_grpc, test_clock_pb2, test_clock_pb2_grpc
+from opd_grpc.api.servicer import OPDTokenServicer
+from opd_grpc.api.test_clock import TestClockServicer
+from opd_grpc.engine.clock import Clock, TestClock, WallClock
+from opd_grpc.engine.service import OPDService
+from opd_grpc.settings import Settings
+from opd_grpc.storage.store import SqlStore
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_SECONDS = 10.0
+AUTO_NO_SHOW_INTERVAL_SECONDS = 1.0
+OPD_SERVICE = opd_pb2.DESCRIPTOR.services_by_name["OPDTokenService"].full_name
+TEST_CLOCK_SERVICE = test_clock_pb2.DESCRIPTOR.services_by_name["TestClockService"].full_name
+
+
+class OPDServer:
+    """One server process's parts, built from settings; `start()` binds and answers the bound port."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.clock: Clock = TestClock() if settings.TEST_CLOCK else WallClock()
+        self.store = SqlStore(settings.DATABASE_URL)
+        self.store.create_schema()
+        self.service = OPDService(self.store, self.clock, settings.rules())
+        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="opd-engine")
+        self.health = health_aio.HealthServicer()
+        self.server = grpc.aio.server(maximum_concurrent_rpcs=settings.MAX_CONCURRENT_CALLS)
+        opd_pb2_grpc.add_OPDTokenServiceServicer_to_server(OPDTokenServicer(self.service, self.executor),
+                                                           self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        services = [OPD_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME]
+        if isinstance(self.clock, TestClock):
+            test_clock_pb2_grpc.add_TestClockServiceServicer_to_server(TestClockServicer(self.clock), self.server)
+            services.append(TEST_CLOCK_SERVICE)
+        reflection.enable_server_reflection(services, self.server)
+        self._background: list[asyncio.Task[None]] = []
+        self.port = 0
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(self.settings.LISTEN)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.LISTEN}")
+        await self.server.start()
+        for name in ("", OPD_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.settings.AUTO_NO_SHOW:
+            self._background.append(asyncio.create_task(self._auto_no_show()))
+        return self.port
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        await self.health.enter_graceful_shutdown()
+        for task in self._background:
+            task.cancel()
+        await self.server.stop(grace)
+        self.executor.shutdown(wait=True)
+        self.store.close()
+
+    async def _auto_no_show(self) -> None:
+        """SPEC §6 with AUTO_NO_SHOW: confirmed patients past their grace period are marked no-show."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(AUTO_NO_SHOW_INTERVAL_SECONDS)
+            try:
+                marked = await loop.run_in_executor(self.executor, self.service.mark_overdue_no_shows)
+                if marked:
+                    log.info("auto no-show marked %d tokens", marked)
+            except Exception:
+                log.exception("auto no-show pass failed; it runs again shortly")
+
+
+async def serve(settings: Settings) -> None:
+    server = OPDServer(settings)
+    port = await server.start()
+    host = settings.LISTEN.rsplit(":", 1)[0]
+    print(f"opd-grpc listening on {host}:{port} (database {server.store.url.render_as_string()})", flush=True)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    print("opd-grpc stopping: finishing calls in flight", flush=True)
+    await server.stop()

@@ -1,0 +1,97 @@
+"""Settings of SPEC §14: defaults, then a TOML file, then the environment (`OPD_` + name), which wins."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import zoneinfo
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from opd_grpc.engine.model import Rules
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    DEFAULT_SLOT_CAPACITY: int = 10
+    AVERAGE_CONSULTATION_MINUTES: int = 5
+    NO_SHOW_GRACE_PERIOD_MINUTES: int = 15
+    MAX_WAITLIST_SIZE: int = 50
+    AUTO_NO_SHOW: bool = False
+    RATE_LIMIT_PER_KEY: int = 0
+    MAX_CONCURRENT_CALLS: int = 1000
+    TIMEZONE: str = "UTC"
+    DATABASE_URL: str = "sqlite:///opd.db"
+    LISTEN: str = "127.0.0.1:50051"
+    TEST_CLOCK: bool = False
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, file: str | Path | None = None) -> Settings:
+        """`file` defaults to $OPD_CONFIG; its keys are the names above, in any case."""
+        env = os.environ if env is None else env
+        file = file or env.get("OPD_CONFIG")
+        values: dict[str, Any] = {}
+        if file:
+            try:
+                with open(file, "rb") as fh:
+                    values = {k.upper(): v for k, v in tomllib.load(fh).items()}
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise SettingsError(f"cannot read settings file {file}: {exc}") from exc
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(values) - set(names)
+        if unknown:
+            raise SettingsError(f"unknown settings in {file}: {', '.join(sorted(unknown))}")
+        for name in names:
+            if f"OPD_{name}" in env:
+                values[name] = env[f"OPD_{name}"]
+        settings = cls(**{name: _convert(name, names[name].type, value) for name, value in values.items()})
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        for name in ("DEFAULT_SLOT_CAPACITY", "AVERAGE_CONSULTATION_MINUTES", "MAX_CONCURRENT_CALLS"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be positive, not {getattr(self, name)}")
+        for name in ("NO_SHOW_GRACE_PERIOD_MINUTES", "MAX_WAITLIST_SIZE", "RATE_LIMIT_PER_KEY"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must not be negative, not {getattr(self, name)}")
+        self.zone()
+
+    def zone(self) -> zoneinfo.ZoneInfo:
+        try:
+            return zoneinfo.ZoneInfo(self.TIMEZONE)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise SettingsError(f"TIMEZONE {self.TIMEZONE!r} is not an IANA time zone name") from exc
+
+    def rules(self) -> Rules:
+        return Rules(default_slot_capacity=self.DEFAULT_SLOT_CAPACITY,
+                     average_consultation_minutes=self.AVERAGE_CONSULTATION_MINUTES,
+                     no_show_grace_period_minutes=self.NO_SHOW_GRACE_PERIOD_MINUTES,
+                     max_waitlist_size=self.MAX_WAITLIST_SIZE, timezone=self.zone())
+
+
+def _convert(name: str, kind: Any, value: Any) -> Any:
+    kind = {"int": int, "bool": bool, "str": str}.get(kind, kind) if isinstance(kind, str) else kind
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise SettingsError(f"{name} must be true or false, not {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise SettingsError(f"{name} must be a whole number, not {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise SettingsError(f"{name} must be a whole number, not {value!r}") from None
+    return str(value)

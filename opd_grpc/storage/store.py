@@ -1,0 +1,218 @@
+"""SQLAlchemy storage: one connection and one transaction per unit of work.
+
+SQLite (the embedded default) runs in WAL mode; a write unit of work takes a process-wide writer lock and
+then `BEGIN IMMEDIATE`, so writers queue on a lock instead of spinning in SQLite's busy handler, and a
+reader never blocks a writer. On PostgreSQL the doctor-day row is locked with `SELECT … FOR UPDATE`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from sqlalchemy import Connection, Engine, bindparam, create_engine, event, func, insert, select, update
+from sqlalchemy.engine import make_url
+
+from opd_grpc.engine.model import (
+    Doctor, DoctorDay, Patient, Rules, Slot, Source, Status, Token,
+)
+from opd_grpc.engine.service import DayKey, StoredRequest
+from opd_grpc.storage.tables import (
+    Base, DoctorDayRow, DoctorRow, QueueEventRow, SlotRow, StoredRequestRow, TokenRow,
+)
+
+doctors, days, slots, tokens, events, requests = (
+    DoctorRow.__table__, DoctorDayRow.__table__, SlotRow.__table__, TokenRow.__table__,
+    QueueEventRow.__table__, StoredRequestRow.__table__)
+
+# Statements of the hot paths, built once.
+_DAY_VERSION = (select(days.c.last_sequence)
+                .where(days.c.doctor_id == bindparam("doctor_id"), days.c.date == bindparam("date"))
+                .with_for_update())
+_DAY_ROW = select(days.c.last_token_number, days.c.last_sequence).where(
+    days.c.doctor_id == bindparam("doctor_id"), days.c.date == bindparam("date"))
+_DAY_SLOTS = select(slots).where(slots.c.doctor_id == bindparam("doctor_id"), slots.c.date == bindparam("date"))
+_DAY_TOKENS = select(tokens).where(tokens.c.doctor_id == bindparam("doctor_id"), tokens.c.date == bindparam("date"))
+_INSERT_DAY = insert(days)
+_UPDATE_DAY = (update(days)
+               .where(days.c.doctor_id == bindparam("k_doctor_id"), days.c.date == bindparam("k_date"))
+               .values(last_token_number=bindparam("last_token_number"),
+                       last_sequence=bindparam("last_sequence")))
+_INSERT_SLOT = insert(slots)
+_UPDATE_SLOT = (update(slots).where(slots.c.slot_id == bindparam("k_slot_id"))
+                .values(max_capacity=bindparam("max_capacity")))
+_INSERT_TOKEN = insert(tokens)
+_UPDATE_TOKEN = (update(tokens).where(tokens.c.token_id == bindparam("k_token_id"))
+                 .values({c: bindparam(c) for c in ("slot_id", "status", "updated_at", "checked_in_at",
+                                                    "called_at", "completed_at", "bump_count")}))
+_INSERT_EVENT = insert(events)
+_STORED_REQUEST = select(requests.c.method, requests.c.fingerprint, requests.c.response).where(
+    requests.c.request_id == bindparam("request_id"))
+_INSERT_REQUEST = insert(requests)
+
+
+class SqlStore:
+    def __init__(self, url: str):
+        self.url = make_url(url)
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite)
+        self._writer = threading.Lock() if self.is_sqlite else None
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_connect)
+
+    def create_schema(self) -> None:
+        Base.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def unit_of_work(self, write: bool) -> Iterator[SqlUnitOfWork]:
+        """One transaction; without commit() it rolls back."""
+        if self._writer is not None and write:
+            with self._writer, self.engine.connect() as conn:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                yield SqlUnitOfWork(conn)
+        else:
+            with self.engine.connect() as conn:
+                if self.is_sqlite:
+                    conn.exec_driver_sql("BEGIN")
+                yield SqlUnitOfWork(conn)
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # transactions are begun explicitly (BEGIN / BEGIN IMMEDIATE)
+    cursor = dbapi_connection.cursor()
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=10000", "foreign_keys=ON"):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+class SqlUnitOfWork:
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    def commit(self) -> None:
+        self.conn.commit()
+
+    # ---- idempotency ----
+
+    def stored_request(self, request_id: str) -> StoredRequest | None:
+        row = self.conn.execute(_STORED_REQUEST, {"request_id": request_id}).first()
+        return None if row is None else StoredRequest(row.method, row.fingerprint, row.response)
+
+    def store_request(self, request_id: str, stored: StoredRequest, now: dt.datetime) -> None:
+        self.conn.execute(_INSERT_REQUEST, {"request_id": request_id, "method": stored.method,
+                                            "fingerprint": stored.fingerprint, "response": stored.response,
+                                            "created_at": now})
+
+    # ---- doctors ----
+
+    def doctor(self, doctor_id: str) -> Doctor | None:
+        row = self.conn.execute(select(doctors).where(doctors.c.doctor_id == doctor_id)).first()
+        return None if row is None else Doctor(row.doctor_id, row.name, row.specialization)
+
+    def add_doctor(self, name: str, specialization: str) -> Doctor:
+        number = (self.conn.execute(select(func.max(doctors.c.number))).scalar() or 0) + 1
+        doctor = Doctor(f"DOC{number:03d}", name, specialization)
+        self.conn.execute(insert(doctors).values(doctor_id=doctor.doctor_id, number=number, name=name,
+                                                 specialization=specialization))
+        return doctor
+
+    def doctors(self, offset: int, limit: int) -> list[Doctor]:
+        rows = self.conn.execute(select(doctors).order_by(doctors.c.number).offset(offset).limit(limit))
+        return [Doctor(r.doctor_id, r.name, r.specialization) for r in rows]
+
+    def doctors_on(self, date: dt.date) -> list[str]:
+        rows = self.conn.execute(select(days.c.doctor_id).where(days.c.date == date.isoformat())
+                                 .order_by(days.c.doctor_id))
+        return list(rows.scalars())
+
+    def slots(self, doctor_id: str, date: dt.date | None, offset: int, limit: int) -> list[Slot]:
+        query = select(slots).where(slots.c.doctor_id == doctor_id)
+        if date is not None:
+            query = query.where(slots.c.date == date.isoformat())
+        rows = self.conn.execute(query.order_by(slots.c.date, slots.c.start_time).offset(offset).limit(limit))
+        return [_slot(r) for r in rows]
+
+    # ---- doctor-days ----
+
+    def day_version(self, key: DayKey) -> int | None:
+        """The day's last event sequence, locking its row for the transaction (a no-op lock on SQLite,
+        where BEGIN IMMEDIATE already holds the database)."""
+        return self.conn.execute(_DAY_VERSION, _key(key)).scalar()
+
+    def load_day(self, key: DayKey, rules: Rules) -> DoctorDay:
+        params = _key(key)
+        counters = self.conn.execute(_DAY_ROW, params).one()
+        return DoctorDay(key[0], key[1], rules,
+                         slots=[_slot(r) for r in self.conn.execute(_DAY_SLOTS, params)],
+                         tokens=[_token(r) for r in self.conn.execute(_DAY_TOKENS, params)],
+                         last_token_number=counters.last_token_number, last_sequence=counters.last_sequence)
+
+    def save_day(self, day: DoctorDay) -> None:
+        """Writes what the day's rules changed: counters, slots, tokens and their events."""
+        c = self.conn
+        date = day.date.isoformat()
+        counters = {"last_token_number": day.last_token_number, "last_sequence": day.last_sequence}
+        if not day.exists:
+            c.execute(_INSERT_DAY, {"doctor_id": day.doctor_id, "date": date, **counters})
+        elif day.pending_events:
+            c.execute(_UPDATE_DAY, {"k_doctor_id": day.doctor_id, "k_date": date, **counters})
+        if day.new_slots:
+            c.execute(_INSERT_SLOT, [_slot_row(day.slots[s]) for s in day.new_slots])
+        changed_slots = day.dirty_slots.difference(day.new_slots)
+        if changed_slots:
+            c.execute(_UPDATE_SLOT, [{"k_slot_id": s, "max_capacity": day.slots[s].max_capacity}
+                                     for s in changed_slots])
+        if day.new_tokens:
+            c.execute(_INSERT_TOKEN, [_token_row(day.tokens[t]) for t in day.new_tokens])
+        changed_tokens = day.dirty_tokens.difference(day.new_tokens)
+        if changed_tokens:
+            c.execute(_UPDATE_TOKEN, [_token_update(day.tokens[t]) for t in changed_tokens])
+        if day.pending_events:
+            c.execute(_INSERT_EVENT, [{
+                "doctor_id": e.doctor_id, "date": date, "sequence": e.sequence, "kind": e.kind.value,
+                "token_id": e.token_id, "token_number": e.token_number, "slot_id": e.slot_id,
+                "status": e.status.value if e.status else "", "caused_by_token_id": e.caused_by_token_id,
+                "occurred_at": e.occurred_at} for e in day.pending_events])
+
+
+def _key(key: DayKey) -> dict[str, str]:
+    return {"doctor_id": key[0], "date": key[1].isoformat()}
+
+
+def _slot(r: Any) -> Slot:
+    return Slot(r.slot_id, r.doctor_id, dt.date.fromisoformat(r.date), dt.time.fromisoformat(r.start_time),
+                dt.time.fromisoformat(r.end_time), r.max_capacity, r.consultation_minutes)
+
+
+def _slot_row(s: Slot) -> dict[str, Any]:
+    return {"slot_id": s.slot_id, "doctor_id": s.doctor_id, "date": s.date.isoformat(),
+            "start_time": f"{s.start_time:%H:%M}", "end_time": f"{s.end_time:%H:%M}",
+            "max_capacity": s.max_capacity, "consultation_minutes": s.consultation_minutes}
+
+
+def _token(r: Any) -> Token:
+    return Token(r.token_id, r.token_number, r.doctor_id, dt.date.fromisoformat(r.date), r.slot_id,
+                 Source(r.source), Status(r.status),
+                 Patient(r.patient_name, r.patient_phone, r.patient_age, r.patient_gender, r.patient_mrn),
+                 r.created_at, r.updated_at, r.checked_in_at, r.called_at, r.completed_at, r.bump_count)
+
+
+def _token_update(t: Token) -> dict[str, Any]:
+    return {"k_token_id": t.token_id, "slot_id": t.slot_id, "status": t.status.value, "updated_at": t.updated_at,
+            "checked_in_at": t.checked_in_at, "called_at": t.called_at, "completed_at": t.completed_at,
+            "bump_count": t.bump_count}
+
+
+def _token_row(t: Token) -> dict[str, Any]:
+    p = t.patient
+    return {"token_id": t.token_id, "token_number": t.token_number, "doctor_id": t.doctor_id,
+            "date": t.date.isoformat(), "slot_id": t.slot_id, "source": t.source.value, "status": t.status.value,
+            "patient_identity": p.identity(), "patient_name": p.name, "patient_phone": p.phone,
+            "patient_age": p.age, "patient_gender": p.gender, "patient_mrn": p.mrn, "created_at": t.created_at,
+            "updated_at": t.updated_at, "checked_in_at": t.checked_in_at, "called_at": t.called_at,
+            "completed_at": t.completed_at, "bump_count": t.bump_count}

@@ -1,0 +1,126 @@
+"""The schema. The invariants a database can hold are held here too (SPEC §3): a unique token number per
+doctor-day, one active token per patient per doctor-day, a gapless-able unique event sequence, a positive
+capacity. Dates are `YYYY-MM-DD` and times `HH:MM` text, as the API speaks them; instants are UTC."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    BigInteger, CheckConstraint, DateTime, ForeignKey, Index, Integer, LargeBinary, String, TypeDecorator,
+    UniqueConstraint, text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Stored as naive UTC (SQLite keeps no zone), read back as aware UTC."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: object) -> dt.datetime | None:
+        return None if value is None else value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: object) -> dt.datetime | None:
+        return None if value is None else value.replace(tzinfo=dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+ACTIVE_STATUSES = "('CONFIRMED', 'WAITLISTED', 'CHECKED_IN', 'CALLED')"
+
+
+class DoctorRow(Base):
+    __tablename__ = "doctors"
+    doctor_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    specialization: Mapped[str] = mapped_column(String(200))
+
+
+class DoctorDayRow(Base):
+    """One doctor's date: the row that is locked for its changes, and the counters of §3.4 and §3.6."""
+
+    __tablename__ = "doctor_days"
+    doctor_id: Mapped[str] = mapped_column(ForeignKey("doctors.doctor_id"), primary_key=True)
+    date: Mapped[str] = mapped_column(String(10), primary_key=True)
+    last_token_number: Mapped[int] = mapped_column(Integer, default=0)
+    last_sequence: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class SlotRow(Base):
+    __tablename__ = "slots"
+    slot_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    doctor_id: Mapped[str] = mapped_column(String(16))
+    date: Mapped[str] = mapped_column(String(10))
+    start_time: Mapped[str] = mapped_column(String(5))
+    end_time: Mapped[str] = mapped_column(String(5))
+    max_capacity: Mapped[int] = mapped_column(Integer)
+    consultation_minutes: Mapped[int] = mapped_column(Integer)
+    __table_args__ = (
+        CheckConstraint("max_capacity > 0", name="slot_capacity_positive"),
+        CheckConstraint("consultation_minutes > 0", name="slot_consultation_positive"),
+        CheckConstraint("end_time > start_time", name="slot_ends_after_start"),
+        UniqueConstraint("doctor_id", "date", "start_time", name="slot_start_unique"),
+        Index("slots_by_day", "doctor_id", "date"),
+    )
+
+
+class TokenRow(Base):
+    __tablename__ = "tokens"
+    token_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    token_number: Mapped[int] = mapped_column(Integer)
+    doctor_id: Mapped[str] = mapped_column(String(16))
+    date: Mapped[str] = mapped_column(String(10))
+    slot_id: Mapped[str] = mapped_column(ForeignKey("slots.slot_id"))
+    source: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20))
+    patient_identity: Mapped[str] = mapped_column(String(300))
+    patient_name: Mapped[str] = mapped_column(String(200))
+    patient_phone: Mapped[str] = mapped_column(String(40))
+    patient_age: Mapped[int] = mapped_column(Integer)
+    patient_gender: Mapped[str] = mapped_column(String(10))
+    patient_mrn: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    checked_in_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    called_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    bump_count: Mapped[int] = mapped_column(Integer, default=0)
+    __table_args__ = (
+        UniqueConstraint("doctor_id", "date", "token_number", name="token_number_unique"),
+        Index("one_active_token_per_patient", "doctor_id", "date", "patient_identity", unique=True,
+              sqlite_where=text(f"status IN {ACTIVE_STATUSES}"),
+              postgresql_where=text(f"status IN {ACTIVE_STATUSES}")),
+    )
+
+
+class QueueEventRow(Base):
+    __tablename__ = "queue_events"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    doctor_id: Mapped[str] = mapped_column(String(16))
+    date: Mapped[str] = mapped_column(String(10))
+    sequence: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(20))
+    token_id: Mapped[str] = mapped_column(String(40))
+    token_number: Mapped[int] = mapped_column(Integer)
+    slot_id: Mapped[str] = mapped_column(String(40))
+    status: Mapped[str] = mapped_column(String(20))
+    caused_by_token_id: Mapped[str] = mapped_column(String(40))
+    occurred_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    __table_args__ = (UniqueConstraint("doctor_id", "date", "sequence", name="event_sequence_unique"),)
+
+
+class StoredRequestRow(Base):
+    """SPEC §9: the first answer to each request_id."""
+
+    __tablename__ = "stored_requests"
+    request_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    method: Mapped[str] = mapped_column(String(40))
+    fingerprint: Mapped[bytes] = mapped_column(LargeBinary)
+    response: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
