@@ -1,0 +1,182 @@
+"""What the tests share: a live server on a free loopback port, stubs, and readers of rich errors."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from opd_grpc._gen.opd.v1 import opd_pb2 as pb
+from opd_grpc._gen.opd.v1 import opd_pb2_grpc, test_clock_pb2, test_clock_pb2_grpc
+from opd_grpc.api.convert import timestamp
+from opd_grpc.server import OPDServer
+from opd_grpc.settings import Settings
+
+DAY = "2030-01-07"  # a Monday, far from the wall clock
+MORNING = dt.datetime(2030, 1, 7, 7, 0, tzinfo=dt.timezone.utc)
+
+
+class LiveServer:
+    """An OPDServer on its own event loop in a background thread, listening on 127.0.0.1:<free port>."""
+
+    def __init__(self, db_path: Path, **settings: Any):
+        env = {"OPD_DATABASE_URL": f"sqlite:///{db_path}", "OPD_LISTEN": "127.0.0.1:0", "OPD_TEST_CLOCK": "1"}
+        env.update({f"OPD_{k}": str(v) for k, v in settings.items()})
+        self.settings = Settings.load(env=env)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.server: OPDServer = self._run(self._build())
+        self.address = f"127.0.0.1:{self.server.port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = opd_pb2_grpc.OPDTokenServiceStub(self.channel)
+        self.clock = test_clock_pb2_grpc.TestClockServiceStub(self.channel)
+        self.set_time(MORNING)
+
+    async def _build(self) -> OPDServer:
+        server = OPDServer(self.settings)
+        await server.start()
+        return server
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=30)
+
+    def set_time(self, when: dt.datetime) -> None:
+        self.clock.SetTime(test_clock_pb2.SetTimeRequest(time=timestamp(when)))
+
+    def close(self) -> None:
+        self.channel.close()
+        self._run(self.server.stop(grace=1))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+@dataclass
+class RpcFailure:
+    code: grpc.StatusCode
+    message: str
+    reason: str
+    domain: str
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+def failure(error: grpc.RpcError) -> RpcFailure:
+    """The rich status of a failed call: code, message, ErrorInfo reason/domain, BadRequest fields."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    result = RpcFailure(error.code(), error.details() or "", "", "")
+    if status is None:
+        return result
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            result.reason, result.domain = info.reason, info.domain
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            result.fields = {v.field: v.description for v in bad.field_violations}
+    return result
+
+
+def refused(call: Any, request: Any) -> RpcFailure:
+    """Makes a call that must fail and answers its rich status."""
+    try:
+        call(request)
+    except grpc.RpcError as error:
+        return failure(error)
+    raise AssertionError(f"{request!r} was expected to be refused")
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+def patient(n: int, **overrides: Any) -> pb.Patient:
+    values = {"name": f"Patient {n}", "phone": f"+91-98450-{n:05d}", "age": 30 + n % 50,
+              "gender": pb.GENDER_FEMALE if n % 2 else pb.GENDER_MALE}
+    values.update(overrides)
+    return pb.Patient(**values)
+
+
+def make_doctor(stub: opd_pb2_grpc.OPDTokenServiceStub, name: str = "Dr Asha Rao",
+                specialization: str = "General Medicine") -> str:
+    return stub.CreateDoctor(pb.CreateDoctorRequest(name=name, specialization=specialization)).doctor.doctor_id
+
+
+def make_slots(stub: opd_pb2_grpc.OPDTokenServiceStub, doctor_id: str, *times: tuple[str, str, int],
+               date: str = DAY, consultation_minutes: int = 5) -> list[pb.Slot]:
+    """Slots from (start, end, capacity) triples."""
+    specs = [pb.SlotSpec(date=date, start_time=s, end_time=e, max_capacity=c,
+                         consultation_minutes=consultation_minutes) for s, e, c in times]
+    return list(stub.CreateSlots(pb.CreateSlotsRequest(doctor_id=doctor_id, slots=specs)).slots)
+
+
+def allocate(stub: opd_pb2_grpc.OPDTokenServiceStub, doctor_id: str, n: int, source: int = pb.SOURCE_WALK_IN,
+             slot_time: str = "", date: str = DAY, **kw: Any) -> pb.AllocateTokenResponse:
+    return stub.AllocateToken(pb.AllocateTokenRequest(patient=patient(n), doctor_id=doctor_id, date=date,
+                                                      preferred_slot_time=slot_time, source=source, **kw))
+
+
+def all_tokens(stub: opd_pb2_grpc.OPDTokenServiceStub, doctor_id: str, date: str = DAY) -> list[pb.Token]:
+    tokens, page_token = [], ""
+    while True:
+        page = stub.ListTokens(pb.ListTokensRequest(doctor_id=doctor_id, date=date, page_size=500,
+                                                    page_token=page_token))
+        tokens += page.tokens
+        if not (page_token := page.next_page_token):
+            return tokens
+
+
+SEAT_HOLDING = {pb.STATUS_CONFIRMED, pb.STATUS_CHECKED_IN, pb.STATUS_CALLED, pb.STATUS_COMPLETED}
+ACTIVE = {pb.STATUS_CONFIRMED, pb.STATUS_WAITLISTED, pb.STATUS_CHECKED_IN, pb.STATUS_CALLED}
+
+
+def spec_violations(stub: opd_pb2_grpc.OPDTokenServiceStub, doctor_id: str, date: str = DAY) -> list[str]:
+    """Checks SPEC §3.1–3.5 through the API for one doctor-day; answers what is broken."""
+    problems = []
+    tokens = all_tokens(stub, doctor_id, date)
+    slots = stub.ListSlots(pb.ListSlotsRequest(doctor_id=doctor_id, date=date)).slots
+    numbers = [t.token_number for t in tokens]
+    if numbers != list(range(1, len(tokens) + 1)):
+        problems.append(f"token numbers are not 1..{len(tokens)}: {numbers}")
+    for slot in slots:
+        status = stub.GetSlotStatus(pb.GetSlotStatusRequest(slot_id=slot.slot_id))
+        mine = [t for t in tokens if t.slot_id == slot.slot_id]
+        holders = sum(1 for t in mine if t.status in SEAT_HOLDING)
+        if holders > slot.max_capacity:
+            problems.append(f"{slot.slot_id}: {holders} seat holders > capacity {slot.max_capacity}")
+        if status.seat_holders != holders:
+            problems.append(f"{slot.slot_id}: GetSlotStatus says {status.seat_holders} holders, tokens say {holders}")
+        waiting = [t for t in mine if t.status == pb.STATUS_WAITLISTED]
+        if holders < slot.max_capacity and waiting:
+            problems.append(f"{slot.slot_id}: a free seat and {len(waiting)} waiting")
+        expected = sorted(waiting, key=lambda t: (t.priority, t.created_at.ToDatetime(), t.token_number))
+        if [t.token_id for t in status.waitlist] != [t.token_id for t in expected]:
+            problems.append(f"{slot.slot_id}: waitlist out of order")
+        if [t.waitlist_position for t in status.waitlist] != list(range(1, len(waiting) + 1)):
+            problems.append(f"{slot.slot_id}: waitlist positions are not 1..n")
+    active: dict[str, str] = {}
+    for t in tokens:
+        if t.status in ACTIVE:
+            who = t.patient.mrn or f"{t.patient.phone}/{' '.join(t.patient.name.split()).casefold()}"
+            if who in active:
+                problems.append(f"patient {who} holds {active[who]} and {t.token_id}")
+            active[who] = t.token_id
+    return problems
+
+
+def live_server(tmp_path: Path, **settings: Any) -> Iterator[LiveServer]:
+    server = LiveServer(tmp_path / "opd.db", **settings)
+    try:
+        yield server
+    finally:
+        server.close()
