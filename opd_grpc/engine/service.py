@@ -192,6 +192,7 @@ class OPDService:
 
     def update_slot_capacity(self, slot_id: str, max_capacity: int, retry: Retry | None) -> CapacityChange | Replay:
         v = Violations()
+        v.text("slot_id", slot_id)
         if max_capacity <= 0:
             v.add("max_capacity", f"{max_capacity} is not a positive number of seats")
         self._check(v, retry)
@@ -199,6 +200,9 @@ class OPDService:
                             lambda day, now: day.set_capacity(slot_id, max_capacity, now))
 
     def get_slot_status(self, slot_id: str) -> SlotStatus:
+        v = Violations()
+        v.text("slot_id", slot_id)
+        v.check()
         return self._read(day_of_slot_id(slot_id), lambda day: day.slot_status(slot_id))
 
     # ---- tokens -------------------------------------------------------------------------------
@@ -225,20 +229,16 @@ class OPDService:
                             lambda day, now: day.allocate(patient, source, preferred, cmd.flexible, now))
 
     def cancel(self, token_id: str, retry: Retry | None) -> Release | Replay:
-        self._check(Violations(), retry)
-        return self._change(day_of_token_id(token_id), retry, lambda day, now: day.cancel(token_id, now))
+        return self._token_change(token_id, retry, lambda day, now: day.cancel(token_id, now))
 
     def mark_no_show(self, token_id: str, retry: Retry | None) -> Release | Replay:
-        self._check(Violations(), retry)
-        return self._change(day_of_token_id(token_id), retry, lambda day, now: day.mark_no_show(token_id, now))
+        return self._token_change(token_id, retry, lambda day, now: day.mark_no_show(token_id, now))
 
     def check_in(self, token_id: str, retry: Retry | None) -> TokenView | Replay:
-        self._check(Violations(), retry)
-        return self._change(day_of_token_id(token_id), retry, lambda day, now: day.check_in(token_id, now))
+        return self._token_change(token_id, retry, lambda day, now: day.check_in(token_id, now))
 
     def complete(self, token_id: str, retry: Retry | None) -> TokenView | Replay:
-        self._check(Violations(), retry)
-        return self._change(day_of_token_id(token_id), retry, lambda day, now: day.complete(token_id, now))
+        return self._token_change(token_id, retry, lambda day, now: day.complete(token_id, now))
 
     def call_next(self, doctor_id: str, date: str, retry: Retry | None) -> CallResult | Replay:
         v = Violations()
@@ -248,6 +248,9 @@ class OPDService:
         return self._change((doctor_id, day), retry, lambda d, now: d.call_next(now))
 
     def get_token(self, token_id: str) -> TokenView:
+        v = Violations()
+        v.text("token_id", token_id)
+        v.check()
         return self._read(day_of_token_id(token_id), lambda day: day.view(day.token(token_id)))
 
     def list_tokens(self, doctor_id: str, date: str, page_size: int, page_token: str) -> Page:
@@ -306,6 +309,13 @@ class OPDService:
                 raise
             day.clear_pending()
         return result
+
+    def _token_change(self, token_id: str, retry: Retry | None,
+                      rule: Callable[[DoctorDay, dt.datetime], T]) -> T | Replay:
+        v = Violations()
+        v.text("token_id", token_id)
+        self._check(v, retry)
+        return self._change(day_of_token_id(token_id), retry, rule)
 
     def _read(self, key: DayKey, query: Callable[[DoctorDay], T], missing_ok: bool = False) -> T:
         with self._locked([key], write=False) as uow:
