@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable
@@ -113,6 +114,7 @@ class Patient:
     gender: str
     mrn: str = ""
 
+    @functools.cached_property
     def identity(self) -> str:
         """SPEC §1: the same mrn, or without one the same phone and name (case and spacing folded)."""
         if self.mrn:
@@ -138,7 +140,7 @@ class Slot:
         return dt.datetime.combine(self.date, self.end_time, tz)
 
 
-@dataclass
+@dataclass(eq=False)  # an entity: the same token is the same object, whatever its fields
 class Token:
     token_id: str
     token_number: int
@@ -285,6 +287,10 @@ class DoctorDay:
         self.rules = rules
         self.slots: dict[str, Slot] = {s.slot_id: s for s in sorted(slots, key=lambda s: s.start_time)}
         self.tokens: dict[str, Token] = {t.token_id: t for t in tokens}
+        # A token never leaves its slot, so each slot's tokens are indexed once.
+        self.by_slot: dict[str, list[Token]] = {slot_id: [] for slot_id in self.slots}
+        for t in self.tokens.values():
+            self.by_slot[t.slot_id].append(t)
         self.last_token_number = last_token_number
         self.last_sequence = last_sequence
         self.exists = exists
@@ -308,23 +314,20 @@ class DoctorDay:
         except KeyError:
             raise NotFound(f"No token has the id {token_id!r}.", "TOKEN_NOT_FOUND") from None
 
-    def _slot_tokens(self, slot_id: str) -> list[Token]:
-        return [t for t in self.tokens.values() if t.slot_id == slot_id]
-
     def seat_holders(self, slot_id: str) -> int:
-        return sum(1 for t in self.tokens.values() if t.slot_id == slot_id and t.status in SEAT_HOLDING)
+        return sum(1 for t in self.by_slot[slot_id] if t.status in SEAT_HOLDING)
 
     def free_seats(self, slot: Slot) -> int:
         return slot.max_capacity - self.seat_holders(slot.slot_id)
 
     def waitlist(self, slot_id: str) -> list[Token]:
         """SPEC §3.3: the waitlist in the order of §2; the first is promoted next."""
-        waiting = [t for t in self.tokens.values() if t.slot_id == slot_id and t.status is Status.WAITLISTED]
+        waiting = [t for t in self.by_slot[slot_id] if t.status is Status.WAITLISTED]
         return sorted(waiting, key=Token.order_key)
 
     def serving_order(self, slot_id: str) -> list[Token]:
         """SPEC §8: not-yet-completed seat holders, CALLED first, then in the order of §2."""
-        in_queue = [t for t in self._slot_tokens(slot_id) if t.status in IN_QUEUE]
+        in_queue = [t for t in self.by_slot[slot_id] if t.status in IN_QUEUE]
         return sorted(in_queue, key=lambda t: (t.status is not Status.CALLED, t.order_key()))
 
     def view(self, token: Token) -> TokenView:
@@ -386,6 +389,7 @@ class DoctorDay:
         slot = Slot(slot_id_for(self.doctor_id, self.date, start), self.doctor_id, self.date, start, end,
                     max_capacity, consultation_minutes)
         self.slots = dict(sorted({**self.slots, slot.slot_id: slot}.items(), key=lambda kv: kv[1].start_time))
+        self.by_slot[slot.slot_id] = []
         self.new_slots.append(slot.slot_id)
         self._record(EventKind.SLOT_CHANGED, now, slot_id=slot.slot_id)
         return slot
@@ -445,16 +449,16 @@ class DoctorDay:
 
     def _refuse_duplicate(self, patient: Patient) -> None:
         """SPEC §3.5: at most one active token per patient per doctor and date."""
-        identity = patient.identity()
+        identity = patient.identity
         for t in self.tokens.values():
-            if t.status in ACTIVE and t.patient.identity() == identity:
+            if t.status in ACTIVE and t.patient.identity == identity:
                 raise AlreadyExists(f"This patient already holds token {t.token_number} ({t.token_id}, "
                                     f"{t.status.value}) with {self.doctor_id} on {self.date.isoformat()}.",
                                     "PATIENT_ALREADY_HAS_TOKEN")
 
     def _bump_victim(self, slot: Slot) -> Token | None:
         """SPEC §5: the CONFIRMED or CHECKED_IN non-emergency seat holder with the worst §2 order."""
-        candidates = [t for t in self._slot_tokens(slot.slot_id)
+        candidates = [t for t in self.by_slot[slot.slot_id]
                       if t.status in BUMP.allowed_from and t.source is not Source.EMERGENCY]
         return max(candidates, key=Token.order_key, default=None)
 
@@ -466,6 +470,7 @@ class DoctorDay:
         token = Token(token_id_for(self.doctor_id, self.date, number), number, self.doctor_id, self.date,
                       slot.slot_id, source, status, patient, created_at=now, updated_at=now)
         self.tokens[token.token_id] = token
+        self.by_slot[slot.slot_id].append(token)
         self.new_tokens.append(token.token_id)
         if before is not None:
             self._move(before, BUMP, now, caused_by=token.token_id)
@@ -519,7 +524,7 @@ class DoctorDay:
         """SPEC §7: the best CHECKED_IN token of the earliest slot that has one; the doctor's CALLED
         token, if any, is completed by it."""
         for slot in self.slots.values():
-            waiting = [t for t in self._slot_tokens(slot.slot_id) if t.status is Status.CHECKED_IN]
+            waiting = [t for t in self.by_slot[slot.slot_id] if t.status is Status.CHECKED_IN]
             if waiting:
                 break
         else:

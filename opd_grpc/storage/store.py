@@ -212,7 +212,7 @@ def _token_row(t: Token) -> dict[str, Any]:
     p = t.patient
     return {"token_id": t.token_id, "token_number": t.token_number, "doctor_id": t.doctor_id,
             "date": t.date.isoformat(), "slot_id": t.slot_id, "source": t.source.value, "status": t.status.value,
-            "patient_identity": p.identity(), "patient_name": p.name, "patient_phone": p.phone,
+            "patient_identity": p.identity, "patient_name": p.name, "patient_phone": p.phone,
             "patient_age": p.age, "patient_gender": p.gender, "patient_mrn": p.mrn, "created_at": t.created_at,
             "updated_at": t.updated_at, "checked_in_at": t.checked_in_at, "called_at": t.called_at,
             "completed_at": t.completed_at, "bump_count": t.bump_count}
