@@ -88,7 +88,7 @@ def _convert(name: str, kind: Any, value: Any) -> Any:
             return False
         raise SettingsError(f"{name} must be true or false, not {value!r}")
     if kind is int:
-        if isinstance(value, bool):
+        if isinstance(value, (bool, float)):  # int(2.5) would silently answer 2
             raise SettingsError(f"{name} must be a whole number, not {value!r}")
         try:
             return int(value)

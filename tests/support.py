@@ -180,3 +180,19 @@ def live_server(tmp_path: Path, **settings: Any) -> Iterator[LiveServer]:
         yield server
     finally:
         server.close()
+
+
+def at(hhmm: str, date: str = DAY) -> dt.datetime:
+    """An instant on `date` at `hhmm` UTC (the default TIMEZONE), for `live.set_time`."""
+    return dt.datetime.fromisoformat(f"{date}T{hhmm}").replace(tzinfo=dt.timezone.utc)
+
+
+def statuses(stub: opd_pb2_grpc.OPDTokenServiceStub, doctor_id: str, date: str = DAY) -> dict[int, str]:
+    """Each token's status by token number, e.g. {1: "CONFIRMED", 2: "WAITLISTED"}."""
+    return {t.token_number: pb.Status.Name(t.status).removeprefix("STATUS_")
+            for t in all_tokens(stub, doctor_id, date)}
+
+
+def waitlist_numbers(stub: opd_pb2_grpc.OPDTokenServiceStub, slot_id: str) -> list[int]:
+    """The token numbers on a slot's waitlist, next to be promoted first."""
+    return [t.token_number for t in stub.GetSlotStatus(pb.GetSlotStatusRequest(slot_id=slot_id)).waitlist]

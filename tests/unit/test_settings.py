@@ -1,0 +1,108 @@
+"""SPEC §14: the defaults, a TOML file, the environment (`OPD_` + name) winning over it, and clear refusals."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from opd_grpc.settings import Settings, SettingsError
+
+
+def toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "opd.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_defaults_are_the_specs():
+    settings = Settings.load(env={})
+    assert (settings.DEFAULT_SLOT_CAPACITY, settings.AVERAGE_CONSULTATION_MINUTES,
+            settings.NO_SHOW_GRACE_PERIOD_MINUTES, settings.MAX_WAITLIST_SIZE) == (10, 5, 15, 50)
+    assert (settings.AUTO_NO_SHOW, settings.RATE_LIMIT_PER_KEY, settings.MAX_CONCURRENT_CALLS) == (False, 0, 1000)
+    assert (settings.TIMEZONE, settings.LISTEN) == ("UTC", "127.0.0.1:50051")
+    assert settings.DATABASE_URL.startswith("sqlite:///") and not settings.DATABASE_URL.startswith("sqlite:////")
+    assert settings.TEST_CLOCK is False
+
+
+def test_a_toml_file_sets_any_setting(tmp_path):
+    path = toml(tmp_path, """
+DEFAULT_SLOT_CAPACITY = 12
+average_consultation_minutes = 7
+NO_SHOW_GRACE_PERIOD_MINUTES = 20
+MAX_WAITLIST_SIZE = 5
+AUTO_NO_SHOW = true
+TIMEZONE = "Asia/Kolkata"
+DATABASE_URL = "sqlite:////var/lib/opd/opd.db"
+LISTEN = "0.0.0.0:6000"
+""")
+    settings = Settings.load(env={}, file=path)
+    assert (settings.DEFAULT_SLOT_CAPACITY, settings.AVERAGE_CONSULTATION_MINUTES,
+            settings.NO_SHOW_GRACE_PERIOD_MINUTES, settings.MAX_WAITLIST_SIZE) == (12, 7, 20, 5)
+    assert settings.AUTO_NO_SHOW is True
+    assert (settings.TIMEZONE, settings.DATABASE_URL, settings.LISTEN) == (
+        "Asia/Kolkata", "sqlite:////var/lib/opd/opd.db", "0.0.0.0:6000")
+    rules = settings.rules()
+    assert (rules.default_slot_capacity, rules.average_consultation_minutes,
+            rules.no_show_grace_period_minutes, rules.max_waitlist_size) == (12, 7, 20, 5)
+    assert dt.datetime(2030, 1, 7, 9, tzinfo=rules.timezone).utcoffset() == dt.timedelta(hours=5, minutes=30)
+
+
+def test_opd_config_names_the_file(tmp_path):
+    path = toml(tmp_path, "MAX_WAITLIST_SIZE = 3\n")
+    assert Settings.load(env={"OPD_CONFIG": str(path)}).MAX_WAITLIST_SIZE == 3
+
+
+def test_the_environment_wins_over_the_file(tmp_path):
+    path = toml(tmp_path, 'DEFAULT_SLOT_CAPACITY = 12\nLISTEN = "0.0.0.0:6000"\nAUTO_NO_SHOW = true\n')
+    env = {"OPD_DEFAULT_SLOT_CAPACITY": "4", "OPD_AUTO_NO_SHOW": "false",
+           "OPD_DATABASE_URL": "postgresql+psycopg://opd@db/opd", "OPD_TIMEZONE": "Europe/London"}
+    settings = Settings.load(env=env, file=path)
+    assert settings.DEFAULT_SLOT_CAPACITY == 4
+    assert settings.AUTO_NO_SHOW is False
+    assert settings.LISTEN == "0.0.0.0:6000"  # only in the file
+    assert (settings.DATABASE_URL, settings.TIMEZONE) == ("postgresql+psycopg://opd@db/opd", "Europe/London")
+
+
+@pytest.mark.parametrize("text", ["true", "1", "yes", "on", "TRUE"])
+def test_true_in_the_environment(text):
+    assert Settings.load(env={"OPD_AUTO_NO_SHOW": text}).AUTO_NO_SHOW is True
+
+
+@pytest.mark.parametrize("env,named", [
+    ({"OPD_DEFAULT_SLOT_CAPACITY": "ten"}, "DEFAULT_SLOT_CAPACITY"),
+    ({"OPD_MAX_WAITLIST_SIZE": "2.5"}, "MAX_WAITLIST_SIZE"),
+    ({"OPD_NO_SHOW_GRACE_PERIOD_MINUTES": ""}, "NO_SHOW_GRACE_PERIOD_MINUTES"),
+    ({"OPD_AUTO_NO_SHOW": "maybe"}, "AUTO_NO_SHOW"),
+    ({"OPD_TIMEZONE": "Mars/Olympus_Mons"}, "TIMEZONE"),
+    ({"OPD_TIMEZONE": "IST+5:30"}, "TIMEZONE"),
+    ({"OPD_DEFAULT_SLOT_CAPACITY": "0"}, "DEFAULT_SLOT_CAPACITY"),
+    ({"OPD_AVERAGE_CONSULTATION_MINUTES": "-5"}, "AVERAGE_CONSULTATION_MINUTES"),
+    ({"OPD_MAX_WAITLIST_SIZE": "-1"}, "MAX_WAITLIST_SIZE"),
+], ids=lambda v: str(v) if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()))
+def test_a_bad_value_in_the_environment_is_refused_by_name(env, named):
+    with pytest.raises(SettingsError) as refusal:
+        Settings.load(env=env)
+    assert named in str(refusal.value)
+
+
+@pytest.mark.parametrize("text,named", [
+    ('DEFAULT_SLOT_CAPACITY = "ten"', "DEFAULT_SLOT_CAPACITY"),
+    ("DEFAULT_SLOT_CAPACITY = 2.5", "DEFAULT_SLOT_CAPACITY"),
+    ("MAX_WAITLIST_SIZE = true", "MAX_WAITLIST_SIZE"),
+    ('TIMEZONE = "Asia/Bangalore"', "TIMEZONE"),
+    ("MAX_WAITLST_SIZE = 5", "MAX_WAITLST_SIZE"),
+    ("DEFAULT_SLOT_CAPACITY = ", "opd.toml"),
+])
+def test_a_bad_file_is_refused_by_name(tmp_path, text, named):
+    with pytest.raises(SettingsError) as refusal:
+        Settings.load(env={}, file=toml(tmp_path, text + "\n"))
+    assert named in str(refusal.value)
+
+
+def test_a_missing_file_is_refused_by_name(tmp_path):
+    missing = tmp_path / "nowhere.toml"
+    with pytest.raises(SettingsError) as refusal:
+        Settings.load(env={"OPD_CONFIG": str(missing)})
+    assert str(missing) in str(refusal.value)
