@@ -14,6 +14,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from opd_grpc._gen.opd.v1 import opd_pb2, opd_pb2_grpc, test_clock_pb2, test_clock_pb2_grpc
+from opd_grpc.api.interceptors import MalformedRequestInterceptor
 from opd_grpc.api.servicer import OPDTokenServicer
 from opd_grpc.api.test_clock import TestClockServicer
 from opd_grpc.engine.clock import Clock, TestClock, WallClock
@@ -40,7 +41,8 @@ class OPDServer:
         self.service = OPDService(self.store, self.clock, settings.rules())
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="opd-engine")
         self.health = health_aio.HealthServicer()
-        self.server = grpc.aio.server(maximum_concurrent_rpcs=settings.MAX_CONCURRENT_CALLS)
+        self.server = grpc.aio.server(maximum_concurrent_rpcs=settings.MAX_CONCURRENT_CALLS,
+                                      interceptors=[MalformedRequestInterceptor()])
         opd_pb2_grpc.add_OPDTokenServiceServicer_to_server(OPDTokenServicer(self.service, self.executor),
                                                            self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

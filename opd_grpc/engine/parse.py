@@ -46,9 +46,9 @@ class Violations:
             self.add(field, f"{text!r} is not a time of the form HH:MM")
         return dt.time.min
 
-    def text(self, field: str, text: str, max_len: int = 200) -> str:
+    def text(self, field: str, text: str, max_len: int = 200, required: bool = True) -> str:
         value = text.strip()
-        if not value:
+        if not value and required:
             self.add(field, "is required")
         elif len(value) > max_len:
             self.add(field, f"is longer than {max_len} characters")

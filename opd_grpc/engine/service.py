@@ -147,9 +147,10 @@ class OPDService:
         parsed = []
         for i, r in enumerate(requests):
             f = f"slots[{i}]"
+            known = len(v.items)
             date, start, end = v.date(f"{f}.date", r.date), v.time(f"{f}.start_time", r.start_time), \
                 v.time(f"{f}.end_time", r.end_time)
-            if r.start_time and r.end_time and end <= start:
+            if len(v.items) == known and end <= start:
                 v.add(f"{f}.end_time", f"{r.end_time} is not after start_time {r.start_time}")
             capacity = self.rules.default_slot_capacity if r.max_capacity is None else r.max_capacity
             if capacity <= 0:
@@ -197,13 +198,13 @@ class OPDService:
             v.add("max_capacity", f"{max_capacity} is not a positive number of seats")
         self._check(v, retry)
         return self._change(day_of_slot_id(slot_id), retry,
-                            lambda day, now: day.set_capacity(slot_id, max_capacity, now))
+                            lambda day, now: day.set_capacity(slot_id, max_capacity, now), missing_ok=True)
 
     def get_slot_status(self, slot_id: str) -> SlotStatus:
         v = Violations()
         v.text("slot_id", slot_id)
         v.check()
-        return self._read(day_of_slot_id(slot_id), lambda day: day.slot_status(slot_id))
+        return self._read(day_of_slot_id(slot_id), lambda day: day.slot_status(slot_id), missing_ok=True)
 
     # ---- tokens -------------------------------------------------------------------------------
 
@@ -211,7 +212,8 @@ class OPDService:
         """SPEC §4 (and §5 for SOURCE_EMERGENCY)."""
         v = Violations()
         p = cmd.patient
-        patient = Patient(v.text("patient.name", p.name), p.phone.strip(), p.age, p.gender, p.mrn.strip())
+        patient = Patient(v.text("patient.name", p.name), v.text("patient.phone", p.phone, 40, required=False),
+                          p.age, p.gender, v.text("patient.mrn", p.mrn, 64, required=False))
         if not patient.mrn and not any(ch.isdigit() for ch in patient.phone):
             v.add("patient.phone", "is required when patient.mrn is not given")
         if not 0 <= p.age <= 150:
@@ -251,7 +253,7 @@ class OPDService:
         v = Violations()
         v.text("token_id", token_id)
         v.check()
-        return self._read(day_of_token_id(token_id), lambda day: day.view(day.token(token_id)))
+        return self._read(day_of_token_id(token_id), lambda day: day.view(day.token(token_id)), missing_ok=True)
 
     def list_tokens(self, doctor_id: str, date: str, page_size: int, page_token: str) -> Page:
         v = Violations()
@@ -278,13 +280,14 @@ class OPDService:
     def mark_overdue_no_shows(self) -> int:
         """Marks today's overdue confirmed tokens no-show (AUTO_NO_SHOW); answers how many."""
         today = self.clock.now().astimezone(self.rules.timezone).date()
-        with self.store.unit_of_work(write=False) as uow:
-            doctors = uow.doctors_on(today)
         marked = 0
-        for doctor_id in doctors:
-            released = self._change((doctor_id, today), None, lambda day, now: day.mark_overdue_no_shows(now))
-            assert not isinstance(released, Replay)
-            marked += len(released)
+        for date in (today - dt.timedelta(days=1), today):  # a grace period may end after midnight
+            with self.store.unit_of_work(write=False) as uow:
+                doctors = uow.doctors_on(date)
+            for doctor_id in doctors:
+                released = self._change((doctor_id, date), None, lambda day, now: day.mark_overdue_no_shows(now))
+                assert not isinstance(released, Replay)
+                marked += len(released)
         return marked
 
     # ---- the unit of work -----------------------------------------------------------------------
@@ -294,12 +297,14 @@ class OPDService:
             v.request_id(retry.request_id)
         v.check()
 
-    def _change(self, key: DayKey, retry: Retry | None, rule: Callable[[DoctorDay, dt.datetime], T]) -> T | Replay:
-        """Runs one rule on one doctor-day and commits its changes, events and idempotency record."""
+    def _change(self, key: DayKey, retry: Retry | None, rule: Callable[[DoctorDay, dt.datetime], T],
+                missing_ok: bool = False) -> T | Replay:
+        """Runs one rule on one doctor-day and commits its changes, events and idempotency record.
+        With `missing_ok`, a day without slots is handed to the rule empty (it names what is missing)."""
         with self._locked([key]) as uow:
             if (replay := self._replay(uow, retry)) is not None:
                 return replay
-            day = self._day(uow, key)
+            day = self._day(uow, key, create=missing_ok)
             try:
                 result = rule(day, self.clock.now())
                 uow.save_day(day)
@@ -315,7 +320,7 @@ class OPDService:
         v = Violations()
         v.text("token_id", token_id)
         self._check(v, retry)
-        return self._change(day_of_token_id(token_id), retry, rule)
+        return self._change(day_of_token_id(token_id), retry, rule, missing_ok=True)
 
     def _read(self, key: DayKey, query: Callable[[DoctorDay], T], missing_ok: bool = False) -> T:
         with self._locked([key], write=False) as uow:

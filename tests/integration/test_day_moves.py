@@ -1,0 +1,254 @@
+"""SPEC §7 (and the no-show rule of §6): every legal move of the clinic day works, every other move is refused
+with FAILED_PRECONDITION and changes nothing; CallNext picks the right patient; no-show waits for the grace."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+import pytest
+
+from opd_grpc._gen.opd.v1 import opd_pb2 as pb
+from tests.support import (
+    DAY, MORNING, LiveServer, all_tokens, allocate, live_server, make_doctor, make_slots, refused, spec_violations,
+)
+
+NOON = MORNING.replace(hour=12)
+
+# The token calls of §7, by method name.
+TOKEN_CALLS: dict[str, Any] = {
+    "CheckInToken": pb.CheckInTokenRequest,
+    "CompleteToken": pb.CompleteTokenRequest,
+    "MarkNoShow": pb.MarkNoShowRequest,
+    "CancelToken": pb.CancelTokenRequest,
+}
+TERMINAL = (pb.STATUS_COMPLETED, pb.STATUS_CANCELLED, pb.STATUS_NO_SHOW)
+NON_TERMINAL = (pb.STATUS_CONFIRMED, pb.STATUS_WAITLISTED, pb.STATUS_CHECKED_IN, pb.STATUS_CALLED)
+LEGAL: dict[str, set[int]] = {
+    "CheckInToken": {pb.STATUS_CONFIRMED},
+    "CompleteToken": {pb.STATUS_CALLED},
+    "MarkNoShow": {pb.STATUS_CONFIRMED, pb.STATUS_CHECKED_IN, pb.STATUS_CALLED},
+    "CancelToken": set(NON_TERMINAL),
+}
+TARGET = {"CheckInToken": pb.STATUS_CHECKED_IN, "CompleteToken": pb.STATUS_COMPLETED,
+          "MarkNoShow": pb.STATUS_NO_SHOW, "CancelToken": pb.STATUS_CANCELLED}
+ILLEGAL = [(call, status) for call in TOKEN_CALLS for status in NON_TERMINAL + TERMINAL
+           if status not in LEGAL[call]]
+LEGAL_MOVES = [(call, status) for call in TOKEN_CALLS for status in sorted(LEGAL[call])]
+
+
+def name(status: int) -> str:
+    return pb.Status.Name(status)
+
+
+def token_call(live: LiveServer, call: str, token_id: str) -> Any:
+    return getattr(live.stub, call)(TOKEN_CALLS[call](token_id=token_id))
+
+
+def status_of(live: LiveServer, token_id: str) -> int:
+    return live.stub.GetToken(pb.GetTokenRequest(token_id=token_id)).token.status
+
+
+def clinic_day(live: LiveServer) -> tuple[str, dict[int, str]]:
+    """A doctor's day at noon with one token in each status of §7; answers the doctor and status → token_id.
+
+    The 09:00 slot (4 seats) holds COMPLETED, CALLED, CHECKED_IN and CONFIRMED tokens and one WAITLISTED;
+    the 10:00 slot holds the CANCELLED and NO_SHOW ones."""
+    stub = live.stub
+    doctor = make_doctor(stub)
+    make_slots(stub, doctor, ("09:00", "10:00", 4), ("10:00", "11:00", 2))
+    early = [allocate(stub, doctor, n, slot_time="09:00").token.token_id for n in range(1, 6)]
+    cancelled, no_show = (allocate(stub, doctor, n, slot_time="10:00").token.token_id for n in (6, 7))
+    live.set_time(NOON)
+    completed, called, checked_in, confirmed, waitlisted = early
+    stub.CheckInToken(pb.CheckInTokenRequest(token_id=completed))
+    stub.CallNext(pb.CallNextRequest(doctor_id=doctor, date=DAY))
+    stub.CompleteToken(pb.CompleteTokenRequest(token_id=completed))
+    stub.CheckInToken(pb.CheckInTokenRequest(token_id=called))
+    stub.CallNext(pb.CallNextRequest(doctor_id=doctor, date=DAY))
+    stub.CheckInToken(pb.CheckInTokenRequest(token_id=checked_in))
+    stub.CancelToken(pb.CancelTokenRequest(token_id=cancelled))
+    stub.MarkNoShow(pb.MarkNoShowRequest(token_id=no_show))
+    by_status = {pb.STATUS_COMPLETED: completed, pb.STATUS_CALLED: called, pb.STATUS_CHECKED_IN: checked_in,
+                 pb.STATUS_CONFIRMED: confirmed, pb.STATUS_WAITLISTED: waitlisted,
+                 pb.STATUS_CANCELLED: cancelled, pb.STATUS_NO_SHOW: no_show}
+    assert {s: status_of(live, t) for s, t in by_status.items()} == {s: s for s in by_status}
+    return doctor, by_status
+
+
+@pytest.mark.parametrize("call,status", LEGAL_MOVES, ids=[f"{c}-{name(s)}" for c, s in LEGAL_MOVES])
+def test_every_legal_token_move_works(live, call, status):
+    doctor, by_status = clinic_day(live)
+    token_id = by_status[status]
+    before = {t.token_id: t.status for t in all_tokens(live.stub, doctor)}
+    answer = token_call(live, call, token_id)
+    assert answer.token.token_id == token_id
+    assert answer.token.status == TARGET[call]
+    assert status_of(live, token_id) == TARGET[call]
+    after = {t.token_id: t.status for t in all_tokens(live.stub, doctor)}
+    promoted = [t.token_id for t in getattr(answer, "promoted", [])]
+    frees_a_seat = call in ("MarkNoShow", "CancelToken") and status != pb.STATUS_WAITLISTED
+    assert promoted == ([by_status[pb.STATUS_WAITLISTED]] if frees_a_seat else [])
+    expected = {**before, token_id: TARGET[call], **{p: pb.STATUS_CONFIRMED for p in promoted}}
+    assert after == expected
+    assert spec_violations(live.stub, doctor) == []
+
+
+@pytest.mark.parametrize("call,status", ILLEGAL, ids=[f"{c}-{name(s)}" for c, s in ILLEGAL])
+def test_every_illegal_token_move_is_refused_and_changes_nothing(live, call, status):
+    doctor, by_status = clinic_day(live)
+    before = all_tokens(live.stub, doctor)
+    failure = refused(getattr(live.stub, call), TOKEN_CALLS[call](token_id=by_status[status]))
+    assert failure.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert (failure.reason, failure.domain) == ("ILLEGAL_STATE_TRANSITION", "opd.v1")
+    assert name(status).removeprefix("STATUS_") in failure.message  # it tells the person why
+    assert all_tokens(live.stub, doctor) == before
+
+
+def test_check_in_then_call_next_then_complete(live):
+    doctor = make_doctor(live.stub)
+    make_slots(live.stub, doctor, ("09:00", "10:00", 3))
+    token_id = allocate(live.stub, doctor, 1).token.token_id
+    live.set_time(MORNING.replace(hour=8, minute=50))
+    checked = live.stub.CheckInToken(pb.CheckInTokenRequest(token_id=token_id)).token
+    assert checked.status == pb.STATUS_CHECKED_IN
+    assert checked.checked_in_at.ToDatetime(dt.timezone.utc) == MORNING.replace(hour=8, minute=50)
+    live.set_time(MORNING.replace(hour=9))
+    call = live.stub.CallNext(pb.CallNextRequest(doctor_id=doctor, date=DAY))
+    assert (call.token.token_id, call.token.status) == (token_id, pb.STATUS_CALLED)
+    assert call.token.called_at.ToDatetime(dt.timezone.utc) == MORNING.replace(hour=9)
+    assert call.token.queue_position == 1
+    assert not call.HasField("completed_token")
+    live.set_time(MORNING.replace(hour=9, minute=7))
+    done = live.stub.CompleteToken(pb.CompleteTokenRequest(token_id=token_id)).token
+    assert done.status == pb.STATUS_COMPLETED
+    assert done.completed_at.ToDatetime(dt.timezone.utc) == MORNING.replace(hour=9, minute=7)
+
+
+def test_the_next_call_completes_the_called_token_and_returns_it(live):
+    doctor = make_doctor(live.stub)
+    make_slots(live.stub, doctor, ("09:00", "10:00", 3))
+    first, second = (allocate(live.stub, doctor, n).token.token_id for n in (1, 2))
+    for token_id in (first, second):
+        live.stub.CheckInToken(pb.CheckInTokenRequest(token_id=token_id))
+    live.stub.CallNext(pb.CallNextRequest(doctor_id=doctor, date=DAY))
+    live.set_time(MORNING.replace(hour=9, minute=4))
+    call = live.stub.CallNext(pb.CallNextRequest(doctor_id=doctor, date=DAY))
+    assert (call.token.token_id, call.token.status) == (second, pb.STATUS_CALLED)
+    assert (call.completed_token.token_id, call.completed_token.status) == (first, pb.STATUS_COMPLETED)
+    assert call.completed_token.completed_at.ToDatetime(dt.timezone.utc) == MORNING.replace(hour=9, minute=4)
+    assert status_of(live, first) == pb.STATUS_COMPLETED
+
+
+def test_call_next_takes_the_best_checked_in_token_of_the_earliest_slot_that_has_one(live):
+    doctor = make_doctor(live.stub)
+    make_slots(live.stub, doctor, ("09:00", "10:00", 5), ("10:00", "11:00", 5))
+    walk_in = allocate(live.stub, doctor, 1, pb.SOURCE_WALK_IN, "09:00").token.token_id
+    online = allocate(live.stub, doctor, 2, pb.SOURCE_ONLINE_BOOKING, "09:00").token.token_id
+    follow_up = allocate(live.stub, doctor, 3, pb.SOURCE_FOLLOW_UP, "09:00").token.token_id
+    absent_paid = allocate(live.stub, doctor, 4, pb.SOURCE_PAID_PRIORITY, "09:00").token.token_id
+    live.set_time(MORNING.replace(hour=7, minute=5))
+    later_follow_up = allocate(live.stub, doctor, 5, pb.SOURCE_FOLLOW_UP, "09:00").token.token_id
+    later_slot_emergency = allocate(live.stub, doctor, 6, pb.SOURCE_EMERGENCY, "10:00").token.token_id
+    # Check-in order is deliberately not the serving order: it must not matter.
+    for token_id in (later_slot_emergency, later_follow_up, walk_in, follow_up, online):
+        live.stub.CheckInToken(pb.CheckInTokenRequest(token_id=token_id))
+    called = []
+    for _ in range(5):
+        called.append(live.stub.CallNext(pb.CallNextRequest(doctor_id=doctor, date=DAY)).token.token_id)
+    assert called == [follow_up, later_follow_up, online, walk_in, later_slot_emergency]
+    assert status_of(live, absent_paid) == pb.STATUS_CONFIRMED
+
+
+def test_call_next_with_nobody_checked_in_is_queue_empty_and_the_called_token_stays_called(live):
+    doctor = make_doctor(live.stub)
+    make_slots(live.stub, doctor, ("09:00", "10:00", 3))
+    first, _confirmed = (allocate(live.stub, doctor, n).token.token_id for n in (1, 2))
+    empty = refused(live.stub.CallNext, pb.CallNextRequest(doctor_id=doctor, date=DAY))
+    assert (empty.code, empty.reason, empty.domain) == (grpc.StatusCode.NOT_FOUND, "QUEUE_EMPTY", "opd.v1")
+    live.stub.CheckInToken(pb.CheckInTokenRequest(token_id=first))
+    live.stub.CallNext(pb.CallNextRequest(doctor_id=doctor, date=DAY))
+    before = all_tokens(live.stub, doctor)
+    empty = refused(live.stub.CallNext, pb.CallNextRequest(doctor_id=doctor, date=DAY))
+    assert (empty.code, empty.reason) == (grpc.StatusCode.NOT_FOUND, "QUEUE_EMPTY")
+    assert status_of(live, first) == pb.STATUS_CALLED
+    assert all_tokens(live.stub, doctor) == before
+
+
+def test_mark_no_show_waits_for_the_grace_period_after_the_estimated_time(live):
+    doctor = make_doctor(live.stub)
+    make_slots(live.stub, doctor, ("09:00", "10:00", 3), consultation_minutes=5)
+    tokens = [allocate(live.stub, doctor, n).token for n in (1, 2, 3)]
+    second = tokens[1]
+    assert second.estimated_time.ToDatetime(dt.timezone.utc) == MORNING.replace(hour=9, minute=5)
+    live.set_time(MORNING.replace(hour=9, minute=19, second=59))
+    before = all_tokens(live.stub, doctor)
+    early = refused(live.stub.MarkNoShow, pb.MarkNoShowRequest(token_id=second.token_id))
+    assert (early.code, early.reason, early.domain) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "GRACE_PERIOD_NOT_ELAPSED", "opd.v1")
+    assert all_tokens(live.stub, doctor) == before
+    live.set_time(MORNING.replace(hour=9, minute=20))
+    marked = live.stub.MarkNoShow(pb.MarkNoShowRequest(token_id=second.token_id)).token
+    assert marked.status == pb.STATUS_NO_SHOW
+    third = live.stub.GetToken(pb.GetTokenRequest(token_id=tokens[2].token_id)).token
+    assert third.estimated_time.ToDatetime(dt.timezone.utc) == MORNING.replace(hour=9, minute=5)
+
+
+def test_the_grace_period_is_the_setting(tmp_path: Path):
+    with server(tmp_path, NO_SHOW_GRACE_PERIOD_MINUTES=30) as live:
+        doctor = make_doctor(live.stub)
+        make_slots(live.stub, doctor, ("09:00", "10:00", 3))
+        token_id = allocate(live.stub, doctor, 1).token.token_id
+        live.set_time(MORNING.replace(hour=9, minute=29))
+        early = refused(live.stub.MarkNoShow, pb.MarkNoShowRequest(token_id=token_id))
+        assert early.reason == "GRACE_PERIOD_NOT_ELAPSED"
+        live.set_time(MORNING.replace(hour=9, minute=30))
+        assert live.stub.MarkNoShow(pb.MarkNoShowRequest(token_id=token_id)).token.status == pb.STATUS_NO_SHOW
+
+
+def test_auto_no_show_marks_confirmed_tokens_past_their_grace_and_nothing_else(tmp_path: Path):
+    with server(tmp_path, AUTO_NO_SHOW="true") as live:
+        doctor = make_doctor(live.stub)
+        make_slots(live.stub, doctor, ("09:00", "09:30", 2), ("09:30", "10:00", 2))
+        absent = allocate(live.stub, doctor, 1, slot_time="09:00").token.token_id        # due 09:15
+        arrived = allocate(live.stub, doctor, 2, slot_time="09:00").token.token_id       # checked in
+        waiting = allocate(live.stub, doctor, 3, slot_time="09:00").token.token_id       # waitlisted
+        later = allocate(live.stub, doctor, 4, slot_time="09:30").token.token_id         # due 09:45
+        live.stub.CheckInToken(pb.CheckInTokenRequest(token_id=arrived))
+        live.set_time(MORNING.replace(hour=9, minute=16))
+        assert poll_status(live, absent, pb.STATUS_NO_SHOW) == pb.STATUS_NO_SHOW
+        # The same pass saw the other tokens: only the overdue CONFIRMED one was marked.
+        assert status_of(live, arrived) == pb.STATUS_CHECKED_IN
+        assert status_of(live, waiting) == pb.STATUS_CONFIRMED  # promoted into the freed seat
+        assert status_of(live, later) == pb.STATUS_CONFIRMED
+        assert spec_violations(live.stub, doctor) == []
+
+
+def test_auto_no_show_marks_a_token_whose_grace_ends_after_midnight(tmp_path: Path):
+    with server(tmp_path, AUTO_NO_SHOW="true") as live:
+        doctor = make_doctor(live.stub)
+        make_slots(live.stub, doctor, ("23:30", "23:59", 2), consultation_minutes=20)
+        arrived = allocate(live.stub, doctor, 1).token.token_id
+        live.stub.CheckInToken(pb.CheckInTokenRequest(token_id=arrived))
+        late = allocate(live.stub, doctor, 2).token  # estimated 23:50, grace until 00:05 the next day
+        assert late.estimated_time.ToDatetime(dt.timezone.utc) == MORNING.replace(hour=23, minute=50)
+        live.set_time(MORNING.replace(hour=0, minute=6) + dt.timedelta(days=1))
+        assert name(poll_status(live, late.token_id, pb.STATUS_NO_SHOW)) == "STATUS_NO_SHOW"
+
+
+def poll_status(live: LiveServer, token_id: str, wanted: int, timeout: float = 5.0) -> int:
+    """The token's status once it is `wanted`, or its last status after `timeout` seconds (the background
+    pass of AUTO_NO_SHOW runs every second, on its own schedule)."""
+    deadline = time.monotonic() + timeout
+    while (status := status_of(live, token_id)) != wanted and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return status
+
+
+@contextmanager
+def server(tmp_path: Path, **settings: Any) -> Iterator[LiveServer]:
+    yield from live_server(tmp_path, **settings)
