@@ -17,7 +17,7 @@ from typing import Iterable
 from opd_grpc.engine.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted, invalid
 
 
-class Source(enum.Enum):
+class Source(enum.StrEnum):
     EMERGENCY = "EMERGENCY"
     PAID_PRIORITY = "PAID_PRIORITY"
     FOLLOW_UP = "FOLLOW_UP"
@@ -35,7 +35,7 @@ PRIORITY: dict[Source, int] = {
 }
 
 
-class Status(enum.Enum):
+class Status(enum.StrEnum):
     CONFIRMED = "CONFIRMED"
     WAITLISTED = "WAITLISTED"
     CHECKED_IN = "CHECKED_IN"
@@ -52,7 +52,7 @@ ACTIVE = frozenset(Status) - TERMINAL
 IN_QUEUE = frozenset({Status.CONFIRMED, Status.CHECKED_IN, Status.CALLED})
 
 
-class EventKind(enum.Enum):
+class EventKind(enum.StrEnum):
     ALLOCATED = "ALLOCATED"
     WAITLISTED = "WAITLISTED"
     PROMOTED = "PROMOTED"
@@ -156,14 +156,23 @@ class Token:
     called_at: dt.datetime | None = None
     completed_at: dt.datetime | None = None
     bump_count: int = 0
+    # SPEC §2: lower priority number first, then earlier queue time, then lower token number. A token keeps
+    # its priority and queue time for life, so the key is computed once.
+    order: tuple[int, dt.datetime, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.order = (PRIORITY[self.source], self.created_at, self.token_number)
 
     @property
     def priority(self) -> int:
         return PRIORITY[self.source]
 
     def order_key(self) -> tuple[int, dt.datetime, int]:
-        """SPEC §2: lower priority number first, then earlier queue time, then lower token number."""
-        return (self.priority, self.created_at, self.token_number)
+        return self.order
+
+    def serving_key(self) -> tuple[bool, tuple[int, dt.datetime, int]]:
+        """SPEC §8: the CALLED token first, then §2 order."""
+        return (self.status is not Status.CALLED, self.order)
 
 
 @dataclass(frozen=True)
@@ -289,8 +298,14 @@ class DoctorDay:
         self.tokens: dict[str, Token] = {t.token_id: t for t in tokens}
         # A token never leaves its slot, so each slot's tokens are indexed once.
         self.by_slot: dict[str, list[Token]] = {slot_id: [] for slot_id in self.slots}
+        # Kept by _new_token and _move, the only places where a token appears or changes status:
+        self.holders: dict[str, int] = {slot_id: 0 for slot_id in self.slots}  # seat holders per slot
+        self.active: dict[str, Token] = {}  # SPEC §3.5: patient identity -> its one active token
         for t in self.tokens.values():
             self.by_slot[t.slot_id].append(t)
+            self.holders[t.slot_id] += t.status in SEAT_HOLDING
+            if t.status in ACTIVE:
+                self.active[t.patient.identity] = t
         self.last_token_number = last_token_number
         self.last_sequence = last_sequence
         self.exists = exists
@@ -315,7 +330,7 @@ class DoctorDay:
             raise NotFound(f"No token has the id {token_id!r}.", "TOKEN_NOT_FOUND") from None
 
     def seat_holders(self, slot_id: str) -> int:
-        return sum(1 for t in self.by_slot[slot_id] if t.status in SEAT_HOLDING)
+        return self.holders[slot_id]
 
     def free_seats(self, slot: Slot) -> int:
         return slot.max_capacity - self.seat_holders(slot.slot_id)
@@ -328,15 +343,18 @@ class DoctorDay:
     def serving_order(self, slot_id: str) -> list[Token]:
         """SPEC §8: not-yet-completed seat holders, CALLED first, then in the order of §2."""
         in_queue = [t for t in self.by_slot[slot_id] if t.status in IN_QUEUE]
-        return sorted(in_queue, key=lambda t: (t.status is not Status.CALLED, t.order_key()))
+        return sorted(in_queue, key=Token.serving_key)
 
     def view(self, token: Token) -> TokenView:
+        """The token with its place: the number of tokens ahead of it, counted without sorting."""
+        peers = self.by_slot[token.slot_id]
         if token.status is Status.WAITLISTED:
-            place = self.waitlist(token.slot_id).index(token) + 1
+            place = 1 + sum(1 for t in peers if t.status is Status.WAITLISTED and t.order < token.order)
             return TokenView(replace(token), None, 0, place)
         if token.status in IN_QUEUE:
             slot = self.slots[token.slot_id]
-            place = self.serving_order(token.slot_id).index(token) + 1
+            key = token.serving_key()
+            place = 1 + sum(1 for t in peers if t.status in IN_QUEUE and t.serving_key() < key)
             eta = slot.starts_at(self.rules.timezone) + dt.timedelta(minutes=(place - 1) * slot.consultation_minutes)
             return TokenView(replace(token), eta, place, 0)
         return TokenView(replace(token), None, 0, 0)
@@ -390,6 +408,7 @@ class DoctorDay:
                     max_capacity, consultation_minutes)
         self.slots = dict(sorted({**self.slots, slot.slot_id: slot}.items(), key=lambda kv: kv[1].start_time))
         self.by_slot[slot.slot_id] = []
+        self.holders[slot.slot_id] = 0
         self.new_slots.append(slot.slot_id)
         self._record(EventKind.SLOT_CHANGED, now, slot_id=slot.slot_id)
         return slot
@@ -449,12 +468,11 @@ class DoctorDay:
 
     def _refuse_duplicate(self, patient: Patient) -> None:
         """SPEC §3.5: at most one active token per patient per doctor and date."""
-        identity = patient.identity
-        for t in self.tokens.values():
-            if t.status in ACTIVE and t.patient.identity == identity:
-                raise AlreadyExists(f"This patient already holds token {t.token_number} ({t.token_id}, "
-                                    f"{t.status.value}) with {self.doctor_id} on {self.date.isoformat()}.",
-                                    "PATIENT_ALREADY_HAS_TOKEN")
+        t = self.active.get(patient.identity)
+        if t is not None:
+            raise AlreadyExists(f"This patient already holds token {t.token_number} ({t.token_id}, "
+                                f"{t.status.value}) with {self.doctor_id} on {self.date.isoformat()}.",
+                                "PATIENT_ALREADY_HAS_TOKEN")
 
     def _bump_victim(self, slot: Slot) -> Token | None:
         """SPEC §5: the CONFIRMED or CHECKED_IN non-emergency seat holder with the worst §2 order."""
@@ -471,6 +489,8 @@ class DoctorDay:
                       slot.slot_id, source, status, patient, created_at=now, updated_at=now)
         self.tokens[token.token_id] = token
         self.by_slot[slot.slot_id].append(token)
+        self.holders[slot.slot_id] += status in SEAT_HOLDING
+        self.active[patient.identity] = token
         self.new_tokens.append(token.token_id)
         if before is not None:
             self._move(before, BUMP, now, caused_by=token.token_id)
@@ -564,6 +584,9 @@ class DoctorDay:
 
     def _move(self, token: Token, move: Move, now: dt.datetime, caused_by: str = "") -> None:
         self._check_move(token, move)
+        self.holders[token.slot_id] += (move.to in SEAT_HOLDING) - (token.status in SEAT_HOLDING)
+        if move.to in TERMINAL:
+            del self.active[token.patient.identity]
         token.status = move.to
         token.updated_at = now
         self.dirty_tokens.add(token.token_id)
