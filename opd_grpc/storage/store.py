@@ -27,40 +27,57 @@ doctors, days, slots, tokens, events, requests = (
     DoctorRow.__table__, DoctorDayRow.__table__, SlotRow.__table__, TokenRow.__table__,
     QueueEventRow.__table__, StoredRequestRow.__table__)
 
-# Statements of the hot paths, built once.
-_DAY_VERSION = (select(days.c.last_sequence)
-                .where(days.c.doctor_id == bindparam("doctor_id"), days.c.date == bindparam("date"))
-                .with_for_update())
-_DAY_ROW = select(days.c.last_token_number, days.c.last_sequence).where(
-    days.c.doctor_id == bindparam("doctor_id"), days.c.date == bindparam("date"))
+
+def _insert(table: Any, skip: tuple[str, ...] = ()) -> Any:
+    return insert(table).values({c.name: bindparam(c.name) for c in table.c if c.name not in skip})
+
+
+def _update(table: Any, key: str, columns: tuple[str, ...]) -> Any:
+    return update(table).where(table.c[key] == bindparam(f"k_{key}")).values({c: bindparam(c) for c in columns})
+
+
+_DAY = (days.c.doctor_id == bindparam("doctor_id"), days.c.date == bindparam("date"))
+
+
+class _HotStatements:
+    """The statements of every allocation and move, compiled once for the engine's dialect and run on the
+    driver's cursor: SQLAlchemy's per-execution work was most of an allocation's storage time."""
+
+    def __init__(self, dialect: Any):
+        def sql(statement: Any) -> str:
+            return str(statement.compile(dialect=dialect))
+
+        self.day_version = sql(select(days.c.last_sequence).where(*_DAY).with_for_update())
+        self.update_day = sql(_update(days, "doctor_id", ("last_token_number", "last_sequence"))
+                              .where(days.c.date == bindparam("k_date")))
+        self.insert_day = sql(_insert(days))
+        self.insert_slot = sql(_insert(slots))
+        self.update_slot = sql(_update(slots, "slot_id", ("max_capacity",)))
+        self.insert_token = sql(_insert(tokens))
+        self.update_token = sql(_update(tokens, "token_id", ("status", "updated_at", "checked_in_at", "called_at",
+                                                             "completed_at", "bump_count")))
+        self.insert_event = sql(_insert(events, skip=("id",)))
+        self.stored_request = sql(select(requests.c.method, requests.c.fingerprint, requests.c.response)
+                                  .where(requests.c.request_id == bindparam("request_id")))
+        self.insert_request = sql(_insert(requests))
+
+
+_DAY_ROW = select(days.c.last_token_number, days.c.last_sequence).where(*_DAY)
 _DAY_SLOTS = select(slots).where(slots.c.doctor_id == bindparam("doctor_id"), slots.c.date == bindparam("date"))
 _DAY_TOKENS = select(tokens).where(tokens.c.doctor_id == bindparam("doctor_id"), tokens.c.date == bindparam("date"))
-_INSERT_DAY = insert(days)
-_UPDATE_DAY = (update(days)
-               .where(days.c.doctor_id == bindparam("k_doctor_id"), days.c.date == bindparam("k_date"))
-               .values(last_token_number=bindparam("last_token_number"),
-                       last_sequence=bindparam("last_sequence")))
-_INSERT_SLOT = insert(slots)
-_UPDATE_SLOT = (update(slots).where(slots.c.slot_id == bindparam("k_slot_id"))
-                .values(max_capacity=bindparam("max_capacity")))
-_INSERT_TOKEN = insert(tokens)
-_UPDATE_TOKEN = (update(tokens).where(tokens.c.token_id == bindparam("k_token_id"))
-                 .values({c: bindparam(c) for c in ("slot_id", "status", "updated_at", "checked_in_at",
-                                                    "called_at", "completed_at", "bump_count")}))
-_INSERT_EVENT = insert(events)
-_STORED_REQUEST = select(requests.c.method, requests.c.fingerprint, requests.c.response).where(
-    requests.c.request_id == bindparam("request_id"))
-_INSERT_REQUEST = insert(requests)
 
 
 class SqlStore:
     def __init__(self, url: str):
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
-        self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite)
+        # SQLite takes named parameters (:name) natively, so hot statements run with plain dicts.
+        self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite,
+                                            **({"paramstyle": "named"} if self.is_sqlite else {}))
         self._writer = threading.Lock() if self.is_sqlite else None
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_connect)
+        self.hot = _HotStatements(self.engine.dialect)
 
     def create_schema(self) -> None:
         Base.metadata.create_all(self.engine)
@@ -74,12 +91,12 @@ class SqlStore:
         if self._writer is not None and write:
             with self._writer, self.engine.connect() as conn:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
-                yield SqlUnitOfWork(conn)
+                yield SqlUnitOfWork(conn, self.hot)
         else:
             with self.engine.connect() as conn:
                 if self.is_sqlite:
                     conn.exec_driver_sql("BEGIN")
-                yield SqlUnitOfWork(conn)
+                yield SqlUnitOfWork(conn, self.hot)
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -91,8 +108,10 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 class SqlUnitOfWork:
-    def __init__(self, conn: Connection):
+    def __init__(self, conn: Connection, hot: _HotStatements):
         self.conn = conn
+        self.hot = hot
+        self.cursor = conn.connection.cursor()  # the driver's, inside the transaction `conn` began
 
     def commit(self) -> None:
         self.conn.commit()
@@ -100,13 +119,13 @@ class SqlUnitOfWork:
     # ---- idempotency ----
 
     def stored_request(self, request_id: str) -> StoredRequest | None:
-        row = self.conn.execute(_STORED_REQUEST, {"request_id": request_id}).first()
-        return None if row is None else StoredRequest(row.method, row.fingerprint, row.response)
+        row = self.cursor.execute(self.hot.stored_request, {"request_id": request_id}).fetchone()
+        return None if row is None else StoredRequest(row[0], bytes(row[1]), bytes(row[2]))
 
     def store_request(self, request_id: str, stored: StoredRequest, now: dt.datetime) -> None:
-        self.conn.execute(_INSERT_REQUEST, {"request_id": request_id, "method": stored.method,
-                                            "fingerprint": stored.fingerprint, "response": stored.response,
-                                            "created_at": now})
+        self.cursor.execute(self.hot.insert_request, {
+            "request_id": request_id, "method": stored.method, "fingerprint": stored.fingerprint,
+            "response": stored.response, "created_at": _iso(now)})
 
     # ---- doctors ----
 
@@ -142,7 +161,8 @@ class SqlUnitOfWork:
     def day_version(self, key: DayKey) -> int | None:
         """The day's last event sequence, locking its row for the transaction (a no-op lock on SQLite,
         where BEGIN IMMEDIATE already holds the database)."""
-        return self.conn.execute(_DAY_VERSION, _key(key)).scalar()
+        row = self.cursor.execute(self.hot.day_version, _key(key)).fetchone()
+        return None if row is None else row[0]
 
     def load_day(self, key: DayKey, rules: Rules) -> DoctorDay:
         params = _key(key)
@@ -154,30 +174,38 @@ class SqlUnitOfWork:
 
     def save_day(self, day: DoctorDay) -> None:
         """Writes what the day's rules changed: counters, slots, tokens and their events."""
-        c = self.conn
+        run, hot = self.cursor, self.hot
         date = day.date.isoformat()
         counters = {"last_token_number": day.last_token_number, "last_sequence": day.last_sequence}
         if not day.exists:
-            c.execute(_INSERT_DAY, {"doctor_id": day.doctor_id, "date": date, **counters})
+            run.execute(hot.insert_day, {"doctor_id": day.doctor_id, "date": date, **counters})
         elif day.pending_events:
-            c.execute(_UPDATE_DAY, {"k_doctor_id": day.doctor_id, "k_date": date, **counters})
+            run.execute(hot.update_day, {"k_doctor_id": day.doctor_id, "k_date": date, **counters})
         if day.new_slots:
-            c.execute(_INSERT_SLOT, [_slot_row(day.slots[s]) for s in day.new_slots])
+            run.executemany(hot.insert_slot, [_slot_row(day.slots[s]) for s in day.new_slots])
         changed_slots = day.dirty_slots.difference(day.new_slots)
         if changed_slots:
-            c.execute(_UPDATE_SLOT, [{"k_slot_id": s, "max_capacity": day.slots[s].max_capacity}
-                                     for s in changed_slots])
+            run.executemany(hot.update_slot, [{"k_slot_id": s, "max_capacity": day.slots[s].max_capacity}
+                                              for s in changed_slots])
         if day.new_tokens:
-            c.execute(_INSERT_TOKEN, [_token_row(day.tokens[t]) for t in day.new_tokens])
+            run.executemany(hot.insert_token, [_token_row(day.tokens[t]) for t in day.new_tokens])
         changed_tokens = day.dirty_tokens.difference(day.new_tokens)
         if changed_tokens:
-            c.execute(_UPDATE_TOKEN, [_token_update(day.tokens[t]) for t in changed_tokens])
+            run.executemany(hot.update_token, [_token_update(day.tokens[t]) for t in changed_tokens])
         if day.pending_events:
-            c.execute(_INSERT_EVENT, [{
+            run.executemany(hot.insert_event, [{
                 "doctor_id": e.doctor_id, "date": date, "sequence": e.sequence, "kind": e.kind.value,
                 "token_id": e.token_id, "token_number": e.token_number, "slot_id": e.slot_id,
                 "status": e.status.value if e.status else "", "caused_by_token_id": e.caused_by_token_id,
-                "occurred_at": e.occurred_at} for e in day.pending_events])
+                "occurred_at": _iso(e.occurred_at)} for e in day.pending_events])
+
+
+def _iso(when: dt.datetime | None) -> str | None:
+    return None if when is None else when.astimezone(dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _instant(text: str | None) -> dt.datetime | None:
+    return None if text is None else dt.datetime.fromisoformat(text)
 
 
 def _key(key: DayKey) -> dict[str, str]:
@@ -199,13 +227,14 @@ def _token(r: Any) -> Token:
     return Token(r.token_id, r.token_number, r.doctor_id, dt.date.fromisoformat(r.date), r.slot_id,
                  Source(r.source), Status(r.status),
                  Patient(r.patient_name, r.patient_phone, r.patient_age, r.patient_gender, r.patient_mrn),
-                 r.created_at, r.updated_at, r.checked_in_at, r.called_at, r.completed_at, r.bump_count)
+                 _instant(r.created_at), _instant(r.updated_at), _instant(r.checked_in_at), _instant(r.called_at),
+                 _instant(r.completed_at), r.bump_count)
 
 
 def _token_update(t: Token) -> dict[str, Any]:
-    return {"k_token_id": t.token_id, "slot_id": t.slot_id, "status": t.status.value, "updated_at": t.updated_at,
-            "checked_in_at": t.checked_in_at, "called_at": t.called_at, "completed_at": t.completed_at,
-            "bump_count": t.bump_count}
+    return {"k_token_id": t.token_id, "status": t.status.value, "updated_at": _iso(t.updated_at),
+            "checked_in_at": _iso(t.checked_in_at), "called_at": _iso(t.called_at),
+            "completed_at": _iso(t.completed_at), "bump_count": t.bump_count}
 
 
 def _token_row(t: Token) -> dict[str, Any]:
@@ -213,6 +242,6 @@ def _token_row(t: Token) -> dict[str, Any]:
     return {"token_id": t.token_id, "token_number": t.token_number, "doctor_id": t.doctor_id,
             "date": t.date.isoformat(), "slot_id": t.slot_id, "source": t.source.value, "status": t.status.value,
             "patient_identity": p.identity, "patient_name": p.name, "patient_phone": p.phone,
-            "patient_age": p.age, "patient_gender": p.gender, "patient_mrn": p.mrn, "created_at": t.created_at,
-            "updated_at": t.updated_at, "checked_in_at": t.checked_in_at, "called_at": t.called_at,
-            "completed_at": t.completed_at, "bump_count": t.bump_count}
+            "patient_age": p.age, "patient_gender": p.gender, "patient_mrn": p.mrn, "created_at": _iso(t.created_at),
+            "updated_at": _iso(t.updated_at), "checked_in_at": _iso(t.checked_in_at), "called_at": _iso(t.called_at),
+            "completed_at": _iso(t.completed_at), "bump_count": t.bump_count}

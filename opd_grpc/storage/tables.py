@@ -1,29 +1,15 @@
 """The schema. The invariants a database can hold are held here too (SPEC §3): a unique token number per
-doctor-day, one active token per patient per doctor-day, a gapless-able unique event sequence, a positive
-capacity. Dates are `YYYY-MM-DD` and times `HH:MM` text, as the API speaks them; instants are UTC."""
+doctor-day, one active token per patient per doctor-day, a unique event sequence per doctor-day, a positive
+capacity. Dates are `YYYY-MM-DD` and times `HH:MM` text, as the API speaks them; instants are ISO-8601 UTC
+text with microseconds (`2030-01-07T09:00:00.000000+00:00`), which sorts in time order on every backend and
+needs no conversion layer on the hot path."""
 
 from __future__ import annotations
 
-import datetime as dt
-
-from sqlalchemy import (
-    BigInteger, CheckConstraint, DateTime, ForeignKey, Index, Integer, LargeBinary, String, TypeDecorator,
-    UniqueConstraint, text,
-)
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-
-class UTCDateTime(TypeDecorator[dt.datetime]):
-    """Stored as naive UTC (SQLite keeps no zone), read back as aware UTC."""
-
-    impl = DateTime
-    cache_ok = True
-
-    def process_bind_param(self, value: dt.datetime | None, dialect: object) -> dt.datetime | None:
-        return None if value is None else value.astimezone(dt.timezone.utc).replace(tzinfo=None)
-
-    def process_result_value(self, value: dt.datetime | None, dialect: object) -> dt.datetime | None:
-        return None if value is None else value.replace(tzinfo=dt.timezone.utc)
+Instant = String(32)
 
 
 class Base(DeclarativeBase):
@@ -84,11 +70,11 @@ class TokenRow(Base):
     patient_age: Mapped[int] = mapped_column(Integer)
     patient_gender: Mapped[str] = mapped_column(String(10))
     patient_mrn: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
-    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
-    checked_in_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
-    called_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
-    completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[str] = mapped_column(Instant)
+    updated_at: Mapped[str] = mapped_column(Instant)
+    checked_in_at: Mapped[str | None] = mapped_column(Instant)
+    called_at: Mapped[str | None] = mapped_column(Instant)
+    completed_at: Mapped[str | None] = mapped_column(Instant)
     bump_count: Mapped[int] = mapped_column(Integer, default=0)
     __table_args__ = (
         UniqueConstraint("doctor_id", "date", "token_number", name="token_number_unique"),
@@ -111,7 +97,7 @@ class QueueEventRow(Base):
     slot_id: Mapped[str] = mapped_column(String(40))
     status: Mapped[str] = mapped_column(String(20))
     caused_by_token_id: Mapped[str] = mapped_column(String(40))
-    occurred_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    occurred_at: Mapped[str] = mapped_column(Instant)
     __table_args__ = (UniqueConstraint("doctor_id", "date", "sequence", name="event_sequence_unique"),)
 
 
@@ -123,4 +109,4 @@ class StoredRequestRow(Base):
     method: Mapped[str] = mapped_column(String(40))
     fingerprint: Mapped[bytes] = mapped_column(LargeBinary)
     response: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    created_at: Mapped[str] = mapped_column(Instant, index=True)
