@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -15,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from opd_grpc._gen.opd.v1 import opd_pb2, opd_pb2_grpc, test_clock_pb2, test_clock_pb2_grpc
 from opd_grpc.api.interceptors import MalformedRequestInterceptor
+from opd_grpc.api.runner import EngineRunner
 from opd_grpc.api.servicer import OPDTokenServicer
 from opd_grpc.api.test_clock import TestClockServicer
 from opd_grpc.engine.clock import Clock, TestClock, WallClock
@@ -39,11 +39,11 @@ class OPDServer:
         self.store = SqlStore(settings.DATABASE_URL)
         self.store.create_schema()
         self.service = OPDService(self.store, self.clock, settings.rules())
-        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="opd-engine")
+        self.run = EngineRunner(threads=0 if self.store.is_sqlite else 8)
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(maximum_concurrent_rpcs=settings.MAX_CONCURRENT_CALLS,
                                       interceptors=[MalformedRequestInterceptor()])
-        opd_pb2_grpc.add_OPDTokenServiceServicer_to_server(OPDTokenServicer(self.service, self.executor),
+        opd_pb2_grpc.add_OPDTokenServiceServicer_to_server(OPDTokenServicer(self.service, self.run),
                                                            self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         services = [OPD_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -71,16 +71,15 @@ class OPDServer:
         for task in self._background:
             task.cancel()
         await self.server.stop(grace)
-        self.executor.shutdown(wait=True)
+        self.run.shutdown()
         self.store.close()
 
     async def _auto_no_show(self) -> None:
         """SPEC §6 with AUTO_NO_SHOW: confirmed patients past their grace period are marked no-show."""
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(AUTO_NO_SHOW_INTERVAL_SECONDS)
             try:
-                marked = await loop.run_in_executor(self.executor, self.service.mark_overdue_no_shows)
+                marked = await self.run(self.service.mark_overdue_no_shows)
                 if marked:
                     log.info("auto no-show marked %d tokens", marked)
             except Exception:

@@ -1,13 +1,11 @@
-"""`opd.v1.OPDTokenService`: each method translates its request, runs one use case of the engine in the
-worker pool (the engine and storage are synchronous), and translates the answer or the refusal."""
+"""`opd.v1.OPDTokenService`: each method translates its request, runs one use case of the engine (through
+the `EngineRunner`: the engine and storage are synchronous), and translates the answer or the refusal."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 import grpc
@@ -16,6 +14,7 @@ from google.protobuf.message import Message
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from opd_grpc._gen.opd.v1 import opd_pb2_grpc
 from opd_grpc.api import convert
+from opd_grpc.api.runner import EngineRunner
 from opd_grpc.api.status import from_engine_error, rich_status
 from opd_grpc.engine.errors import EngineError
 from opd_grpc.engine.model import Source
@@ -26,13 +25,13 @@ R = TypeVar("R", bound=Message)
 
 
 class OPDTokenServicer(opd_pb2_grpc.OPDTokenServiceServicer):
-    def __init__(self, service: OPDService, executor: ThreadPoolExecutor):
+    def __init__(self, service: OPDService, run: EngineRunner):
         self.service = service
-        self.executor = executor
+        self.run = run
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[..., Any], *args: Any) -> Any:
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+            return await self.run(fn, *args)
         except EngineError as error:
             await context.abort_with_status(from_engine_error(error))
         except Exception:  # a bug, never bad input: logged with its trace, answered without internals
@@ -44,12 +43,18 @@ class OPDTokenServicer(opd_pb2_grpc.OPDTokenServiceServicer):
     async def _change(self, context: grpc.aio.ServicerContext, request: Message, response: type[R],
                       render: Callable[[Any], R], fn: Callable[..., Any], *args: Any) -> R:
         """A state-changing call: with a request_id, its first answer is stored and replayed (SPEC §9)."""
-        retry = None
+        retry, rendered = None, []
+
+        def encode(result: Any) -> bytes:
+            rendered.append(render(result))  # the reply, rendered once for the store and the caller
+            return rendered[0].SerializeToString()
+
         if request_id := getattr(request, "request_id"):
-            retry = Retry(request_id, type(request).__name__, _fingerprint(request),
-                          lambda result: render(result).SerializeToString())
+            retry = Retry(request_id, type(request).__name__, _fingerprint(request), encode)
         result = await self._call(context, fn, *args, retry)
-        return response.FromString(result.response) if isinstance(result, Replay) else render(result)
+        if isinstance(result, Replay):
+            return response.FromString(result.response)
+        return rendered[0] if rendered else render(result)
 
     # ---- doctors and slots ----
 

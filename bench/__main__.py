@@ -1,0 +1,83 @@
+"""`python -m bench` (`make bench`): one server, a no-op RPC and AllocateToken measured alternately at 1 and 32
+calls in flight, and allocation's speed as ratios against the no-op's (SPEC-free figures; never a timed test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.load import ALLOCATE, NOOP, LoadGenerator, LoadResult, create_pool
+from bench.report import Measurement, Report, print_report
+from bench.server import BenchServer
+
+IN_FLIGHT = (1, 32)
+
+
+@dataclass
+class Totals:
+    """One call kind at one number in flight, summed over the rounds."""
+
+    load: LoadResult = field(default_factory=LoadResult)
+    wall_seconds: float = 0.0
+    server_cpu_seconds: float = 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=6.0,
+                        help="measured time per call kind and calls in flight, over all rounds (default 6)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times the no-op and allocation alternate at each number in flight, so that other "
+                             "load on the machine falls on both alike (default 3)")
+    parser.add_argument("--warmup", type=float, default=0.5,
+                        help="unmeasured calls before each measured stretch, in seconds (default 0.5)")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="client processes that share the calls in flight (default 1)")
+    parser.add_argument("--doctors", type=int, default=8, help="doctors that allocations cycle through (default 8)")
+    parser.add_argument("--days", type=int, default=60,
+                        help="dates per doctor, each with --per-day seats in slots of 20 (default 60)")
+    parser.add_argument("--per-day", type=int, default=200,
+                        help="allocations per doctor-day, and seats of its one slot (default 200)")
+    parser.add_argument("--profile", type=Path, metavar="FILE",
+                        help="run the server under cProfile and write its stats to FILE (slows the server)")
+    args = parser.parse_args(argv)
+
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    server = BenchServer(profile_to=args.profile)
+    try:
+        pool = create_pool(server.address, args.doctors, args.days, args.per_day)
+        rss_before = server.rss_mib()
+        load = LoadGenerator(server.address, pool, args.client_processes)
+        results = {(kind, n): Totals() for n in IN_FLIGHT for kind in (NOOP, ALLOCATE)}
+        try:
+            for in_flight in IN_FLIGHT:
+                for _ in range(args.rounds):
+                    for kind in (NOOP, ALLOCATE):
+                        totals = results[(kind, in_flight)]
+                        cpu_before, wall_before = server.cpu_seconds(), time.perf_counter()
+                        totals.load.merge(load.measure(kind, in_flight, args.warmup, args.seconds / args.rounds))
+                        totals.wall_seconds += time.perf_counter() - wall_before
+                        totals.server_cpu_seconds += server.cpu_seconds() - cpu_before
+        finally:
+            load.close()
+        measurements = [Measurement.of(kind, n, args.seconds, t.load, t.wall_seconds, t.server_cpu_seconds)
+                        for (kind, n), t in results.items()]
+        rss_after = server.rss_mib()
+    finally:
+        exit_code = server.stop()
+    report = Report(address=server.address, client_processes=args.client_processes, doctors=args.doctors,
+                    days=args.days, per_day=args.per_day, warmup=args.warmup, seconds=args.seconds,
+                    rounds=args.rounds, load_average_before=load_before, load_average_after=os.getloadavg()[0],
+                    measurements=measurements, server_rss_mib_before=rss_before, server_rss_mib_after=rss_after,
+                    server_exit_code=exit_code, wall_seconds=time.perf_counter() - started)
+    print_report(report)
+    return 0 if report.total_errors == 0 and exit_code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The workload and the load generator: N workers, each making calls back-to-back for a fixed time.
+
+Allocations are real confirmations: each allocation number n maps to one (doctor, date) that receives exactly
+`per_day` numbers, and every such day has slots of `SEATS_PER_SLOT` seats for all of them, so no call is
+waitlisted or refused. Calls name no slot: each takes the earliest slot with a free seat, as a desk does.
+Every n is a distinct patient, and every call carries a fresh request_id, as a retrying client sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import math
+import resource
+import time
+import uuid
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Awaitable, Callable, Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from opd_grpc._gen.opd.v1 import opd_pb2 as pb
+from opd_grpc._gen.opd.v1 import opd_pb2_grpc, test_clock_pb2, test_clock_pb2_grpc
+from opd_grpc.api.convert import timestamp
+
+FIRST_DAY = dt.date(2030, 1, 7)
+MORNING = dt.datetime(2030, 1, 7, 7, 0, tzinfo=dt.timezone.utc)  # before every slot of the pool
+DAY_START = dt.datetime(2030, 1, 7, 8, 0)
+SLOT_MINUTES = 20
+SEATS_PER_SLOT = 20  # an OPD sitting's size (twice DEFAULT_SLOT_CAPACITY); the day's tokens fill its slots in turn
+NOOP, ALLOCATE = "health-check", "allocate"
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Where allocations go: `doctors` x `days` doctor-days, each with `per_day` seats in slots of 20."""
+
+    doctor_ids: tuple[str, ...]
+    days: int
+    per_day: int
+
+    @property
+    def seats(self) -> int:
+        return len(self.doctor_ids) * self.days * self.per_day
+
+    def target(self, n: int) -> tuple[str, str]:
+        """The doctor and date of allocation number n; each doctor-day gets exactly `per_day` numbers."""
+        doctors = len(self.doctor_ids)
+        day = n // (doctors * self.per_day)
+        if day >= self.days:
+            raise RuntimeError(f"the pool's {self.seats} seats are used up; run with more --days")
+        return self.doctor_ids[n % doctors], (FIRST_DAY + dt.timedelta(days=day)).isoformat()
+
+
+def create_pool(address: str, doctors: int, days: int, per_day: int) -> Pool:
+    """Doctors, their slots, and the test clock set to the first day's morning."""
+    with grpc.insecure_channel(address) as channel:
+        stub = opd_pb2_grpc.OPDTokenServiceStub(channel)
+        test_clock_pb2_grpc.TestClockServiceStub(channel).SetTime(test_clock_pb2.SetTimeRequest(
+            time=timestamp(MORNING)))
+        doctor_ids = []
+        for i in range(doctors):
+            doctor_id = stub.CreateDoctor(pb.CreateDoctorRequest(
+                name=f"Dr Bench {i + 1}", specialization="General Medicine")).doctor.doctor_id
+            stub.CreateSlots(pb.CreateSlotsRequest(doctor_id=doctor_id, slots=[
+                pb.SlotSpec(date=(FIRST_DAY + dt.timedelta(days=d)).isoformat(), start_time=f"{start:%H:%M}",
+                            end_time=f"{start + dt.timedelta(minutes=SLOT_MINUTES):%H:%M}",
+                            max_capacity=min(SEATS_PER_SLOT, per_day - i * SEATS_PER_SLOT), consultation_minutes=1)
+                for d in range(days)
+                for i, start in enumerate(DAY_START + dt.timedelta(minutes=SLOT_MINUTES * k)
+                                          for k in range(math.ceil(per_day / SEATS_PER_SLOT)))]))
+            doctor_ids.append(doctor_id)
+    return Pool(tuple(doctor_ids), days, per_day)
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """One client process's share of a measurement."""
+
+    address: str
+    kind: str
+    in_flight: int
+    warmup: float
+    seconds: float
+    start_at: float  # time.time() at which every client process begins together
+    pool: Pool
+    first_n: int  # allocation numbers used: first_n + offset + stride * k
+    offset: int = 0
+    stride: int = 1
+
+
+@dataclass
+class LoadResult:
+    latencies: list[float] = field(default_factory=list)  # seconds, of calls that ended in the window
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+    calls_made: int = 0  # warm-up included: what the server's CPU time was spent on
+    last_n: int = -1
+    client_cpu_seconds: float = 0.0
+
+    def merge(self, other: LoadResult) -> None:
+        self.latencies += other.latencies
+        self.calls_made += other.calls_made
+        self.errors += other.errors
+        self.outcomes += other.outcomes
+        self.last_n = max(self.last_n, other.last_n)
+        self.client_cpu_seconds += other.client_cpu_seconds
+
+
+async def run_load(spec: LoadSpec) -> LoadResult:
+    """`in_flight` workers call back-to-back from `start_at` for warmup + seconds; only calls that end in
+    the last `seconds` (the measured window) count toward throughput and latency."""
+    result = LoadResult()
+    counter = iter(range(spec.first_n + spec.offset, 1 << 62, spec.stride))
+    async with grpc.aio.insecure_channel(spec.address) as channel:
+        call = _caller(spec, channel, counter, result)
+        await channel.channel_ready()
+        await asyncio.sleep(max(0.0, spec.start_at - time.time()))
+        cpu_before = _cpu_seconds()
+        begin = time.perf_counter()
+        window_start, deadline = begin + spec.warmup, begin + spec.warmup + spec.seconds
+
+        async def worker() -> None:
+            while (started := time.perf_counter()) < deadline:
+                try:
+                    outcome = await call()
+                except grpc.aio.AioRpcError as error:  # counted in the warm-up too: no call may fail
+                    outcome = ""
+                    result.errors[error.code().name] += 1
+                ended = time.perf_counter()
+                result.calls_made += 1
+                if window_start <= ended <= deadline and outcome:
+                    result.latencies.append(ended - started)
+                    result.outcomes[outcome] += 1
+
+        await asyncio.gather(*(worker() for _ in range(spec.in_flight)))
+        result.client_cpu_seconds = _cpu_seconds() - cpu_before
+    return result
+
+
+def _caller(spec: LoadSpec, channel: grpc.aio.Channel, counter: Iterator[int],
+            result: LoadResult) -> Callable[[], Awaitable[str]]:
+    """The call of one kind; it answers the outcome to count (the token's status for allocations)."""
+    if spec.kind == NOOP:
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest()
+
+        async def check() -> str:
+            response = await health.Check(request)
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return check
+
+    stub = opd_pb2_grpc.OPDTokenServiceStub(channel)
+
+    async def allocate() -> str:
+        n = next(counter)
+        result.last_n = max(result.last_n, n)
+        doctor_id, date = spec.pool.target(n)
+        response = await stub.AllocateToken(pb.AllocateTokenRequest(
+            patient=pb.Patient(name=f"Bench Patient {n}", phone=f"+91-90000-{n:07d}", age=20 + n % 60,
+                               gender=pb.GENDER_FEMALE if n % 2 else pb.GENDER_MALE),
+            doctor_id=doctor_id, date=date, source=pb.SOURCE_WALK_IN, request_id=str(uuid.uuid4())))
+        return pb.Status.Name(response.token.status)
+    return allocate
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _client_process(conn: Connection) -> None:
+    """A client process: runs each LoadSpec it receives and sends back the result, until it receives None."""
+    while (spec := conn.recv()) is not None:
+        conn.send(asyncio.run(run_load(spec)))
+
+
+class LoadGenerator:
+    """Runs a measurement from this process, or split over `processes` client processes, each with its share
+    of the calls in flight (so that the client is not what limits the figures)."""
+
+    START_DELAY_SECONDS = 0.5  # room for every client process to connect before the common start
+
+    def __init__(self, address: str, pool: Pool, processes: int):
+        self.address = address
+        self.pool = pool
+        self.processes = processes
+        self.next_n = 0
+        self._clients: list[tuple[BaseProcess, Connection]] = []
+        if processes > 1:
+            context = get_context("spawn")
+            for _ in range(processes):
+                ours, theirs = context.Pipe()
+                process = context.Process(target=_client_process, args=(theirs,), daemon=True)
+                process.start()
+                self._clients.append((process, ours))
+
+    def measure(self, kind: str, in_flight: int, warmup: float, seconds: float) -> LoadResult:
+        shares = [in_flight // self.processes + (i < in_flight % self.processes) for i in range(self.processes)]
+        shares = [s for s in shares if s]
+        start_at = time.time() + (self.START_DELAY_SECONDS if self._clients else 0.0)
+        specs = [LoadSpec(self.address, kind, share, warmup, seconds, start_at, self.pool, self.next_n, i,
+                          len(shares)) for i, share in enumerate(shares)]
+        result = LoadResult()
+        if not self._clients:
+            result.merge(asyncio.run(run_load(specs[0])))
+        else:
+            for spec, (_, conn) in zip(specs, self._clients):
+                conn.send(spec)
+            for _, (_, conn) in zip(specs, self._clients):
+                result.merge(conn.recv())
+        self.next_n = result.last_n + 1 if result.last_n >= 0 else self.next_n
+        return result
+
+    def close(self) -> None:
+        for process, conn in self._clients:
+            if process.is_alive():
+                conn.send(None)
+                process.join(timeout=10)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1) of unsorted values; 0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]

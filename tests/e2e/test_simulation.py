@@ -1,0 +1,168 @@
+"""`make sim`: the simulated OPD day runs clean against a real server process, and its checks can fail."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from google.protobuf import timestamp_pb2
+
+from opd_grpc._gen.opd.v1 import opd_pb2 as pb
+from opd_grpc.engine import model
+from simulation import __main__ as cli
+from simulation.checks import DayState, answer_violations, invariant_violations
+from simulation.ledger import Ledger
+from simulation.scenario import SMALL
+from tests.support import LiveServer
+
+ROOT = Path(__file__).resolve().parents[2]
+DATE = "2030-01-07"
+
+
+def event_count(summary: str, label: str) -> int:
+    """A count from the summary's events table, whose rows read `│ label │ count │`."""
+    match = re.search(rf"│ {re.escape(label)} +│ +(\d+) │", summary)
+    assert match, f"no row {label!r} in the summary:\n{summary}"
+    return int(match[1])
+
+
+@pytest.mark.slow
+def test_the_seed_7_day_has_waitlists_promotions_and_bumps_and_no_violation() -> None:
+    completed = subprocess.run([sys.executable, "-m", "simulation", "--seed", "7"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=300)
+    summary = completed.stdout
+
+    assert completed.returncode == 0, summary + completed.stderr
+    assert summary.rstrip().splitlines()[-1] == "violations: 0"
+    for label in ("waitlisted", "emergency bumps", "promotions on cancel", "promotions on no-show",
+                  "no-show refused: grace not elapsed", "retries answered with the first answer"):
+        assert event_count(summary, label) > 0, label
+    assert re.search(r"│ DOC003 +│", summary)  # at least three doctors in the per-doctor table
+
+
+def test_the_simulation_exits_1_and_names_the_violations_when_freed_seats_are_not_given_away(
+        live: LiveServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(model.DoctorDay, "_fill_seats", lambda self, slot, now, caused_by: [])  # a broken §6
+    monkeypatch.setattr(cli, "SMALL", dataclasses.replace(SMALL, doctors=1))  # a shorter day will do
+
+    code = cli.main(["--seed", "7", "--address", live.address])
+
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "(§3.2)" in out  # a free seat with a waitlist
+    assert re.search(r"freeing its seat promoted \[\], §6 says \['DOC\d+-\d+-T\d+'\]", out)
+    assert "violations: 0" not in out
+
+
+# ---- the checks on fabricated states -------------------------------------------------------------
+
+
+def stamp(minute: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(dt.datetime(2030, 1, 7, 7, minute, tzinfo=dt.timezone.utc))
+    return ts
+
+
+def token(number: int, status: int, slot: pb.Slot, source: int = pb.SOURCE_WALK_IN, patient: int = 0) -> pb.Token:
+    priority = {pb.SOURCE_EMERGENCY: 1, pb.SOURCE_PAID_PRIORITY: 2, pb.SOURCE_FOLLOW_UP: 3,
+                pb.SOURCE_ONLINE_BOOKING: 4, pb.SOURCE_WALK_IN: 5}[source]
+    return pb.Token(token_id=f"DOC001-20300107-T{number}", token_number=number, slot_id=slot.slot_id,
+                    doctor_id="DOC001", date=DATE, source=source, priority=priority, status=status,
+                    patient=pb.Patient(name=f"Patient {patient or number}", phone=f"+91-98{patient or number:08d}"),
+                    created_at=stamp(number))
+
+
+def consistent_day() -> DayState:
+    """Slot 09:00 (2 seats): T1 called, T2 confirmed, T3 and T4 waitlisted; slot 10:00 (2 seats): T5 confirmed."""
+    nine = pb.Slot(slot_id="DOC001-20300107-0900", doctor_id="DOC001", date=DATE, start_time="09:00",
+                   end_time="10:00", max_capacity=2, consultation_minutes=10)
+    ten = pb.Slot(slot_id="DOC001-20300107-1000", doctor_id="DOC001", date=DATE, start_time="10:00",
+                  end_time="11:00", max_capacity=2, consultation_minutes=10)
+    tokens = [token(1, pb.STATUS_CALLED, nine), token(2, pb.STATUS_CONFIRMED, nine),
+              token(3, pb.STATUS_WAITLISTED, nine, pb.SOURCE_ONLINE_BOOKING),
+              token(4, pb.STATUS_WAITLISTED, nine), token(5, pb.STATUS_CONFIRMED, ten)]
+    places = {1: (nine, 1), 2: (nine, 2), 5: (ten, 1)}
+    for t in tokens:
+        if t.token_number in places:
+            slot, place = places[t.token_number]
+            t.queue_position = place
+            start = dt.datetime.fromisoformat(f"{DATE}T{slot.start_time}+00:00")
+            t.estimated_time.FromDatetime(start + dt.timedelta(minutes=10 * (place - 1)))
+    tokens[2].waitlist_position, tokens[3].waitlist_position = 1, 2
+    status = {
+        nine.slot_id: pb.GetSlotStatusResponse(slot=nine, max_capacity=2, seat_holders=2, free_seats=0,
+                                               waitlist=[tokens[2], tokens[3]]),
+        ten.slot_id: pb.GetSlotStatusResponse(slot=ten, max_capacity=2, seat_holders=1, free_seats=1),
+    }
+    return DayState("DOC001", DATE, [nine, ten], status, tokens)
+
+
+def ledger_of(day: DayState) -> Ledger:
+    ledger = Ledger()
+    for slot in day.slots:
+        ledger.add_slot(slot)
+    for t in day.tokens:
+        ledger.absorb(t)
+    return ledger
+
+
+def overbooked(day: DayState) -> None:
+    day.tokens[3].status = pb.STATUS_CONFIRMED  # a third seat holder in a 2-seat slot
+
+
+def free_seat_with_a_waitlist(day: DayState) -> None:
+    day.slots[1].max_capacity = 3
+    day.tokens[4].status = pb.STATUS_WAITLISTED
+
+
+def waitlist_out_of_order(day: DayState) -> None:
+    nine = day.slot_status[day.slots[0].slot_id]
+    nine.waitlist[0].CopyFrom(day.tokens[3])
+    nine.waitlist[1].CopyFrom(day.tokens[2])
+
+
+def gap_in_token_numbers(day: DayState) -> None:
+    day.tokens[4].token_number = 6
+
+
+def patient_with_two_active_tokens(day: DayState) -> None:
+    day.tokens[4].patient.CopyFrom(day.tokens[1].patient)
+
+
+def wrong_estimated_time(day: DayState) -> None:
+    day.tokens[1].estimated_time.FromDatetime(dt.datetime(2030, 1, 7, 9, 5, tzinfo=dt.timezone.utc))
+
+
+@pytest.mark.parametrize("break_it, marker", [
+    (overbooked, "(§3.1)"), (free_seat_with_a_waitlist, "(§3.2)"), (waitlist_out_of_order, "(§3.3)"),
+    (gap_in_token_numbers, "(§3.4)"), (patient_with_two_active_tokens, "(§3.5)"),
+    (wrong_estimated_time, "§8 says 2 at 09:10"),
+])
+def test_the_invariant_checks_catch_a_broken_day(break_it: Callable[[DayState], None], marker: str) -> None:
+    day = consistent_day()
+    assert invariant_violations(day) == []
+
+    break_it(day)
+
+    assert any(marker in problem for problem in invariant_violations(day)), invariant_violations(day)
+
+
+def test_the_answer_checks_catch_a_lost_token_a_changed_status_and_a_token_nobody_was_given() -> None:
+    day = consistent_day()
+    ledger = ledger_of(day)
+    assert answer_violations(day, ledger) == []
+
+    lost = day.tokens.pop(1)
+    day.tokens[0].status = pb.STATUS_COMPLETED
+    day.tokens.append(token(6, pb.STATUS_WAITLISTED, day.slots[0]))
+
+    problems = answer_violations(day, ledger)
+    assert any(p.startswith(lost.token_id) and "now missing (§3.7)" in p for p in problems), problems
+    assert any("STATUS_COMPLETED" in p and "STATUS_CALLED" in p for p in problems), problems
+    assert any(p.startswith("DOC001-20300107-T6: exists, but no answer created it") for p in problems), problems
