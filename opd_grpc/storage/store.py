@@ -7,9 +7,9 @@ reader never blocks a writer. On PostgreSQL the doctor-day row is locked with `S
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import threading
-from contextlib import contextmanager
 from typing import Any, Iterator
 
 from sqlalchemy import Connection, Engine, bindparam, create_engine, event, func, insert, select, update
@@ -75,6 +75,7 @@ class SqlStore:
         self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite,
                                             **({"paramstyle": "named"} if self.is_sqlite else {}))
         self._writer = threading.Lock() if self.is_sqlite else None
+        self._writer_uow: SqlUnitOfWork | None = None
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_connect)
         self.hot = _HotStatements(self.engine.dialect)
@@ -83,15 +84,26 @@ class SqlStore:
         Base.metadata.create_all(self.engine)
 
     def close(self) -> None:
+        with self._writer or contextlib.nullcontext():
+            if self._writer_uow is not None:
+                self._writer_uow.conn.close()
+                self._writer_uow = None
         self.engine.dispose()
 
-    @contextmanager
+    @contextlib.contextmanager
     def unit_of_work(self, write: bool) -> Iterator[SqlUnitOfWork]:
         """One transaction; without commit() it rolls back."""
         if self._writer is not None and write:
-            with self._writer, self.engine.connect() as conn:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-                yield SqlUnitOfWork(conn, self.hot)
+            with self._writer:  # SQLite's one writer keeps its connection: no pool round trip per write
+                if self._writer_uow is None:
+                    self._writer_uow = SqlUnitOfWork(self.engine.connect(), self.hot)
+                uow = self._writer_uow
+                uow.conn.exec_driver_sql("BEGIN IMMEDIATE")
+                try:
+                    yield uow
+                finally:
+                    if uow.conn.in_transaction():
+                        uow.conn.rollback()
         else:
             with self.engine.connect() as conn:
                 if self.is_sqlite:
