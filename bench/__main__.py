@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.load import ALLOCATE, NOOP, LoadGenerator, LoadResult, create_pool
+from bench.procfs import cpu_seconds, rss_mib
 from bench.report import Measurement, Report, print_report
-from bench.server import BenchServer
+from opd_grpc.process import ServerProcess
 
 IN_FLIGHT = (1, 32)
 
@@ -48,10 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started, load_before = time.perf_counter(), os.getloadavg()[0]
-    server = BenchServer(profile_to=args.profile)
+    server = (ServerProcess(program=("-m", "bench.profile_server", str(args.profile))) if args.profile
+              else ServerProcess())
+    server.start()
     try:
         pool = create_pool(server.address, args.doctors, args.days, args.per_day)
-        rss_before = server.rss_mib()
+        rss_before = rss_mib(server.pid)
         load = LoadGenerator(server.address, pool, args.client_processes)
         results = {(kind, n): Totals() for n in IN_FLIGHT for kind in (NOOP, ALLOCATE)}
         try:
@@ -59,15 +62,15 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.rounds):
                     for kind in (NOOP, ALLOCATE):
                         totals = results[(kind, in_flight)]
-                        cpu_before, wall_before = server.cpu_seconds(), time.perf_counter()
+                        cpu_before, wall_before = cpu_seconds(server.pid), time.perf_counter()
                         totals.load.merge(load.measure(kind, in_flight, args.warmup, args.seconds / args.rounds))
                         totals.wall_seconds += time.perf_counter() - wall_before
-                        totals.server_cpu_seconds += server.cpu_seconds() - cpu_before
+                        totals.server_cpu_seconds += cpu_seconds(server.pid) - cpu_before
         finally:
             load.close()
         measurements = [Measurement.of(kind, n, args.seconds, t.load, t.wall_seconds, t.server_cpu_seconds)
                         for (kind, n), t in results.items()]
-        rss_after = server.rss_mib()
+        rss_after = rss_mib(server.pid)
     finally:
         exit_code = server.stop()
     report = Report(address=server.address, client_processes=args.client_processes, doctors=args.doctors,

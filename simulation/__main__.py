@@ -17,14 +17,17 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from opd_grpc._gen.opd.v1 import opd_pb2_grpc, test_clock_pb2, test_clock_pb2_grpc
+from opd_grpc.process import ServerFailed, ServerProcess
 from simulation import report
 from simulation.play import CannotRun, Day, Outcome
 from simulation.scenario import LARGE, OPENS_AT, SMALL, DayPlan, build_day
-from simulation.server import ServerFailed, ServerProcess
 
 CONNECT_SECONDS = 10.0
 LARGE_CHECK_EVERY_MINUTES = 10  # in large mode SPEC §3 is checked after each batch of simulated minutes
 WIDTH_WHEN_NOT_A_TERMINAL = 150
+# The settings the simulation assumes (SPEC §14 defaults, UTC, no automatic no-shows); the test clock is on.
+SERVER_SETTINGS = {"TIMEZONE": "UTC", "NO_SHOW_GRACE_PERIOD_MINUTES": 15, "AUTO_NO_SHOW": "false",
+                   "MAX_WAITLIST_SIZE": 50}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.address:
             outcome = play(plan, args.address, console)
         else:
-            with ServerProcess() as address:
-                outcome = play(plan, address, console)
+            with ServerProcess(settings=SERVER_SETTINGS) as server:
+                outcome = play(plan, server.address, console)
     except (CannotRun, ServerFailed) as error:
         console.print(f"[red]simulation: {error}[/red]")
         return 2
