@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import threading
 from typing import Any, Iterator
 
@@ -22,6 +23,8 @@ from opd_grpc.engine.service import DayKey, StoredRequest
 from opd_grpc.storage.tables import (
     Base, DoctorDayRow, DoctorRow, QueueEventRow, SlotRow, StoredRequestRow, TokenRow,
 )
+
+log = logging.getLogger(__name__)
 
 doctors, days, slots, tokens, events, requests = (
     DoctorRow.__table__, DoctorDayRow.__table__, SlotRow.__table__, TokenRow.__table__,
@@ -76,14 +79,18 @@ class SqlStore:
                                             **({"paramstyle": "named"} if self.is_sqlite else {}))
         self._writer = threading.Lock() if self.is_sqlite else None
         self._writer_uow: SqlUnitOfWork | None = None
+        self._checkpointer: _Checkpointer | None = None
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_connect)
+            self._checkpointer = _Checkpointer(self.engine)
         self.hot = _HotStatements(self.engine.dialect)
 
     def create_schema(self) -> None:
         Base.metadata.create_all(self.engine)
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         with self._writer or contextlib.nullcontext():
             if self._writer_uow is not None:
                 self._writer_uow.conn.close()
@@ -114,9 +121,41 @@ class SqlStore:
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None  # transactions are begun explicitly (BEGIN / BEGIN IMMEDIATE)
     cursor = dbapi_connection.cursor()
-    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=10000", "foreign_keys=ON"):
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=10000", "foreign_keys=ON",
+                   "wal_autocheckpoint=0"):  # _Checkpointer does it, off the writer's path
         cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
+
+
+class _Checkpointer:
+    """Copies SQLite's write-ahead log into the database file from a thread of its own, every
+    `CHECKPOINT_SECONDS`. Left to SQLite, the commit that fills the log does it (copying megabytes and waiting
+    for the disk) while every other call waits; here it runs beside them (sqlite3 releases the GIL)."""
+
+    CHECKPOINT_SECONDS = 1.0
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="opd-sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.CHECKPOINT_SECONDS):
+            try:
+                self.checkpoint()
+            except Exception:  # the log only grows until the next pass succeeds
+                log.exception("SQLite checkpoint failed; it is tried again shortly")
+
+    def checkpoint(self) -> None:
+        """PASSIVE: copies what no reader still needs, never blocks a writer."""
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+        self.checkpoint()
 
 
 class SqlUnitOfWork:

@@ -10,6 +10,8 @@ from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, Integer, 
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 Instant = String(32)
+# Tables keyed by text keep their rows in the key's B-tree on SQLite (one tree less to write per change).
+WITHOUT_ROWID = {"sqlite_with_rowid": False}
 
 
 class Base(DeclarativeBase):
@@ -35,6 +37,7 @@ class DoctorDayRow(Base):
     date: Mapped[str] = mapped_column(String(10), primary_key=True)
     last_token_number: Mapped[int] = mapped_column(Integer, default=0)
     last_sequence: Mapped[int] = mapped_column(BigInteger, default=0)
+    __table_args__ = (WITHOUT_ROWID,)
 
 
 class SlotRow(Base):
@@ -51,7 +54,7 @@ class SlotRow(Base):
         CheckConstraint("consultation_minutes > 0", name="slot_consultation_positive"),
         CheckConstraint("end_time > start_time", name="slot_ends_after_start"),
         UniqueConstraint("doctor_id", "date", "start_time", name="slot_start_unique"),
-        Index("slots_by_day", "doctor_id", "date"),
+        WITHOUT_ROWID,
     )
 
 
@@ -81,6 +84,7 @@ class TokenRow(Base):
         Index("one_active_token_per_patient", "doctor_id", "date", "patient_identity", unique=True,
               sqlite_where=text(f"status IN {ACTIVE_STATUSES}"),
               postgresql_where=text(f"status IN {ACTIVE_STATUSES}")),
+        WITHOUT_ROWID,
     )
 
 
@@ -109,4 +113,5 @@ class StoredRequestRow(Base):
     method: Mapped[str] = mapped_column(String(40))
     fingerprint: Mapped[bytes] = mapped_column(LargeBinary)
     response: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[str] = mapped_column(Instant, index=True)
+    created_at: Mapped[str] = mapped_column(Instant)
+    __table_args__ = (WITHOUT_ROWID,)
