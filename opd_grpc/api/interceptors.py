@@ -16,33 +16,49 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     """Bytes that do not parse as the method's request (bad wire data, a string that is not UTF-8) are
     INVALID_ARGUMENT with a reason (SPEC §12); left to gRPC they would be UNKNOWN with an internal message."""
 
+    def __init__(self) -> None:
+        self._wrapped: dict[str, Any] = {}  # method -> its wrapped handler, built on its first call
+
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
-        if handler is None or handler.request_deserializer is None or handler.request_streaming:
-            return handler
-        parse = handler.request_deserializer
-        method = details.method
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None:
+            handler = await continuation(details)
+            if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED; nothing is kept for it
+                return None
+            wrapped = self._wrapped[details.method] = _wrap(details.method, handler)
+        return wrapped
 
-        async def parsed(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+
+def _wrap(method: str, handler: Any) -> Any:
+    if handler.request_deserializer is None or handler.request_streaming:
+        return handler
+    parse = handler.request_deserializer
+
+    async def refuse(error: Exception, context: grpc.aio.ServicerContext) -> None:
+        await context.abort_with_status(rich_status(
+            _INVALID_ARGUMENT, f"The request is not a valid message for {method}: {error}. Send the method's "
+            "request message, with strings in UTF-8.", "MALFORMED_REQUEST"))
+
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
+
+        async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             try:
-                return parse(raw)
+                request = parse(raw)
             except (DecodeError, UnicodeDecodeError) as error:
-                await context.abort_with_status(rich_status(
-                    _INVALID_ARGUMENT, f"The request is not a valid message for {method}: {error}. Send the "
-                    "method's request message, with strings in UTF-8.", "MALFORMED_REQUEST"))
+                await refuse(error, context)
+            return await inner(request, context)
 
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
+        return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=handler.response_serializer)
+    inner_stream = handler.unary_stream
 
-            async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-                return await inner(await parsed(raw, context), context)
+    async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            request = parse(raw)
+        except (DecodeError, UnicodeDecodeError) as error:
+            await refuse(error, context)
+        async for item in inner_stream(request, context):
+            yield item
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=handler.response_serializer)
-        inner_stream = handler.unary_stream
-
-        async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            async for item in inner_stream(await parsed(raw, context), context):
-                yield item
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=handler.response_serializer)
+    return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=handler.response_serializer)

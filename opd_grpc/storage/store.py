@@ -31,8 +31,8 @@ doctors, days, slots, tokens, events, requests = (
     QueueEventRow.__table__, StoredRequestRow.__table__)
 
 
-def _insert(table: Any, skip: tuple[str, ...] = ()) -> Any:
-    return insert(table).values({c.name: bindparam(c.name) for c in table.c if c.name not in skip})
+def _insert(table: Any) -> Any:
+    return insert(table).values({c.name: bindparam(c.name) for c in table.c})
 
 
 def _update(table: Any, key: str, columns: tuple[str, ...]) -> Any:
@@ -59,7 +59,7 @@ class _HotStatements:
         self.insert_token = sql(_insert(tokens))
         self.update_token = sql(_update(tokens, "token_id", ("status", "updated_at", "checked_in_at", "called_at",
                                                              "completed_at", "bump_count")))
-        self.insert_event = sql(_insert(events, skip=("id",)))
+        self.insert_event = sql(_insert(events))
         self.stored_request = sql(select(requests.c.method, requests.c.fingerprint, requests.c.response)
                                   .where(requests.c.request_id == bindparam("request_id")))
         self.insert_request = sql(_insert(requests))
@@ -105,12 +105,11 @@ class SqlStore:
                 if self._writer_uow is None:
                     self._writer_uow = SqlUnitOfWork(self.engine.connect(), self.hot)
                 uow = self._writer_uow
-                uow.conn.exec_driver_sql("BEGIN IMMEDIATE")
+                uow.cursor.execute("BEGIN IMMEDIATE")
                 try:
                     yield uow
                 finally:
-                    if uow.conn.in_transaction():
-                        uow.conn.rollback()
+                    uow.rollback()  # a no-op after commit()
         else:
             with self.engine.connect() as conn:
                 if self.is_sqlite:
@@ -162,10 +161,17 @@ class SqlUnitOfWork:
     def __init__(self, conn: Connection, hot: _HotStatements):
         self.conn = conn
         self.hot = hot
-        self.cursor = conn.connection.cursor()  # the driver's, inside the transaction `conn` began
+        self.driver = conn.connection.dbapi_connection
+        self.cursor = self.driver.cursor()
 
     def commit(self) -> None:
+        """Ends the transaction, whether the hot statements (on the driver) or SQLAlchemy began it."""
         self.conn.commit()
+        self.driver.commit()
+
+    def rollback(self) -> None:
+        self.conn.rollback()
+        self.driver.rollback()
 
     # ---- idempotency ----
 

@@ -89,12 +89,12 @@ class TokenRow(Base):
 
 
 class QueueEventRow(Base):
+    """SPEC §3.6: one row per change, keyed by its gapless sequence within the doctor's date."""
+
     __tablename__ = "queue_events"
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
-                                    autoincrement=True)
-    doctor_id: Mapped[str] = mapped_column(String(16))
-    date: Mapped[str] = mapped_column(String(10))
-    sequence: Mapped[int] = mapped_column(BigInteger)
+    doctor_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    date: Mapped[str] = mapped_column(String(10), primary_key=True)
+    sequence: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     kind: Mapped[str] = mapped_column(String(20))
     token_id: Mapped[str] = mapped_column(String(40))
     token_number: Mapped[int] = mapped_column(Integer)
@@ -102,7 +102,7 @@ class QueueEventRow(Base):
     status: Mapped[str] = mapped_column(String(20))
     caused_by_token_id: Mapped[str] = mapped_column(String(40))
     occurred_at: Mapped[str] = mapped_column(Instant)
-    __table_args__ = (UniqueConstraint("doctor_id", "date", "sequence", name="event_sequence_unique"),)
+    __table_args__ = (WITHOUT_ROWID,)
 
 
 class StoredRequestRow(Base):
