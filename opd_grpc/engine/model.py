@@ -222,12 +222,9 @@ class DayStats:
     mean_wait_minutes: float
 
 
-def slot_id_for(doctor_id: str, date: dt.date, start: dt.time) -> str:
-    return f"{doctor_id}-{date:%Y%m%d}-{start:%H%M}"
-
-
-def token_id_for(doctor_id: str, date: dt.date, number: int) -> str:
-    return f"{doctor_id}-{date:%Y%m%d}-T{number}"
+def day_id(doctor_id: str, date: dt.date) -> str:
+    """The prefix of the ids of a doctor-day's slots and tokens: DOC001-20300107."""
+    return f"{doctor_id}-{date:%Y%m%d}"
 
 
 _SLOT_ID = re.compile(r"^(?P<doctor>[A-Z]+\d+)-(?P<date>\d{8})-(?P<hhmm>\d{4})$")
@@ -293,6 +290,7 @@ class DoctorDay:
                  exists: bool = True):
         self.doctor_id = doctor_id
         self.date = date
+        self.day_id = day_id(doctor_id, date)
         self.rules = rules
         self.slots: dict[str, Slot] = {s.slot_id: s for s in sorted(slots, key=lambda s: s.start_time)}
         self.tokens: dict[str, Token] = {t.token_id: t for t in tokens}
@@ -404,7 +402,7 @@ class DoctorDay:
                 raise AlreadyExists(
                     f"{start:%H:%M}-{end:%H:%M} overlaps {self.doctor_id}'s slot {other.start_time:%H:%M}-"
                     f"{other.end_time:%H:%M} on {self.date.isoformat()}.", "SLOT_OVERLAP")
-        slot = Slot(slot_id_for(self.doctor_id, self.date, start), self.doctor_id, self.date, start, end,
+        slot = Slot(f"{self.day_id}-{start:%H%M}", self.doctor_id, self.date, start, end,
                     max_capacity, consultation_minutes)
         self.slots = dict(sorted({**self.slots, slot.slot_id: slot}.items(), key=lambda kv: kv[1].start_time))
         self.by_slot[slot.slot_id] = []
@@ -485,7 +483,7 @@ class DoctorDay:
         """Creates a token with the next number; with `before`, that seat holder is bumped for it first."""
         self.last_token_number += 1
         number = self.last_token_number
-        token = Token(token_id_for(self.doctor_id, self.date, number), number, self.doctor_id, self.date,
+        token = Token(f"{self.day_id}-T{number}", number, self.doctor_id, self.date,
                       slot.slot_id, source, status, patient, created_at=now, updated_at=now)
         self.tokens[token.token_id] = token
         self.by_slot[slot.slot_id].append(token)
