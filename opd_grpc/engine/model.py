@@ -446,8 +446,6 @@ class DoctorDay:
                                          "ended; choose another date.", "SLOT_CLOSED")
             slot = next((s for s in open_slots if self.free_seats(s) > 0), open_slots[0])
 
-        later_free = next((s for s in open_slots if s.start_time > slot.start_time and self.free_seats(s) > 0),
-                          None)
         if self.free_seats(slot) > 0:
             return Allocation(self.view(self._new_token(patient, source, slot, Status.CONFIRMED, now)))
         if source is Source.EMERGENCY:
@@ -455,9 +453,12 @@ class DoctorDay:
             if victim is not None:
                 token = self._new_token(patient, source, slot, Status.CONFIRMED, now, before=victim)
                 return Allocation(self.view(token), bumped=self.view(victim))
-        if flexible and later_free is not None:
-            token = self._new_token(patient, source, later_free, Status.CONFIRMED, now)
-            return Allocation(self.view(token), moved_to_later_slot=True)
+        if flexible:
+            later_free = next((s for s in open_slots if s.start_time > slot.start_time and self.free_seats(s) > 0),
+                              None)
+            if later_free is not None:
+                token = self._new_token(patient, source, later_free, Status.CONFIRMED, now)
+                return Allocation(self.view(token), moved_to_later_slot=True)
         waiting = len(self.waitlist(slot.slot_id))
         if waiting >= self.rules.max_waitlist_size:
             raise ResourceExhausted(f"Slot {slot.slot_id} is full and its waitlist already holds {waiting} "
