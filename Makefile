@@ -27,6 +27,7 @@ proto-check: $(STAMP)
 
 lint: $(STAMP)
 	cd protos && ../$(BIN)/buf lint
+	$(BIN)/ruff check --quiet .
 
 sim: $(STAMP)
 	$(BIN)/python -m simulation --seed 7

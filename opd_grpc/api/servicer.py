@@ -49,7 +49,7 @@ class OPDTokenServicer(opd_pb2_grpc.OPDTokenServiceServicer):
             rendered.append(render(result))  # the reply, rendered once for the store and the caller
             return rendered[0].SerializeToString()
 
-        if request_id := getattr(request, "request_id"):
+        if request_id := request.request_id:
             retry = Retry(request_id, type(request).__name__, _fingerprint(request), encode)
         result = await self._call(context, fn, *args, retry)
         if isinstance(result, Replay):

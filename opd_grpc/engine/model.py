@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
-from opd_grpc.engine.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted, invalid
+from opd_grpc.engine.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 
 
 class Source(enum.StrEnum):
