@@ -35,30 +35,25 @@ def _wrap(method: str, handler: Any) -> Any:
         return handler
     parse = handler.request_deserializer
 
-    async def refuse(error: Exception, context: grpc.aio.ServicerContext) -> None:
-        await context.abort_with_status(rich_status(
-            _INVALID_ARGUMENT, f"The request is not a valid message for {method}: {error}. Send the method's "
-            "request message, with strings in UTF-8.", "MALFORMED_REQUEST"))
+    async def parsed(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return parse(raw)
+        except (DecodeError, UnicodeDecodeError) as error:
+            await context.abort_with_status(rich_status(
+                _INVALID_ARGUMENT, f"The request is not a valid message for {method}: {error}. Send the "
+                "method's request message, with strings in UTF-8.", "MALFORMED_REQUEST"))
 
     if handler.unary_unary is not None:
         inner = handler.unary_unary
 
         async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                request = parse(raw)
-            except (DecodeError, UnicodeDecodeError) as error:
-                await refuse(error, context)
-            return await inner(request, context)
+            return await inner(await parsed(raw, context), context)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=handler.response_serializer)
     inner_stream = handler.unary_stream
 
     async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            request = parse(raw)
-        except (DecodeError, UnicodeDecodeError) as error:
-            await refuse(error, context)
-        async for item in inner_stream(request, context):
+        async for item in inner_stream(await parsed(raw, context), context):
             yield item
 
     return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=handler.response_serializer)
