@@ -106,7 +106,8 @@ class QueueEventRow(Base):
 
 
 class StoredRequestRow(Base):
-    """SPEC §9: the first answer to each request_id."""
+    """SPEC §9: the first answer to each request_id. A rowid table: its rows (a whole reply) are too large
+    for SQLite's WITHOUT ROWID layout, which is meant for small rows."""
 
     __tablename__ = "stored_requests"
     request_id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -114,4 +115,3 @@ class StoredRequestRow(Base):
     fingerprint: Mapped[bytes] = mapped_column(LargeBinary)
     response: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[str] = mapped_column(Instant)
-    __table_args__ = (WITHOUT_ROWID,)
