@@ -23,18 +23,31 @@ class TestClockServicer(test_clock_pb2_grpc.TestClockServiceServicer):
 
     async def SetTime(self, request: pb.SetTimeRequest, context: Any) -> pb.SetTimeResponse:
         if not request.HasField("time"):
-            await context.abort_with_status(rich_status(
-                _INVALID_ARGUMENT, "time is required", "INVALID_ARGUMENT", [FieldViolation("time", "is required")]))
-        return pb.SetTimeResponse(now=timestamp(self.clock.set(request.time.ToDatetime(tzinfo=dt.timezone.utc))))
+            await _refuse(context, "time", "is required")
+        try:
+            when = request.time.ToDatetime(tzinfo=dt.timezone.utc)
+        except (ValueError, OverflowError):
+            await _refuse(context, "time", "is not a time between the years 1 and 9999")
+        return pb.SetTimeResponse(now=timestamp(self.clock.set(when)))
 
     async def AdvanceTime(self, request: pb.AdvanceTimeRequest, context: Any) -> pb.AdvanceTimeResponse:
-        by = request.duration.ToTimedelta()
-        if by.total_seconds() < 0:
-            await context.abort_with_status(rich_status(
-                _INVALID_ARGUMENT, "duration must not be negative; use SetTime to go back", "INVALID_ARGUMENT",
-                [FieldViolation("duration", "is negative")]))
-        return pb.AdvanceTimeResponse(now=timestamp(self.clock.advance(by)))
+        try:
+            by = request.duration.ToTimedelta()
+        except (ValueError, OverflowError):
+            await _refuse(context, "duration", "is not a valid duration")
+        if by < dt.timedelta(0):
+            await _refuse(context, "duration", "is negative; use SetTime to go back")
+        try:
+            return pb.AdvanceTimeResponse(now=timestamp(self.clock.advance(by)))
+        except OverflowError:
+            await _refuse(context, "duration", "moves the clock past the year 9999")
+            raise
 
     async def GetTime(self, request: pb.GetTimeRequest, context: Any) -> pb.GetTimeResponse:
         return pb.GetTimeResponse(now=timestamp(self.clock.now()))
 
+
+
+async def _refuse(context: Any, field: str, problem: str) -> None:
+    await context.abort_with_status(rich_status(_INVALID_ARGUMENT, f"{field} {problem}", "INVALID_ARGUMENT",
+                                                [FieldViolation(field, problem)]))
