@@ -11,6 +11,8 @@ from opd_grpc.engine.errors import FieldViolation, InvalidArgument
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _TIME = re.compile(r"^\d{2}:\d{2}$")
 _DOCTOR_ID = re.compile(r"^[A-Z]+\d+$")
+# Dates the service takes: every instant of them, in any time zone, is a valid google.protobuf.Timestamp.
+FIRST_DATE, LAST_DATE = dt.date(1900, 1, 1), dt.date(9998, 12, 31)
 
 
 class Violations:
@@ -27,9 +29,13 @@ class Violations:
             self.add(field, "is required, as YYYY-MM-DD")
         elif _DATE.match(text):
             try:
-                return dt.date.fromisoformat(text)
+                date = dt.date.fromisoformat(text)
             except ValueError:
                 self.add(field, f"{text!r} is not a calendar date")
+            else:
+                if FIRST_DATE <= date <= LAST_DATE:
+                    return date
+                self.add(field, f"{text} is outside {FIRST_DATE} to {LAST_DATE}")
         else:
             self.add(field, f"{text!r} is not a date of the form YYYY-MM-DD")
         return dt.date.min
