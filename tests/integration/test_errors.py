@@ -531,3 +531,11 @@ def test_a_server_without_the_test_clock_setting_does_not_serve_it(tmp_path: Pat
         assert "opd.v1.OPDTokenService" in reflected_services(channel)
         stub = opd_pb2_grpc.OPDTokenServiceStub(channel)
         assert make_doctor(stub) == "DOC001"
+
+
+@pytest.mark.parametrize("date", ["0001-01-01", "9999-12-31"])
+def test_dates_whose_times_a_timestamp_cannot_hold_are_invalid(live, date):
+    doctor = make_doctor(live.stub)
+    failure = refused(live.stub.CreateSlots, pb.CreateSlotsRequest(doctor_id=doctor, slots=[
+        pb.SlotSpec(date=date, start_time="23:00", end_time="23:59")]))
+    assert failure.code == grpc.StatusCode.INVALID_ARGUMENT and "slots[0].date" in failure.fields

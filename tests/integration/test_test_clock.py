@@ -38,10 +38,3 @@ def test_times_the_clock_cannot_hold_are_invalid_and_change_nothing(live, call, 
     make_slots(live.stub, doctor, ("09:00", "10:00", 5))
     assert allocate(live.stub, doctor, 1).token.status == pb.STATUS_CONFIRMED
 
-
-@pytest.mark.parametrize("date", ["0001-01-01", "9999-12-31"])
-def test_dates_whose_times_a_timestamp_cannot_hold_are_invalid(live, date):
-    doctor = make_doctor(live.stub)
-    failure = refused(live.stub.CreateSlots, pb.CreateSlotsRequest(doctor_id=doctor, slots=[
-        pb.SlotSpec(date=date, start_time="23:00", end_time="23:59")]))
-    assert failure.code == grpc.StatusCode.INVALID_ARGUMENT and "slots[0].date" in failure.fields
