@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import functools
+import operator
 import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable
@@ -167,9 +168,6 @@ class Token:
     def priority(self) -> int:
         return PRIORITY[self.source]
 
-    def order_key(self) -> tuple[int, dt.datetime, int]:
-        return self.order
-
     def serving_key(self) -> tuple[bool, tuple[int, dt.datetime, int]]:
         """SPEC §8: the CALLED token first, then §2 order."""
         return (self.status is not Status.CALLED, self.order)
@@ -220,6 +218,9 @@ class DayStats:
     bumps: int
     no_shows: int
     mean_wait_minutes: float
+
+
+_BY_ORDER = operator.attrgetter("order")
 
 
 def day_id(doctor_id: str, date: dt.date) -> str:
@@ -336,7 +337,7 @@ class DoctorDay:
     def waitlist(self, slot_id: str) -> list[Token]:
         """SPEC §3.3: the waitlist in the order of §2; the first is promoted next."""
         waiting = [t for t in self.by_slot[slot_id] if t.status is Status.WAITLISTED]
-        return sorted(waiting, key=Token.order_key)
+        return sorted(waiting, key=_BY_ORDER)
 
     def serving_order(self, slot_id: str) -> list[Token]:
         """SPEC §8: not-yet-completed seat holders, CALLED first, then in the order of §2."""
@@ -477,7 +478,7 @@ class DoctorDay:
         """SPEC §5: the CONFIRMED or CHECKED_IN non-emergency seat holder with the worst §2 order."""
         candidates = [t for t in self.by_slot[slot.slot_id]
                       if t.status in BUMP.allowed_from and t.source is not Source.EMERGENCY]
-        return max(candidates, key=Token.order_key, default=None)
+        return max(candidates, key=_BY_ORDER, default=None)
 
     def _new_token(self, patient: Patient, source: Source, slot: Slot, status: Status, now: dt.datetime,
                    before: Token | None = None) -> Token:
@@ -549,7 +550,7 @@ class DoctorDay:
         else:
             raise NotFound(f"Nobody is checked in and waiting for {self.doctor_id} on {self.date.isoformat()}.",
                            "QUEUE_EMPTY")
-        nxt = min(waiting, key=Token.order_key)
+        nxt = min(waiting, key=_BY_ORDER)
         completed = None
         for t in sorted(self.tokens.values(), key=lambda t: t.called_at or now):
             if t.status is Status.CALLED:
