@@ -140,6 +140,10 @@ class Slot:
     def ends_at(self, tz: dt.tzinfo) -> dt.datetime:
         return dt.datetime.combine(self.date, self.end_time, tz)
 
+    def estimated_time(self, place: int, tz: dt.tzinfo) -> dt.datetime:
+        """SPEC §8: slot start + (place − 1) × consultation_minutes."""
+        return self.starts_at(tz) + dt.timedelta(minutes=(place - 1) * self.consultation_minutes)
+
 
 @dataclass(eq=False)  # an entity: the same token is the same object, whatever its fields
 class Token:
@@ -354,18 +358,15 @@ class DoctorDay:
             slot = self.slots[token.slot_id]
             key = token.serving_key()
             place = 1 + sum(1 for t in peers if t.status in IN_QUEUE and t.serving_key() < key)
-            eta = slot.starts_at(self.rules.timezone) + dt.timedelta(minutes=(place - 1) * slot.consultation_minutes)
-            return TokenView(replace(token), eta, place, 0)
+            return TokenView(replace(token), slot.estimated_time(place, self.rules.timezone), place, 0)
         return TokenView(replace(token), None, 0, 0)
 
     def views(self) -> list[TokenView]:
         """Every token of the day in token_number order, computed in one pass per slot."""
         positions: dict[str, tuple[dt.datetime | None, int, int]] = {}
         for slot in self.slots.values():
-            start = slot.starts_at(self.rules.timezone)
             for place, t in enumerate(self.serving_order(slot.slot_id), 1):
-                positions[t.token_id] = (start + dt.timedelta(minutes=(place - 1) * slot.consultation_minutes),
-                                         place, 0)
+                positions[t.token_id] = (slot.estimated_time(place, self.rules.timezone), place, 0)
             for place, t in enumerate(self.waitlist(slot.slot_id), 1):
                 positions[t.token_id] = (None, 0, place)
         ordered = sorted(self.tokens.values(), key=lambda t: t.token_number)

@@ -1,8 +1,8 @@
-"""SQLAlchemy storage: one connection and one transaction per unit of work.
+"""SQLAlchemy storage: one transaction per unit of work.
 
 SQLite (the embedded default) runs in WAL mode; a write unit of work takes a process-wide writer lock and
-then `BEGIN IMMEDIATE`, so writers queue on a lock instead of spinning in SQLite's busy handler, and a
-reader never blocks a writer. On PostgreSQL the doctor-day row is locked with `SELECT … FOR UPDATE`.
+then `BEGIN IMMEDIATE` on the one writer connection, so writers queue on a lock instead of spinning in
+SQLite's busy handler, and a reader (on a pooled connection) never blocks a writer. On PostgreSQL the doctor-day row is locked with `SELECT … FOR UPDATE`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def _update(table: Any, key: str, columns: tuple[str, ...]) -> Any:
     return update(table).where(table.c[key] == bindparam(f"k_{key}")).values({c: bindparam(c) for c in columns})
 
 
-_DAY = (days.c.doctor_id == bindparam("doctor_id"), days.c.date == bindparam("date"))
+def _of_day(table: Any) -> tuple[Any, Any]:
+    """The rows of one doctor-day, by the `doctor_id` and `date` parameters."""
+    return table.c.doctor_id == bindparam("doctor_id"), table.c.date == bindparam("date")
 
 
 class _HotStatements:
@@ -50,7 +52,7 @@ class _HotStatements:
         def sql(statement: Any) -> str:
             return str(statement.compile(dialect=dialect))
 
-        self.day_version = sql(select(days.c.last_sequence).where(*_DAY).with_for_update())
+        self.day_version = sql(select(days.c.last_sequence).where(*_of_day(days)).with_for_update())
         self.update_day = sql(_update(days, "doctor_id", ("last_token_number", "last_sequence"))
                               .where(days.c.date == bindparam("k_date")))
         self.insert_day = sql(_insert(days))
@@ -65,9 +67,9 @@ class _HotStatements:
         self.insert_request = sql(_insert(requests))
 
 
-_DAY_ROW = select(days.c.last_token_number, days.c.last_sequence).where(*_DAY)
-_DAY_SLOTS = select(slots).where(slots.c.doctor_id == bindparam("doctor_id"), slots.c.date == bindparam("date"))
-_DAY_TOKENS = select(tokens).where(tokens.c.doctor_id == bindparam("doctor_id"), tokens.c.date == bindparam("date"))
+_DAY_ROW = select(days.c.last_token_number, days.c.last_sequence).where(*_of_day(days))
+_DAY_SLOTS = select(slots).where(*_of_day(slots))
+_DAY_TOKENS = select(tokens).where(*_of_day(tokens))
 
 
 class SqlStore:
