@@ -38,10 +38,10 @@ class TestClockServicer(test_clock_pb2_grpc.TestClockServiceServicer):
         if by < dt.timedelta(0):
             await _refuse(context, "duration", "is negative; use SetTime to go back")
         try:
-            return pb.AdvanceTimeResponse(now=timestamp(self.clock.advance(by)))
+            now = self.clock.advance(by)
         except OverflowError:
             await _refuse(context, "duration", "moves the clock past the year 9999")
-            raise
+        return pb.AdvanceTimeResponse(now=timestamp(now))
 
     async def GetTime(self, request: pb.GetTimeRequest, context: Any) -> pb.GetTimeResponse:
         return pb.GetTimeResponse(now=timestamp(self.clock.now()))
