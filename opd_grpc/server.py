@@ -19,6 +19,7 @@ from opd_grpc.api.servicer import OPDTokenServicer
 from opd_grpc.api.test_clock import TestClockServicer
 from opd_grpc.engine.clock import Clock, TestClock, WallClock
 from opd_grpc.engine.service import OPDService
+from opd_grpc.engine.watch import QueueWatch
 from opd_grpc.settings import Settings
 from opd_grpc.storage.store import SqlStore
 
@@ -43,7 +44,8 @@ class OPDServer:
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(maximum_concurrent_rpcs=settings.MAX_CONCURRENT_CALLS,
                                       interceptors=[MalformedRequestInterceptor()])
-        opd_pb2_grpc.add_OPDTokenServiceServicer_to_server(OPDTokenServicer(self.service, self.run),
+        watch = QueueWatch(self.service, self.run, settings.WATCH_HEARTBEAT_SECONDS, settings.WATCH_BUFFER_EVENTS)
+        opd_pb2_grpc.add_OPDTokenServiceServicer_to_server(OPDTokenServicer(self.service, self.run, watch),
                                                            self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         services = [OPD_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -56,6 +58,7 @@ class OPDServer:
         self.port = 0
 
     async def start(self) -> int:
+        self.service.events.bind(asyncio.get_running_loop())
         self.port = self.server.add_insecure_port(self.settings.LISTEN)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.LISTEN}")
@@ -70,6 +73,7 @@ class OPDServer:
         await self.health.enter_graceful_shutdown()
         for task in self._background:
             task.cancel()
+        self.service.events.close()  # watchers are told to reconnect; calls in flight get the grace period
         await self.server.stop(grace)
         self.run.shutdown()
         self.store.close()

@@ -30,6 +30,10 @@ class Settings:
     DATABASE_URL: str = "sqlite:///opd.db"
     LISTEN: str = "127.0.0.1:50051"
     TEST_CLOCK: bool = False
+    # WatchQueue (SPEC §10): a quiet stream's heartbeat, and how many events a watcher may fall behind
+    # before its stream ends with ABORTED and the client resumes from the event table.
+    WATCH_HEARTBEAT_SECONDS: float = 10.0
+    WATCH_BUFFER_EVENTS: int = 1000
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, file: str | Path | None = None) -> Settings:
@@ -55,7 +59,8 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        for name in ("DEFAULT_SLOT_CAPACITY", "AVERAGE_CONSULTATION_MINUTES", "MAX_CONCURRENT_CALLS"):
+        for name in ("DEFAULT_SLOT_CAPACITY", "AVERAGE_CONSULTATION_MINUTES", "MAX_CONCURRENT_CALLS",
+                     "WATCH_HEARTBEAT_SECONDS", "WATCH_BUFFER_EVENTS"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, not {getattr(self, name)}")
         for name in ("NO_SHOW_GRACE_PERIOD_MINUTES", "MAX_WAITLIST_SIZE", "RATE_LIMIT_PER_KEY"):
@@ -77,7 +82,7 @@ class Settings:
 
 
 def _convert(name: str, kind: Any, value: Any) -> Any:
-    kind = {"int": int, "bool": bool, "str": str}.get(kind, kind) if isinstance(kind, str) else kind
+    kind = {"int": int, "bool": bool, "str": str, "float": float}.get(kind, kind) if isinstance(kind, str) else kind
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -94,4 +99,9 @@ def _convert(name: str, kind: Any, value: Any) -> Any:
             return int(value)
         except (TypeError, ValueError):
             raise SettingsError(f"{name} must be a whole number, not {value!r}") from None
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise SettingsError(f"{name} must be a number, not {value!r}") from None
     return str(value)

@@ -8,16 +8,18 @@ from google.protobuf import timestamp_pb2
 
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from opd_grpc.engine.model import (
-    PRIORITY, Allocation, CallResult, CapacityChange, DayStats, Doctor, Patient, Release, Slot, SlotStatus,
-    Source, Status, TokenView,
+    PRIORITY, Allocation, CallResult, CapacityChange, DayStats, Doctor, EventKind, Patient, QueueEvent, Release,
+    Slot, SlotStatus, Source, Status, TokenView,
 )
 from opd_grpc.engine.service import AllocateCommand, SlotRequest
+from opd_grpc.engine.watch import Heartbeat, Snapshot
 
 SOURCE_FROM_PB = {pb.SOURCE_EMERGENCY: Source.EMERGENCY, pb.SOURCE_PAID_PRIORITY: Source.PAID_PRIORITY,
                   pb.SOURCE_FOLLOW_UP: Source.FOLLOW_UP, pb.SOURCE_ONLINE_BOOKING: Source.ONLINE_BOOKING,
                   pb.SOURCE_WALK_IN: Source.WALK_IN}
 SOURCE_TO_PB = {v: k for k, v in SOURCE_FROM_PB.items()}
 STATUS_TO_PB = {s: pb.Status.Value(f"STATUS_{s.value}") for s in Status}
+EVENT_KIND_TO_PB = {k: pb.EventKind.Value(f"EVENT_KIND_{k.value}") for k in EventKind}
 GENDER_FROM_PB = {pb.GENDER_FEMALE: "FEMALE", pb.GENDER_MALE: "MALE", pb.GENDER_OTHER: "OTHER"}
 GENDER_TO_PB = {v: k for k, v in GENDER_FROM_PB.items()}
 
@@ -51,15 +53,18 @@ def slot(s: Slot) -> pb.Slot:
                    max_capacity=s.max_capacity, consultation_minutes=s.consultation_minutes)
 
 
-def token(v: TokenView) -> pb.Token:
+def token(v: TokenView, with_patient: bool = True) -> pb.Token:
+    """`with_patient=False` for watchers: display boards show numbers, never a patient's details."""
     t = v.token
     p = t.patient
     msg = pb.Token(
         token_id=t.token_id, token_number=t.token_number, slot_id=t.slot_id, doctor_id=t.doctor_id,
         date=t.date.isoformat(), source=SOURCE_TO_PB[t.source], priority=PRIORITY[t.source],
         status=STATUS_TO_PB[t.status], queue_position=v.queue_position, waitlist_position=v.waitlist_position,
-        patient=pb.Patient(name=p.name, phone=p.phone, age=p.age, gender=GENDER_TO_PB.get(p.gender, 0), mrn=p.mrn),
         created_at=timestamp(t.created_at), updated_at=timestamp(t.updated_at))
+    if with_patient:
+        msg.patient.CopyFrom(pb.Patient(name=p.name, phone=p.phone, age=p.age, gender=GENDER_TO_PB.get(p.gender, 0),
+                                        mrn=p.mrn))
     for name in ("checked_in_at", "called_at", "completed_at"):
         if (when := getattr(t, name)) is not None:
             getattr(msg, name).CopyFrom(timestamp(when))
@@ -103,3 +108,26 @@ def stats(s: DayStats) -> pb.DoctorDayStats:
         by_source={f"SOURCE_{k.value}": n for k, n in s.by_source.items()},
         total_tokens=s.total_tokens, total_capacity=s.total_capacity, seat_holders=s.seat_holders,
         utilisation=s.utilisation, bumps=s.bumps, no_shows=s.no_shows, mean_wait_minutes=s.mean_wait_minutes)
+
+
+def watch_update(u: Snapshot | QueueEvent | Heartbeat) -> pb.WatchQueueResponse:
+    if isinstance(u, QueueEvent):
+        return pb.WatchQueueResponse(event=queue_event(u))
+    if isinstance(u, Snapshot):
+        return pb.WatchQueueResponse(snapshot=pb.QueueSnapshot(
+            doctor_id=u.doctor_id, date=u.date.isoformat(), sequence=u.sequence,
+            tokens=[token(v, with_patient=False) for v in u.tokens]))
+    return pb.WatchQueueResponse(heartbeat=pb.Heartbeat(time=timestamp(u.time), latest_sequences=u.latest_sequences))
+
+
+def queue_event(e: QueueEvent) -> pb.QueueEvent:
+    msg = pb.QueueEvent(doctor_id=e.doctor_id, date=e.date.isoformat(), sequence=e.sequence,
+                        kind=EVENT_KIND_TO_PB[e.kind], occurred_at=timestamp(e.occurred_at), slot_id=e.slot_id,
+                        caused_by_token_id=e.caused_by_token_id)
+    if e.token_id:
+        assert e.source is not None and e.status is not None and e.queued_at is not None
+        msg.token.CopyFrom(pb.Token(
+            token_id=e.token_id, token_number=e.token_number, slot_id=e.slot_id, doctor_id=e.doctor_id,
+            date=e.date.isoformat(), source=SOURCE_TO_PB[e.source], priority=PRIORITY[e.source],
+            status=STATUS_TO_PB[e.status], created_at=timestamp(e.queued_at)))
+    return msg

@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from typing import Any, Callable, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any, Callable, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -19,26 +20,23 @@ from opd_grpc.api.status import from_engine_error, rich_status
 from opd_grpc.engine.errors import EngineError
 from opd_grpc.engine.model import Source
 from opd_grpc.engine.service import OPDService, Replay, Retry
+from opd_grpc.engine.watch import QueueWatch
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Message)
 
 
 class OPDTokenServicer(opd_pb2_grpc.OPDTokenServiceServicer):
-    def __init__(self, service: OPDService, run: EngineRunner):
+    def __init__(self, service: OPDService, run: EngineRunner, watch: QueueWatch):
         self.service = service
         self.run = run
+        self.watch = watch
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[..., Any], *args: Any) -> Any:
         try:
             return await self.run(fn, *args)
-        except EngineError as error:
-            await context.abort_with_status(from_engine_error(error))
-        except Exception:  # a bug, never bad input: logged with its trace, answered without internals
-            log.exception("unexpected failure in %s", fn.__name__)
-            await context.abort_with_status(rich_status(
-                grpc.StatusCode.INTERNAL.value[0], "The server failed to handle this request; it changed nothing "
-                "that was not committed. Try again, and report it if it persists.", "INTERNAL_ERROR"))
+        except Exception as error:
+            await _refuse(context, error, fn.__name__)
 
     async def _change(self, context: grpc.aio.ServicerContext, request: Message, response: type[R],
                       render: Callable[[Any], R], fn: Callable[..., Any], *args: Any) -> R:
@@ -142,6 +140,30 @@ class OPDTokenServicer(opd_pb2_grpc.OPDTokenServiceServicer):
     async def GetStats(self, request: pb.GetStatsRequest, context: Any) -> pb.GetStatsResponse:
         stats = await self._call(context, self.service.stats, request.date, request.doctor_id)
         return pb.GetStatsResponse(stats=[convert.stats(s) for s in stats])
+
+    # ---- watching ----
+
+    async def WatchQueue(self, request: pb.WatchQueueRequest, context: Any) -> AsyncIterator[pb.WatchQueueResponse]:
+        after = request.after_sequence if request.HasField("after_sequence") else None
+        plan = await self._call(context, self.service.watch_plan, list(request.doctor_ids), request.date, after,
+                                dict(request.after_sequences))
+        try:
+            async for update in self.watch.stream(plan):
+                yield convert.watch_update(update)
+        except Exception as error:
+            await _refuse(context, error, "WatchQueue")
+
+
+async def _refuse(context: grpc.aio.ServicerContext, error: Exception, where: str) -> NoReturn:
+    """Ends the call with the engine's refusal, or, for a bug (never bad input), a logged INTERNAL that shows no
+    internals."""
+    if isinstance(error, EngineError):
+        await context.abort_with_status(from_engine_error(error))
+    log.error("unexpected failure in %s", where, exc_info=error)
+    await context.abort_with_status(rich_status(
+        grpc.StatusCode.INTERNAL.value[0], "The server failed to handle this request; it changed nothing "
+        "that was not committed. Try again, and report it if it persists.", "INTERNAL_ERROR"))
+    raise AssertionError("abort_with_status returned")  # it raises; this keeps NoReturn honest
 
 
 def _fingerprint(request: Message) -> bytes:

@@ -18,6 +18,9 @@ _CODES: dict[type[errors.EngineError], int] = {
     errors.AlreadyExists: code_pb2.ALREADY_EXISTS,
     errors.FailedPrecondition: code_pb2.FAILED_PRECONDITION,
     errors.ResourceExhausted: code_pb2.RESOURCE_EXHAUSTED,
+    errors.OutOfRange: code_pb2.OUT_OF_RANGE,
+    errors.Aborted: code_pb2.ABORTED,
+    errors.Unavailable: code_pb2.UNAVAILABLE,
 }
 
 

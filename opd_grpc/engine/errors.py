@@ -50,5 +50,17 @@ class ResourceExhausted(EngineError):
     """A bounded resource is full."""
 
 
+class OutOfRange(EngineError):
+    """A watch would start outside the kept event history."""
+
+
+class Aborted(EngineError):
+    """A watch that fell too far behind: the client resumes from its last sequence."""
+
+
+class Unavailable(EngineError):
+    """The server is going away: the client retries, elsewhere if it can."""
+
+
 def invalid(field_name: str, description: str, reason: str = "INVALID_ARGUMENT") -> InvalidArgument:
     return InvalidArgument([FieldViolation(field_name, description)], reason)

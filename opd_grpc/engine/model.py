@@ -189,6 +189,8 @@ class QueueEvent:
     slot_id: str = ""
     status: Status | None = None
     caused_by_token_id: str = ""
+    source: Source | None = None  # the token's, for watchers: with queued_at they order a queue (SPEC §2)
+    queued_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -601,7 +603,8 @@ class DoctorDay:
             event = QueueEvent(self.doctor_id, self.date, self.last_sequence, kind, now, slot_id=slot_id)
         else:
             event = QueueEvent(self.doctor_id, self.date, self.last_sequence, kind, now, token.token_id,
-                               token.token_number, token.slot_id, token.status, caused_by)
+                               token.token_number, token.slot_id, token.status, caused_by, token.source,
+                               token.created_at)
         self.pending_events.append(event)
 
     def clear_pending(self) -> None:

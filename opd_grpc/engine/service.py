@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol, TypeVar
 
 from opd_grpc.engine.clock import Clock
-from opd_grpc.engine.errors import FailedPrecondition, NotFound, invalid
+from opd_grpc.engine.errors import FailedPrecondition, NotFound, OutOfRange, invalid
 from opd_grpc.engine.model import (
-    Allocation, CallResult, CapacityChange, DayStats, Doctor, DoctorDay, Patient, Release, Rules, Slot,
-    SlotStatus, Source, TokenView, day_of_slot_id, day_of_token_id,
+    Allocation, CallResult, CapacityChange, DayStats, Doctor, DoctorDay, Patient, QueueEvent, Release, Rules,
+    Slot, SlotStatus, Source, TokenView, day_of_slot_id, day_of_token_id,
 )
 from opd_grpc.engine.parse import Violations
+from opd_grpc.engine.watch import EventHub, Snapshot
 
 T = TypeVar("T")
 DayKey = tuple[str, dt.date]
@@ -58,6 +59,8 @@ class UnitOfWork(Protocol):
     def day_version(self, key: DayKey) -> int | None: ...
     def load_day(self, key: DayKey, rules: Rules) -> DoctorDay: ...
     def save_day(self, day: DoctorDay) -> None: ...
+    def events_after(self, key: DayKey, after: int, limit: int) -> list[QueueEvent]: ...
+    def event_range(self, key: DayKey) -> tuple[int | None, int]: ...
     def doctor(self, doctor_id: str) -> Doctor | None: ...
     def add_doctor(self, name: str, specialization: str) -> Doctor: ...
     def doctors(self, offset: int, limit: int) -> list[Doctor]: ...
@@ -95,6 +98,7 @@ class Page:
 
 
 MAX_PAGE_SIZE = 1000
+MAX_WATCHED_DOCTORS = 50
 DEFAULT_PAGE_SIZE = 100
 _DAY_CACHE_SIZE = 4096
 
@@ -109,6 +113,7 @@ class OPDService:
         self._days: collections.OrderedDict[DayKey, DoctorDay] = collections.OrderedDict()
         self._doctors: dict[str, Doctor] = {}
         self._doctor_lock = threading.Lock()
+        self.events = EventHub()
 
     # ---- doctors and slots --------------------------------------------------------------------
 
@@ -178,6 +183,7 @@ class OPDService:
                 self._forget(keys)
                 raise
             for day in days.values():
+                self.events.publish(day.pending_events)
                 day.clear_pending()
         return created
 
@@ -277,6 +283,56 @@ class OPDService:
                 doctors = uow.doctors_on(day)
         return [self._read((d, day), DoctorDay.stats, missing_ok=True) for d in doctors]
 
+    # ---- watching (SPEC §10; the stream itself is watch.QueueWatch) ------------------------------------
+
+    def watch_plan(self, doctor_ids: list[str], date: str, after_sequence: int | None,
+                   after_sequences: dict[str, int]) -> list[tuple[DayKey, int | None]]:
+        """Where each doctor's watch starts: None for a snapshot, else the sequence to resume after."""
+        v = Violations()
+        if not doctor_ids:
+            v.add("doctor_ids", "name at least one doctor to watch")
+        if len(doctor_ids) > MAX_WATCHED_DOCTORS:
+            v.add("doctor_ids", f"{len(doctor_ids)} doctors is more than one stream watches "
+                                f"({MAX_WATCHED_DOCTORS}); open another stream")
+        for i, doctor_id in enumerate(doctor_ids):
+            v.doctor_id(f"doctor_ids[{i}]", doctor_id)
+        if len(set(doctor_ids)) < len(doctor_ids):
+            v.add("doctor_ids", "names a doctor more than once")
+        day = v.date("date", date)
+        if after_sequence is not None and after_sequence < 0:
+            v.add("after_sequence", f"{after_sequence} is negative; sequences count from 1")
+        for doctor_id, sequence in after_sequences.items():
+            if doctor_id not in doctor_ids:
+                v.add(f"after_sequences[{doctor_id}]", "names a doctor that doctor_ids does not")
+            if sequence < 0:
+                v.add(f"after_sequences[{doctor_id}]", f"{sequence} is negative; sequences count from 1")
+        v.check()
+        plan: list[tuple[DayKey, int | None]] = []
+        with self.store.unit_of_work(write=False) as uow:
+            for doctor_id in doctor_ids:
+                self._doctor(uow, doctor_id)
+                after = after_sequences.get(doctor_id, after_sequence)
+                if after is not None:
+                    first, last = uow.event_range((doctor_id, day))
+                    if after > last:
+                        raise OutOfRange(f"Sequence {after} is past {doctor_id}'s last event on {date} ({last}); "
+                                         "resume from a sequence this service sent, or omit after_sequence for "
+                                         "a snapshot.", "SEQUENCE_AHEAD")
+                    if first is not None and after < first - 1:
+                        raise OutOfRange(f"{doctor_id}'s events on {date} before sequence {first} are no longer "
+                                         "kept; omit after_sequence to start again from a snapshot.",
+                                         "HISTORY_NOT_KEPT")
+                plan.append(((doctor_id, day), after))
+        return plan
+
+    def queue_snapshot(self, key: DayKey) -> Snapshot:
+        return self._read(key, lambda day: Snapshot(key[0], key[1], day.last_sequence, day.views()),
+                          missing_ok=True)
+
+    def events_after(self, key: DayKey, after: int, limit: int) -> list[QueueEvent]:
+        with self.store.unit_of_work(write=False) as uow:
+            return uow.events_after(key, after, limit)
+
     def mark_overdue_no_shows(self) -> int:
         """Marks today's overdue confirmed tokens no-show (AUTO_NO_SHOW); answers how many."""
         today = self.clock.now().astimezone(self.rules.timezone).date()
@@ -312,6 +368,7 @@ class OPDService:
             except BaseException:
                 self._forget([key])
                 raise
+            self.events.publish(day.pending_events)
             day.clear_pending()
         return result
 

@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Engine, bindparam, create_engine, event, func
 from sqlalchemy.engine import make_url
 
 from opd_grpc.engine.model import (
-    Doctor, DoctorDay, Patient, Rules, Slot, Source, Status, Token,
+    Doctor, DoctorDay, EventKind, Patient, QueueEvent, Rules, Slot, Source, Status, Token,
 )
 from opd_grpc.engine.service import DayKey, StoredRequest
 from opd_grpc.storage.tables import (
@@ -70,6 +70,12 @@ class _HotStatements:
 _DAY_ROW = select(days.c.last_token_number, days.c.last_sequence).where(*_of_day(days))
 _DAY_SLOTS = select(slots).where(*_of_day(slots))
 _DAY_TOKENS = select(tokens).where(*_of_day(tokens))
+_EVENTS_AFTER = (select(events, tokens.c.source, tokens.c.created_at)
+                 .outerjoin(tokens, tokens.c.token_id == events.c.token_id)
+                 .where(*_of_day(events), events.c.sequence > bindparam("after"))
+                 .order_by(events.c.sequence).limit(bindparam("limit")))
+_FIRST_EVENT = select(func.min(events.c.sequence)).where(*_of_day(events))
+_LAST_EVENT = select(days.c.last_sequence).where(*_of_day(days))
 
 
 class SqlStore:
@@ -230,6 +236,17 @@ class SqlUnitOfWork:
                          slots=[_slot(r) for r in self.conn.execute(_DAY_SLOTS, params)],
                          tokens=[_token(r) for r in self.conn.execute(_DAY_TOKENS, params)],
                          last_token_number=counters.last_token_number, last_sequence=counters.last_sequence)
+
+    def events_after(self, key: DayKey, after: int, limit: int) -> list[QueueEvent]:
+        rows = self.conn.execute(_EVENTS_AFTER, {**_key(key), "after": after, "limit": limit})
+        return [QueueEvent(r.doctor_id, key[1], r.sequence, EventKind(r.kind), _instant(r.occurred_at), r.token_id,
+                           r.token_number, r.slot_id, Status(r.status) if r.status else None, r.caused_by_token_id,
+                           Source(r.source) if r.source else None, _instant(r.created_at)) for r in rows]
+
+    def event_range(self, key: DayKey) -> tuple[int | None, int]:
+        """The oldest sequence still kept (SPEC §10: older history answers OUT_OF_RANGE) and the last one."""
+        params = _key(key)
+        return self.conn.execute(_FIRST_EVENT, params).scalar(), self.conn.execute(_LAST_EVENT, params).scalar() or 0
 
     def save_day(self, day: DoctorDay) -> None:
         """Writes what the day's rules changed: counters, slots, tokens and their events."""

@@ -37,6 +37,20 @@ class Gender(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GENDER_FEMALE: _ClassVar[Gender]
     GENDER_MALE: _ClassVar[Gender]
     GENDER_OTHER: _ClassVar[Gender]
+
+class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_KIND_UNSPECIFIED: _ClassVar[EventKind]
+    EVENT_KIND_ALLOCATED: _ClassVar[EventKind]
+    EVENT_KIND_WAITLISTED: _ClassVar[EventKind]
+    EVENT_KIND_PROMOTED: _ClassVar[EventKind]
+    EVENT_KIND_BUMPED: _ClassVar[EventKind]
+    EVENT_KIND_CHECKED_IN: _ClassVar[EventKind]
+    EVENT_KIND_CALLED: _ClassVar[EventKind]
+    EVENT_KIND_COMPLETED: _ClassVar[EventKind]
+    EVENT_KIND_CANCELLED: _ClassVar[EventKind]
+    EVENT_KIND_NO_SHOW: _ClassVar[EventKind]
+    EVENT_KIND_SLOT_CHANGED: _ClassVar[EventKind]
 SOURCE_UNSPECIFIED: Source
 SOURCE_EMERGENCY: Source
 SOURCE_PAID_PRIORITY: Source
@@ -55,6 +69,17 @@ GENDER_UNSPECIFIED: Gender
 GENDER_FEMALE: Gender
 GENDER_MALE: Gender
 GENDER_OTHER: Gender
+EVENT_KIND_UNSPECIFIED: EventKind
+EVENT_KIND_ALLOCATED: EventKind
+EVENT_KIND_WAITLISTED: EventKind
+EVENT_KIND_PROMOTED: EventKind
+EVENT_KIND_BUMPED: EventKind
+EVENT_KIND_CHECKED_IN: EventKind
+EVENT_KIND_CALLED: EventKind
+EVENT_KIND_COMPLETED: EventKind
+EVENT_KIND_CANCELLED: EventKind
+EVENT_KIND_NO_SHOW: EventKind
+EVENT_KIND_SLOT_CHANGED: EventKind
 
 class Doctor(_message.Message):
     __slots__ = ("doctor_id", "name", "specialization")
@@ -487,3 +512,79 @@ class GetStatsResponse(_message.Message):
     STATS_FIELD_NUMBER: _ClassVar[int]
     stats: _containers.RepeatedCompositeFieldContainer[DoctorDayStats]
     def __init__(self, stats: _Optional[_Iterable[_Union[DoctorDayStats, _Mapping]]] = ...) -> None: ...
+
+class WatchQueueRequest(_message.Message):
+    __slots__ = ("doctor_ids", "date", "after_sequence", "after_sequences")
+    class AfterSequencesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    DOCTOR_IDS_FIELD_NUMBER: _ClassVar[int]
+    DATE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    doctor_ids: _containers.RepeatedScalarFieldContainer[str]
+    date: str
+    after_sequence: int
+    after_sequences: _containers.ScalarMap[str, int]
+    def __init__(self, doctor_ids: _Optional[_Iterable[str]] = ..., date: _Optional[str] = ..., after_sequence: _Optional[int] = ..., after_sequences: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class WatchQueueResponse(_message.Message):
+    __slots__ = ("snapshot", "event", "heartbeat")
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    snapshot: QueueSnapshot
+    event: QueueEvent
+    heartbeat: Heartbeat
+    def __init__(self, snapshot: _Optional[_Union[QueueSnapshot, _Mapping]] = ..., event: _Optional[_Union[QueueEvent, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+
+class QueueSnapshot(_message.Message):
+    __slots__ = ("doctor_id", "date", "sequence", "tokens")
+    DOCTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    DATE_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    doctor_id: str
+    date: str
+    sequence: int
+    tokens: _containers.RepeatedCompositeFieldContainer[Token]
+    def __init__(self, doctor_id: _Optional[str] = ..., date: _Optional[str] = ..., sequence: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ...) -> None: ...
+
+class QueueEvent(_message.Message):
+    __slots__ = ("doctor_id", "date", "sequence", "kind", "occurred_at", "token", "slot_id", "caused_by_token_id")
+    DOCTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    DATE_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SLOT_ID_FIELD_NUMBER: _ClassVar[int]
+    CAUSED_BY_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    doctor_id: str
+    date: str
+    sequence: int
+    kind: EventKind
+    occurred_at: _timestamp_pb2.Timestamp
+    token: Token
+    slot_id: str
+    caused_by_token_id: str
+    def __init__(self, doctor_id: _Optional[str] = ..., date: _Optional[str] = ..., sequence: _Optional[int] = ..., kind: _Optional[_Union[EventKind, str]] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., slot_id: _Optional[str] = ..., caused_by_token_id: _Optional[str] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("time", "latest_sequences")
+    class LatestSequencesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    LATEST_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    time: _timestamp_pb2.Timestamp
+    latest_sequences: _containers.ScalarMap[str, int]
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., latest_sequences: _Optional[_Mapping[str, int]] = ...) -> None: ...

@@ -121,6 +121,11 @@ class OPDTokenServiceStub:
                 request_serializer=opd_dot_v1_dot_opd__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=opd_dot_v1_dot_opd__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.WatchQueue = channel.unary_stream(
+                '/opd.v1.OPDTokenService/WatchQueue',
+                request_serializer=opd_dot_v1_dot_opd__pb2.WatchQueueRequest.SerializeToString,
+                response_deserializer=opd_dot_v1_dot_opd__pb2.WatchQueueResponse.FromString,
+                _registered_method=True)
 
 
 class OPDTokenServiceServicer:
@@ -246,6 +251,15 @@ class OPDTokenServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchQueue(self, request, context):
+        """WatchQueue streams the queues of one or more doctors on one date: a snapshot (or the events after a
+        sequence), then every change as it commits, with heartbeats on quiet streams. It stays open until the
+        client cancels it or the server shuts down.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OPDTokenServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -333,6 +347,11 @@ def add_OPDTokenServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=opd_dot_v1_dot_opd__pb2.GetStatsRequest.FromString,
                     response_serializer=opd_dot_v1_dot_opd__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'WatchQueue': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchQueue,
+                    request_deserializer=opd_dot_v1_dot_opd__pb2.WatchQueueRequest.FromString,
+                    response_serializer=opd_dot_v1_dot_opd__pb2.WatchQueueResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -795,6 +814,33 @@ class OPDTokenService:
             '/opd.v1.OPDTokenService/GetStats',
             opd_dot_v1_dot_opd__pb2.GetStatsRequest.SerializeToString,
             opd_dot_v1_dot_opd__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/opd.v1.OPDTokenService/WatchQueue',
+            opd_dot_v1_dot_opd__pb2.WatchQueueRequest.SerializeToString,
+            opd_dot_v1_dot_opd__pb2.WatchQueueResponse.FromString,
             options,
             channel_credentials,
             insecure,
