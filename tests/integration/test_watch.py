@@ -9,7 +9,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import grpc
 import pytest
@@ -174,19 +174,29 @@ def test_several_doctors_in_one_stream_with_a_resume_point_each(live: LiveServer
         snapshots.close()
 
 
-def test_a_quiet_stream_gets_heartbeats_with_the_latest_sequence(tmp_path: Path):
-    for live in live_server(tmp_path, WATCH_HEARTBEAT_SECONDS=0.2):
-        doctor = make_doctor(live.stub)
-        make_slots(live.stub, doctor, ("09:00", "10:00", 2))
-        allocate(live.stub, doctor, 1)
-        watcher = Watcher(live.stub, doctor_ids=[doctor], date=DAY)
-        try:
-            watcher.wait_until(lambda w: sum(u.WhichOneof("update") == "heartbeat" for u in w.updates) >= 2)
-            beat = next(u.heartbeat for u in watcher.updates if u.WhichOneof("update") == "heartbeat")
-            assert dict(beat.latest_sequences) == {doctor: 2}
-            assert beat.time.ToDatetime().year == 2030  # the service clock (the test clock here)
-        finally:
-            watcher.close()
+@pytest.fixture
+def quick_heartbeats(tmp_path: Path) -> Iterator[LiveServer]:
+    yield from live_server(tmp_path, WATCH_HEARTBEAT_SECONDS=0.2)
+
+
+@pytest.fixture
+def small_buffers(tmp_path: Path) -> Iterator[LiveServer]:
+    yield from live_server(tmp_path, WATCH_BUFFER_EVENTS=20)
+
+
+def test_a_quiet_stream_gets_heartbeats_with_the_latest_sequence(quick_heartbeats: LiveServer):
+    live = quick_heartbeats
+    doctor = make_doctor(live.stub)
+    make_slots(live.stub, doctor, ("09:00", "10:00", 2))
+    allocate(live.stub, doctor, 1)
+    watcher = Watcher(live.stub, doctor_ids=[doctor], date=DAY)
+    try:
+        watcher.wait_until(lambda w: sum(u.WhichOneof("update") == "heartbeat" for u in w.updates) >= 2)
+        beat = next(u.heartbeat for u in watcher.updates if u.WhichOneof("update") == "heartbeat")
+        assert dict(beat.latest_sequences) == {doctor: 2}
+        assert beat.time.ToDatetime().year == 2030  # the service clock (the test clock here)
+    finally:
+        watcher.close()
 
 
 def test_resume_points_outside_the_kept_history_are_out_of_range(clinic: tuple[LiveServer, str]):
@@ -345,3 +355,45 @@ def test_a_cancelled_stream_leaves_no_task_thread_or_buffer_behind(clinic: tuple
 
 async def _task_count() -> int:
     return len(asyncio.all_tasks())
+
+
+def test_a_watcher_that_stops_reading_is_told_to_resume_and_slows_nobody(small_buffers: LiveServer):
+    live = small_buffers
+    doctor = make_doctor(live.stub)
+    make_slots(live.stub, doctor, ("09:00", "12:00", 1000))
+
+    async def run() -> tuple[Any, int, list[int]]:
+        # the slow board's transport buffers little, so the server's writes to it block at once
+        tight = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+        async with grpc.aio.insecure_channel(live.address, options=tight) as slow_channel, \
+                grpc.aio.insecure_channel(live.address) as channel:
+            slow = opd_pb2_grpc.OPDTokenServiceStub(slow_channel).WatchQueue(
+                pb.WatchQueueRequest(doctor_ids=[doctor], date=DAY))
+            fast = opd_pb2_grpc.OPDTokenServiceStub(channel).WatchQueue(
+                pb.WatchQueueRequest(doctor_ids=[doctor], date=DAY))
+            assert (await slow.read()).snapshot.sequence == (await fast.read()).snapshot.sequence == 1
+            changes = asyncio.get_running_loop().run_in_executor(
+                None, lambda: [allocate(live.stub, doctor, n) for n in range(300)])
+            fast_sequences = []
+            while len(fast_sequences) < 300:
+                fast_sequences.append((await fast.read()).event.sequence)
+            await changes
+            fast.cancel()
+            received = 0
+            try:
+                while (update := await slow.read()) is not grpc.aio.EOF:
+                    received = update.event.sequence
+            except grpc.aio.AioRpcError as error:
+                return failure(error), received, fast_sequences
+            raise AssertionError("the slow stream ended without an error")
+
+    refusal, last_read, fast_sequences = asyncio.run(run())
+    assert (refusal.code, refusal.reason) == (grpc.StatusCode.ABORTED, "WATCHER_FELL_BEHIND")
+    assert fast_sequences == list(range(2, 302))  # the other board saw every event, in order
+    assert live.server.service.events.watchers == 0
+    resumed = Watcher(live.stub, doctor_ids=[doctor], date=DAY, after_sequence=last_read)
+    try:  # resuming where it stopped, it gets the rest from the event table
+        resumed.wait_until(lambda w: len(w.events) >= 301 - last_read)
+        assert [e.sequence for e in resumed.events] == list(range(last_read + 1, 302))
+    finally:
+        resumed.close()
