@@ -397,3 +397,16 @@ def test_a_watcher_that_stops_reading_is_told_to_resume_and_slows_nobody(small_b
         assert [e.sequence for e in resumed.events] == list(range(last_read + 1, 302))
     finally:
         resumed.close()
+
+
+def test_shutdown_tells_watchers_to_reconnect(tmp_path: Path):
+    server = LiveServer(tmp_path / "opd.db")
+    doctor = make_doctor(server.stub)
+    with grpc.insecure_channel(server.address) as channel:
+        watcher = Watcher(opd_pb2_grpc.OPDTokenServiceStub(channel), doctor_ids=[doctor], date=DAY)
+        watcher.wait_until(lambda w: len(w.updates) >= 1)
+        server.close()
+        watcher.wait_until(lambda w: w.error is not None)
+        assert watcher.error is not None
+        refusal = failure(watcher.error)
+        assert (refusal.code, refusal.reason) == (grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN")
