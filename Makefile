@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check --quiet .
 
 sim: $(STAMP)
-	$(BIN)/python -m simulation --seed 7
+	$(BIN)/python -m simulation --seed 7 --boards 3
 
 sim-large: $(STAMP)
 	$(BIN)/python -m simulation --seed 7 --large

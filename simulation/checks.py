@@ -10,8 +10,8 @@ import datetime as dt
 from collections import Counter
 from dataclasses import dataclass
 
+from clients.library import OPDClient
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
-from opd_grpc._gen.opd.v1 import opd_pb2_grpc
 from simulation.ledger import ACTIVE, IN_QUEUE, SEAT_HOLDING, Ledger, TokenRecord, patient_key, when
 
 PAGE_SIZE = 1000
@@ -28,14 +28,13 @@ class DayState:
     tokens: list[pb.Token]  # in token_number order, as ListTokens pages them
 
 
-def fetch_day(stub: opd_pb2_grpc.OPDTokenServiceStub, doctor_id: str, date: str) -> DayState:
-    slots = list(stub.ListSlots(pb.ListSlotsRequest(doctor_id=doctor_id, date=date, page_size=PAGE_SIZE)).slots)
-    status = {s.slot_id: stub.GetSlotStatus(pb.GetSlotStatusRequest(slot_id=s.slot_id)) for s in slots}
+def fetch_day(client: OPDClient, doctor_id: str, date: str) -> DayState:
+    slots = list(client.list_slots(doctor_id, date, page_size=PAGE_SIZE).slots)
+    status = {s.slot_id: client.get_slot_status(s.slot_id) for s in slots}
     tokens: list[pb.Token] = []
     page_token = ""
     while True:
-        page = stub.ListTokens(pb.ListTokensRequest(doctor_id=doctor_id, date=date, page_size=PAGE_SIZE,
-                                                    page_token=page_token))
+        page = client.list_tokens(doctor_id, date, page_size=PAGE_SIZE, page_token=page_token)
         tokens += page.tokens
         if not (page_token := page.next_page_token):
             return DayState(doctor_id, date, slots, status, tokens)

@@ -10,23 +10,23 @@ patient) are compared with what SPEC §5–7 say, and SPEC §3 is checked throug
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime as dt
 import random
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
-import grpc
 from google.protobuf import timestamp_pb2
-from google.protobuf.message import Message
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
+from clients.library import OPDClient, OPDError
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
-from opd_grpc._gen.opd.v1 import opd_pb2_grpc, test_clock_pb2, test_clock_pb2_grpc
+from opd_grpc._gen.opd.v1 import test_clock_pb2, test_clock_pb2_grpc
 from simulation import checks
+from simulation.boards import BoardsOutcome
 from simulation.ledger import ACTIVE, IN_QUEUE, SEAT_HOLDING, Ledger, TokenRecord, when
 from simulation.scenario import DATE, NO_SHOW_GRACE, OPENS_AT, DayPlan, Fate, PatientPlan
 
@@ -61,22 +61,31 @@ class CannotRun(Exception):
 
 
 @dataclass(frozen=True)
-class Refusal:
-    code: grpc.StatusCode
-    reason: str
-    message: str
+class Allocation:
+    """One AllocateToken (or AllocateEmergency) request, kept so that it can be sent again as it was."""
 
+    emergency: bool  # through AllocateEmergency
+    patient: pb.Patient
+    doctor_id: str
+    date: str
+    source: int
+    preferred_slot_time: str
+    flexible: bool
+    request_id: str
 
-def refusal_of(error: grpc.RpcError) -> Refusal:
-    """The status code, the ErrorInfo reason and the message of a refused call."""
-    reason = ""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-    return Refusal(error.code(), reason, error.details() or "")
+    @property
+    def about(self) -> str:
+        """The call and whom it is for, for a violation's text."""
+        return f"{'AllocateEmergency' if self.emergency else 'AllocateToken'} {self.doctor_id} for {self.patient.name}"
+
+    def send(self, client: OPDClient) -> Any:
+        if self.emergency:
+            return client.allocate_emergency(patient=self.patient, doctor_id=self.doctor_id, date=self.date,
+                                             preferred_slot_time=self.preferred_slot_time, flexible=self.flexible,
+                                             request_id=self.request_id)
+        return client.allocate_token(patient=self.patient, doctor_id=self.doctor_id, date=self.date,
+                                     source=self.source, preferred_slot_time=self.preferred_slot_time,
+                                     flexible=self.flexible, request_id=self.request_id)
 
 
 @dataclass
@@ -85,9 +94,9 @@ class Visit:
 
     plan: PatientPlan
     doctor_id: str
-    request: Message
+    request: Allocation
     token_id: str = ""
-    first_answer: Message | None = None
+    first_answer: Any = None
     arrives_at: dt.datetime | None = None  # when the patient is at the clinic; None: never comes
     no_show_tried_early: bool = False
 
@@ -116,14 +125,16 @@ class Outcome:
     calls: int = 0
     ended_at: dt.datetime = OPENS_AT
     seconds: float = 0.0
+    boards: BoardsOutcome | None = None  # when boards ran beside the day
 
 
 @dataclass
 class Day:
     plan: DayPlan
-    stub: opd_pb2_grpc.OPDTokenServiceStub
+    client: OPDClient
     clock: test_clock_pb2_grpc.TestClockServiceStub
     check_every_minutes: int = 0  # 0: after every step
+    on_open: Callable[[list[str]], None] = lambda doctor_ids: None  # the doctors exist, the day is about to start
     on_minute: Callable[[dt.datetime], None] = lambda now: None
     now: dt.datetime = OPENS_AT
     ledger: Ledger = field(default_factory=Ledger)
@@ -147,6 +158,7 @@ class Day:
         started = time.monotonic()
         self._set_clock(OPENS_AT)
         self._open_clinic()
+        self.on_open([d.doctor_id for d in self.doctors])
         requests = collections.deque(self.plan.patients)
         minutes = 0
         while True:
@@ -161,7 +173,7 @@ class Day:
         self._check()
         stats = {}
         for doctor in self.doctors:
-            answer = self._read(self.stub.GetStats, pb.GetStatsRequest(date=self.date, doctor_id=doctor.doctor_id))
+            answer = self._read(partial(self.client.get_stats, self.date, doctor.doctor_id))
             if len(answer.stats) != 1:
                 self._violation(f"{doctor.doctor_id}: GetStats answered {len(answer.stats)} entries, not 1")
                 continue
@@ -199,19 +211,19 @@ class Day:
 
     def _open_clinic(self) -> None:
         for plan in self.plan.doctors:
-            created = self._step(self.stub.CreateDoctor, pb.CreateDoctorRequest(
-                name=plan.name, specialization=plan.specialization, request_id=self._request_id()))
-            if isinstance(created, Refusal):
+            created = self._step(f"CreateDoctor {plan.name}", partial(
+                self.client.create_doctor, plan.name, plan.specialization, request_id=self._request_id()))
+            if isinstance(created, OPDError):
                 raise CannotRun(f"cannot create doctor {plan.name}: {created.message}")
             doctor = created.doctor
             self.tally[doctor.doctor_id] = Counter()
             specs = [pb.SlotSpec(date=self.date, start_time=s.start_time, end_time=s.end_time,
                                  max_capacity=s.capacity, consultation_minutes=s.consultation_minutes)
                      for s in plan.slots]
-            answer = self._step(self.stub.CreateSlots, pb.CreateSlotsRequest(
-                doctor_id=doctor.doctor_id, slots=specs, request_id=self._request_id()),
+            answer = self._step(f"CreateSlots {doctor.doctor_id}", partial(
+                self.client.create_slots, doctor.doctor_id, specs, request_id=self._request_id()),
                 on_answer=lambda a: [self.ledger.add_slot(s) for s in a.slots])
-            if isinstance(answer, Refusal):
+            if isinstance(answer, OPDError):
                 raise CannotRun(f"cannot create the slots of {doctor.doctor_id}: {answer.message}")
             self.doctors.append(DoctorAtWork(doctor.doctor_id, plan.slots[0].starts_at,
                                              plan.slots[0].consultation_minutes))
@@ -224,9 +236,9 @@ class Day:
                                                                 plan.flexible, self._request_id()))
         self.visits.append(visit)
         closed = self._all_closed(doctor_id, plan.preferred_slot_time)
-        answer = self._step(self._allocator(visit.request), visit.request, lambda a: self._allocated(visit, a),
-                            expect="SLOT_CLOSED" if closed else "", accept={"WAITLIST_FULL"})
-        if isinstance(answer, Refusal):
+        answer = self._allocate(visit.request, lambda a: self._allocated(visit, a),
+                                expect="SLOT_CLOSED" if closed else "", accept={"WAITLIST_FULL"})
+        if isinstance(answer, OPDError):
             self.tally[doctor_id]["turned_away"] += 1
             return
         if plan.retry_after is not None:
@@ -239,18 +251,14 @@ class Day:
             self._at(max(plan.cancel_at, self.now + MINUTE), lambda: self._cancel(visit))
 
     def _allocation_request(self, plan: PatientPlan, doctor_id: str, preferred: str, flexible: bool,
-                            request_id: str) -> Message:
-        if plan.source == pb.SOURCE_EMERGENCY and plan.through_allocate_emergency:
-            return pb.AllocateEmergencyRequest(patient=plan.patient(), doctor_id=doctor_id, date=self.date,
-                                               preferred_slot_time=preferred, flexible=flexible,
-                                               request_id=request_id)
-        return pb.AllocateTokenRequest(patient=plan.patient(), doctor_id=doctor_id, date=self.date,
-                                       preferred_slot_time=preferred, source=plan.source, flexible=flexible,
-                                       request_id=request_id)
+                            request_id: str) -> Allocation:
+        emergency = plan.source == pb.SOURCE_EMERGENCY and plan.through_allocate_emergency
+        return Allocation(emergency, plan.patient(), doctor_id, self.date, plan.source, preferred, flexible,
+                          request_id)
 
-    def _allocator(self, request: Message) -> Any:
-        return self.stub.AllocateEmergency if isinstance(request, pb.AllocateEmergencyRequest) \
-            else self.stub.AllocateToken
+    def _allocate(self, request: Allocation, on_answer: Callable[[Any], None] | None = None, expect: str = "",
+                  accept: set[str] | frozenset[str] = frozenset()) -> Any:
+        return self._step(request.about, partial(request.send, self.client), on_answer, expect, accept)
 
     def _all_closed(self, doctor_id: str, preferred: str) -> bool:
         """SPEC §4: the asked slot, or without one every slot of the day, has ended."""
@@ -283,8 +291,8 @@ class Day:
 
     def _retry(self, visit: Visit) -> None:
         """The same request again, as a client that lost the answer: the first answer, nothing changed."""
-        answer = self._step(self._allocator(visit.request), visit.request)
-        if not isinstance(answer, Refusal):
+        answer = self._allocate(visit.request)
+        if not isinstance(answer, OPDError):
             if answer == visit.first_answer:
                 self.tally[visit.doctor_id]["retries_replayed"] += 1
             else:
@@ -296,15 +304,13 @@ class Day:
         if self._status(visit) not in ACTIVE:
             return
         request = self._allocation_request(visit.plan, visit.doctor_id, "", True, self._request_id())
-        if isinstance(self._step(self._allocator(request), request, expect="PATIENT_ALREADY_HAS_TOKEN"), Refusal):
+        if isinstance(self._allocate(request, expect="PATIENT_ALREADY_HAS_TOKEN"), OPDError):
             self.tally[visit.doctor_id]["asked_twice_refused"] += 1
 
     def _reuse_request_id(self, visit: Visit) -> None:
         """A different request under a used request_id: REQUEST_ID_REUSED, nothing changed."""
-        request: Any = type(visit.request)()
-        request.CopyFrom(visit.request)
-        request.flexible = not request.flexible
-        if isinstance(self._step(self._allocator(request), request, expect="REQUEST_ID_REUSED"), Refusal):
+        request = dataclasses.replace(visit.request, flexible=not visit.request.flexible)
+        if isinstance(self._allocate(request, expect="REQUEST_ID_REUSED"), OPDError):
             self.tally[visit.doctor_id]["request_id_reuse_refused"] += 1
 
     # ---- seats freed ------------------------------------------------------------------------------
@@ -314,15 +320,15 @@ class Day:
         if record.status not in ACTIVE or record.status == pb.STATUS_CALLED:
             return
         reason = "left the queue" if record.status == pb.STATUS_CHECKED_IN else "patient cancelled"
-        request = pb.CancelTokenRequest(token_id=visit.token_id, reason=reason, request_id=self._request_id())
-        answer = self._release(self.stub.CancelToken, request, record, "promoted_on_cancel")
-        if visit.plan.cancel_sent_twice and not isinstance(answer, Refusal):
-            again = self._step(self.stub.CancelToken, request)
+        cancel = partial(self.client.cancel_token, visit.token_id, reason, request_id=self._request_id())
+        answer = self._release(f"CancelToken {visit.token_id}", cancel, record, "promoted_on_cancel")
+        if visit.plan.cancel_sent_twice and not isinstance(answer, OPDError):
+            again = self._step(f"CancelToken {visit.token_id}", cancel)
             if again == answer:
                 self.tally[visit.doctor_id]["retries_replayed"] += 1
             else:
                 self._violation(f"{visit.token_id}: a retried cancel answered differently from the first")
-        if not isinstance(answer, Refusal):
+        if not isinstance(answer, OPDError):
             self.tally[visit.doctor_id]["cancels"] += 1
 
     def _desk_looks_for(self, visit: Visit) -> None:
@@ -334,15 +340,17 @@ class Day:
             return
         early = self.now < eta + NO_SHOW_GRACE
         visit.no_show_tried_early |= early
-        request = pb.MarkNoShowRequest(token_id=visit.token_id, request_id=self._request_id())
-        answer = self._release(self.stub.MarkNoShow, request, self.ledger.tokens[visit.token_id],
-                               "promoted_on_no_show", expect="GRACE_PERIOD_NOT_ELAPSED" if early else "")
-        if isinstance(answer, Refusal):
+        answer = self._release(f"MarkNoShow {visit.token_id}",
+                               partial(self.client.mark_no_show, visit.token_id, request_id=self._request_id()),
+                               self.ledger.tokens[visit.token_id], "promoted_on_no_show",
+                               expect="GRACE_PERIOD_NOT_ELAPSED" if early else "")
+        if isinstance(answer, OPDError):
             self.tally[visit.doctor_id]["no_show_too_early"] += early
         else:
             self.tally[visit.doctor_id]["no_shows"] += 1
 
-    def _release(self, call: Any, request: Message, record: TokenRecord, counter: str, expect: str = "") -> Any:
+    def _release(self, what: str, call: Callable[[], Any], record: TokenRecord, counter: str,
+                 expect: str = "") -> Any:
         """A cancel or no-show: a freed seat must go to the slot's waitlist head (SPEC §6)."""
         heads = self.ledger.waitlist(record.slot_id)[:1] if record.status in SEAT_HOLDING else []
 
@@ -355,7 +363,7 @@ class Day:
                 self._absorb(promoted)
             self.tally[record.doctor_id][counter] += len(answer.promoted)
 
-        return self._step(call, request, released, expect=expect)
+        return self._step(what, call, released, expect=expect)
 
     def _change_capacity(self, doctor_index: int, slot_index: int, extra: int) -> None:
         """Raises a slot's capacity (the waitlist heads take the new seats), then tries to cut it below its
@@ -374,20 +382,21 @@ class Day:
                 self._absorb(promoted)
             self.tally[doctor_id]["promoted_on_capacity_raise"] += len(answer.promoted)
 
-        self._step(self.stub.UpdateSlotCapacity, pb.UpdateSlotCapacityRequest(
-            slot_id=slot.slot_id, max_capacity=slot.max_capacity + extra, request_id=self._request_id()), raised)
+        self._step(f"UpdateSlotCapacity {slot.slot_id}", partial(
+            self.client.update_slot_capacity, slot.slot_id, slot.max_capacity + extra, request_id=self._request_id()),
+            raised)
         holders = self.ledger.seat_holders(slot.slot_id)
         if holders > 1:
-            answer = self._step(self.stub.UpdateSlotCapacity, pb.UpdateSlotCapacityRequest(
-                slot_id=slot.slot_id, max_capacity=holders - 1, request_id=self._request_id()),
+            answer = self._step(f"UpdateSlotCapacity {slot.slot_id}", partial(
+                self.client.update_slot_capacity, slot.slot_id, holders - 1, request_id=self._request_id()),
                 lambda a: self.ledger.add_slot(a.slot), expect="CAPACITY_BELOW_SEAT_HOLDERS")
-            self.tally[doctor_id]["capacity_cut_refused"] += isinstance(answer, Refusal)
+            self.tally[doctor_id]["capacity_cut_refused"] += isinstance(answer, OPDError)
 
     # ---- the clinic -------------------------------------------------------------------------------
 
     def _check_in(self, visit: Visit) -> None:
-        self._step(self.stub.CheckInToken, pb.CheckInTokenRequest(token_id=visit.token_id,
-                                                                  request_id=self._request_id()),
+        self._step(f"CheckInToken {visit.token_id}",
+                   partial(self.client.check_in_token, visit.token_id, request_id=self._request_id()),
                    lambda a: self._absorb(a.token))
         self.doctors[visit.plan.doctor].told_queue_empty = False
 
@@ -403,8 +412,7 @@ class Day:
                 self._complete(doctor)
             if not doctor.told_queue_empty:
                 doctor.told_queue_empty = True
-                self._step(self.stub.CallNext, pb.CallNextRequest(doctor_id=doctor.doctor_id, date=self.date,
-                                                                  request_id=self._request_id()),
+                self._step(f"CallNext {doctor.doctor_id}", self._call_next(doctor),
                            lambda a: self._absorb(a.token), expect="QUEUE_EMPTY")
                 self.tally[doctor.doctor_id]["queue_empty"] += 1
             return
@@ -427,36 +435,38 @@ class Day:
             doctor.busy_until = self.now + length * MINUTE
             doctor.completes_by_calling_next = self.rng.random() < COMPLETES_BY_CALLING_NEXT
 
-        answer = self._step(self.stub.CallNext, pb.CallNextRequest(doctor_id=doctor.doctor_id, date=self.date,
-                                                                   request_id=self._request_id()), called)
-        if isinstance(answer, Refusal):
+        answer = self._step(f"CallNext {doctor.doctor_id}", self._call_next(doctor), called)
+        if isinstance(answer, OPDError):
             doctor.current = ""  # the server disagrees with the ledger, which the checks report
 
+    def _call_next(self, doctor: DoctorAtWork) -> Callable[[], pb.CallNextResponse]:
+        return partial(self.client.call_next, doctor.doctor_id, self.date, request_id=self._request_id())
+
     def _complete(self, doctor: DoctorAtWork) -> None:
-        self._step(self.stub.CompleteToken, pb.CompleteTokenRequest(token_id=doctor.current,
-                                                                    request_id=self._request_id()),
+        self._step(f"CompleteToken {doctor.current}",
+                   partial(self.client.complete_token, doctor.current, request_id=self._request_id()),
                    lambda a: self._absorb(a.token))
         doctor.current = ""
 
     # ---- calls, checks and bookkeeping ----------------------------------------------------------------
 
-    def _step(self, call: Any, request: Message, on_answer: Callable[[Any], None] | None = None,
+    def _step(self, what: str, call: Callable[[], Any], on_answer: Callable[[Any], None] | None = None,
               expect: str = "", accept: set[str] | frozenset[str] = frozenset()) -> Any:
-        """One call that may change state: its answer goes to `on_answer`, then (per step) SPEC §3 is checked.
-        `expect` names the refusal reason SPEC requires; `accept`, refusals that may happen."""
-        method = type(request).__name__.removesuffix("Request")
+        """One call that may change state (`what` names the call and what it is about): its answer goes to
+        `on_answer`, then (per step) SPEC §3 is checked. A refusal is answered as the `OPDError`; `expect` names
+        the refusal reason SPEC requires, `accept` refusals that may happen."""
         answer: Any
         self.calls += 1
         try:
-            answer = call(request, timeout=CALL_TIMEOUT_SECONDS)
-        except grpc.RpcError as error:
-            answer = refusal_of(error)
-            if answer.reason != expect and answer.reason not in accept:
-                self._violation(f"{method} {_about(request)}: refused {answer.code.name} {answer.reason} "
-                                f"({answer.message}){f', expected {expect}' if expect else ''}")
+            answer = call()
+        except OPDError as refusal:
+            answer = refusal
+            if refusal.reason != expect and refusal.reason not in accept:
+                self._violation(f"{what}: refused {refusal.code.name} {refusal.reason} "
+                                f"({refusal.message}){f', expected {expect}' if expect else ''}")
         else:
             if expect:
-                self._violation(f"{method} {_about(request)}: answered OK, SPEC says {expect}")
+                self._violation(f"{what}: answered OK, SPEC says {expect}")
             if on_answer is not None:
                 on_answer(answer)
         self.steps += 1
@@ -464,14 +474,14 @@ class Day:
             self._check()
         return answer
 
-    def _read(self, call: Any, request: Message) -> Any:
+    def _read(self, call: Callable[[], Any]) -> Any:
         self.calls += 1
-        return call(request, timeout=CALL_TIMEOUT_SECONDS)
+        return call()
 
     def _check(self) -> None:
         """SPEC §3 through the API, for every doctor of the day, against the ledger of answers."""
         for doctor in self.doctors:
-            day = checks.fetch_day(self.stub, doctor.doctor_id, self.date)
+            day = checks.fetch_day(self.client, doctor.doctor_id, self.date)
             self.calls += 1 + len(day.slots) + max(1, -(-len(day.tokens) // checks.PAGE_SIZE))
             for problem in checks.invariant_violations(day) + checks.answer_violations(day, self.ledger):
                 self._violation(problem)
@@ -501,18 +511,8 @@ class Day:
     def _set_clock(self, now: dt.datetime) -> None:
         stamp = timestamp_pb2.Timestamp()
         stamp.FromDatetime(now)
-        self._read(self.clock.SetTime, test_clock_pb2.SetTimeRequest(time=stamp))
+        self._read(partial(self.clock.SetTime, test_clock_pb2.SetTimeRequest(time=stamp), timeout=CALL_TIMEOUT_SECONDS))
         self.now = now
-
-
-def _about(request: Message) -> str:
-    """What a request is about, for a violation's text."""
-    for name in ("token_id", "slot_id"):
-        if value := getattr(request, name, ""):
-            return value
-    patient = getattr(request, "patient", None)
-    doctor_id = getattr(request, "doctor_id", "")
-    return f"{doctor_id} for {patient.name}" if patient is not None else doctor_id
 
 
 def _brief(token: pb.Token) -> str:

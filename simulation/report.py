@@ -1,6 +1,7 @@
 """The summary of a simulated day: a rich table per doctor, the day's events, and the violations found.
 
-The last line is always `violations: N`.
+With boards, a line before the violations says what they received and how many mismatches they showed. The last
+line is always `violations: N`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
+from simulation.boards import BoardsOutcome
 from simulation.checks import mean_wait_minutes
 from simulation.ledger import SEAT_HOLDING
 from simulation.play import EVENTS, Outcome
@@ -33,11 +35,21 @@ def render(outcome: Outcome, console: Console) -> None:
     console.print("sources: " + ", ".join(f"{name} {n}" for name, n in sources.most_common()))
     console.print(f"simulated {OPENS_AT:%H:%M}–{outcome.ended_at:%H:%M}; {outcome.steps} steps, "
                   f"{outcome.checks} checks of SPEC §3, {outcome.calls} gRPC calls, {outcome.seconds:.1f} s")
+    if outcome.boards is not None:
+        console.print(_boards_line(outcome.boards), highlight=False)
     for problem, seen in list(outcome.violations.items())[:MAX_VIOLATIONS_SHOWN]:
         console.print(f"[red]VIOLATION[/red] ({seen}) {escape(problem)}", highlight=False)
     if len(outcome.violations) > MAX_VIOLATIONS_SHOWN:
         console.print(f"... and {len(outcome.violations) - MAX_VIOLATIONS_SHOWN} more")
     console.print(f"violations: {len(outcome.violations)}", style="bold red" if outcome.violations else "bold green")
+
+
+def _boards_line(boards: BoardsOutcome) -> str:
+    """E.g. `boards: 3 (cut off 10:00–10:10, from 09:20, all day); events received 812 / 406 / 812; resumes 1,
+    reconnects 0; mismatches 0`."""
+    return (f"boards: {len(boards.names)} ({', '.join(boards.roles)}); events received "
+            f"{' / '.join(map(str, boards.events))}; resumes {boards.resumes}, reconnects {boards.reconnects}; "
+            f"mismatches {len(boards.mismatches)}")
 
 
 def _doctors_table(outcome: Outcome) -> Table:

@@ -1,4 +1,5 @@
-"""`make sim`: the simulated OPD day runs clean against a real server process, and its checks can fail."""
+"""`make sim`: the simulated OPD day runs clean against a real server process (with display boards beside it too),
+and its checks can fail."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from typing import Callable
 import pytest
 from google.protobuf import timestamp_pb2
 
+from clients import board as board_module
+from clients.board import BoardState
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from opd_grpc.engine import model
 from simulation import __main__ as cli
+from simulation.boards import Board, BoardPlan, board_mismatches
 from simulation.checks import DayState, answer_violations, invariant_violations
 from simulation.ledger import Ledger
 from simulation.scenario import SMALL
@@ -44,6 +48,22 @@ def test_the_seed_7_day_has_waitlists_promotions_and_bumps_and_no_violation() ->
                   "no-show refused: grace not elapsed", "retries answered with the first answer"):
         assert event_count(summary, label) > 0, label
     assert re.search(r"│ DOC003 +│", summary)  # at least three doctors in the per-doctor table
+
+
+@pytest.mark.slow
+def test_boards_beside_the_day_end_showing_what_the_server_says_and_one_of_them_resumed() -> None:
+    completed = subprocess.run([sys.executable, "-m", "simulation", "--seed", "7", "--boards", "3"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=300)
+    summary = completed.stdout
+
+    assert completed.returncode == 0, summary + completed.stderr
+    assert summary.rstrip().splitlines()[-1] == "violations: 0"
+    line = re.search(r"^boards: 3 \(.*\); events received (\d+) / (\d+) / (\d+); resumes (\d+), reconnects \d+; "
+                     r"mismatches (\d+)$", summary, re.MULTILINE)
+    assert line, summary
+    assert all(int(line[n]) > 0 for n in (1, 2, 3)), line[0]
+    assert int(line[4]) >= 1, line[0]
+    assert line[5] == "0", line[0]
 
 
 def test_the_simulation_exits_1_and_names_the_violations_when_freed_seats_are_not_given_away(
@@ -166,3 +186,77 @@ def test_the_answer_checks_catch_a_lost_token_a_changed_status_and_a_token_nobod
     assert any(p.startswith(lost.token_id) and "now missing (§3.7)" in p for p in problems), problems
     assert any("STATUS_COMPLETED" in p and "STATUS_CALLED" in p for p in problems), problems
     assert any(p.startswith("DOC001-20300107-T6: exists, but no answer created it") for p in problems), problems
+
+
+# ---- the boards' comparison on fabricated streams ------------------------------------------------
+
+NINE = pb.Slot(slot_id="DOC001-20300107-0900", doctor_id="DOC001", date=DATE, start_time="09:00", end_time="10:00",
+               max_capacity=3, consultation_minutes=10)
+# DOC001's day as events: T1, T2 and T4 (paid priority, booked last) get seats, T3 is waitlisted; T1, T2 and T4 check
+# in and T1 is called. At the end T1 is called, T4 then T2 are next (priority first), one is waitlisted.
+DAY_EVENTS = [(pb.EVENT_KIND_ALLOCATED, 1, pb.STATUS_CONFIRMED), (pb.EVENT_KIND_ALLOCATED, 2, pb.STATUS_CONFIRMED),
+              (pb.EVENT_KIND_WAITLISTED, 3, pb.STATUS_WAITLISTED), (pb.EVENT_KIND_ALLOCATED, 4, pb.STATUS_CONFIRMED),
+              (pb.EVENT_KIND_CHECKED_IN, 1, pb.STATUS_CHECKED_IN), (pb.EVENT_KIND_CHECKED_IN, 2, pb.STATUS_CHECKED_IN),
+              (pb.EVENT_KIND_CHECKED_IN, 4, pb.STATUS_CHECKED_IN), (pb.EVENT_KIND_CALLED, 1, pb.STATUS_CALLED)]
+
+
+def day_token(number: int, status: int) -> pb.Token:
+    made = token(number, status, NINE, pb.SOURCE_PAID_PRIORITY if number == 4 else pb.SOURCE_WALK_IN)
+    made.ClearField("patient")
+    if status == pb.STATUS_CALLED:
+        made.called_at.CopyFrom(stamp(30))
+    return made
+
+
+def day_updates(skipping: int = 0) -> list[pb.WatchQueueResponse]:
+    """An empty snapshot, then DAY_EVENTS as sequences 1..8, without the one numbered `skipping`."""
+    updates = [pb.WatchQueueResponse(snapshot=pb.QueueSnapshot(doctor_id="DOC001", date=DATE, sequence=0))]
+    updates += [pb.WatchQueueResponse(event=pb.QueueEvent(doctor_id="DOC001", date=DATE, sequence=sequence, kind=kind,
+                                                          token=day_token(number, status)))
+                for sequence, (kind, number, status) in enumerate(DAY_EVENTS, 1) if sequence != skipping]
+    return updates
+
+
+def server_tokens() -> list[pb.Token]:
+    return [day_token(1, pb.STATUS_CALLED), day_token(2, pb.STATUS_CHECKED_IN), day_token(3, pb.STATUS_WAITLISTED),
+            day_token(4, pb.STATUS_CHECKED_IN)]
+
+
+def board_fed(updates: list[pb.WatchQueueResponse]) -> BoardState:
+    state = BoardState(["DOC001"], DATE)
+    for update in updates:
+        state.apply(update)
+    return state
+
+
+def test_a_board_fed_every_event_shows_what_the_server_says() -> None:
+    assert board_mismatches(board_fed(day_updates()), "DOC001", len(DAY_EVENTS), server_tokens()) == []
+
+
+@pytest.mark.parametrize("skipping, expected", [
+    (8, ["DOC001: the board is at sequence 7, the server at 8", "DOC001: now calling nobody, the server 1",
+         "DOC001: next 4, 1, 2, the server 4, 2"]),
+    (7, ["DOC001: next 2, the server 4, 2"]),
+    (3, ["DOC001: waitlist 0, the server 1"]),
+])
+def test_a_board_one_event_short_is_a_mismatch(skipping: int, expected: list[str]) -> None:
+    state = board_fed(day_updates(skipping))
+
+    assert board_mismatches(state, "DOC001", len(DAY_EVENTS), server_tokens()) == expected
+
+
+def test_a_board_that_orders_the_next_tokens_wrongly_is_a_mismatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(board_module, "_call_order", lambda t: t.token_number)  # forgets priority
+
+    problems = board_mismatches(board_fed(day_updates()), "DOC001", len(DAY_EVENTS), server_tokens())
+
+    assert problems == ["DOC001: next 2, 4, the server 4, 2"]
+
+
+def test_a_board_notes_an_event_that_does_not_follow_the_one_before() -> None:
+    board = Board(BoardPlan("board 1", every_doctor=True), ["DOC001"], DATE)
+
+    board._feed(day_updates(skipping=5))  # type: ignore[arg-type]  # any iterable of updates stands for a watch
+
+    assert board.gaps == ["DOC001: event 6 came after 4"]
+    assert board.events == len(DAY_EVENTS) - 1
