@@ -1,5 +1,6 @@
 """`python -m bench` (`make bench`): one server, a no-op RPC and AllocateToken measured alternately at 1 and 32
-calls in flight, and allocation's speed as ratios against the no-op's (SPEC-free figures; never a timed test).
+calls in flight, and allocation's speed as ratios against the no-op's (SPEC-free figures; never a timed test);
+then, on the same server, WatchQueue's fan-out to many watchers of one doctor-day.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.fanout import FanoutBench
 from bench.load import ALLOCATE, NOOP, LoadGenerator, LoadResult, create_pool
 from bench.procfs import cpu_seconds, rss_mib
-from bench.report import Measurement, Report, print_report
+from bench.report import FanoutMeasurement, Measurement, Report, print_report
 from opd_grpc.process import ServerProcess
+from opd_grpc.settings import Settings
 
 IN_FLIGHT = (1, 32)
+FANOUT = ("100x10", "1000x2")  # the issue's: watchers x events per second
 
 
 @dataclass
@@ -44,13 +48,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="dates per doctor, each with --per-day seats in slots of 20 (default 60)")
     parser.add_argument("--per-day", type=int, default=200,
                         help="allocations per doctor-day, and seats of its one slot (default 200)")
+    parser.add_argument("--fanout", action="append", metavar="WATCHERSxRATE",
+                        help="a fan-out run: that many watchers of one doctor-day, changed RATE times a second; "
+                             f"repeatable (default {' and '.join(FANOUT)}; 0x0 for none)")
+    parser.add_argument("--fanout-seconds", type=float, default=10.0,
+                        help="time the changes last in each fan-out run (default 10)")
+    parser.add_argument("--watcher-processes", type=int, default=1,
+                        help="client processes that share the watchers (default 1)")
     parser.add_argument("--profile", type=Path, metavar="FILE",
                         help="run the server under cProfile and write its stats to FILE (slows the server)")
     args = parser.parse_args(argv)
+    fanout = [_fanout_run(parser, text) for text in args.fanout or FANOUT]
+    fanout = [(watchers, rate) for watchers, rate in fanout if watchers]
 
     started, load_before = time.perf_counter(), os.getloadavg()[0]
-    server = (ServerProcess(program=("-m", "bench.profile_server", str(args.profile))) if args.profile
-              else ServerProcess())
+    # The wall clock, not the test clock: an event's occurred_at is then the moment of the change. Each open
+    # stream holds one of MAX_CONCURRENT_CALLS (1000 watchers would take all of the default), hence the room.
+    settings = {"MAX_CONCURRENT_CALLS": Settings.MAX_CONCURRENT_CALLS + max((w for w, _ in fanout), default=0)}
+    program = ("-m", "bench.profile_server", str(args.profile)) if args.profile else ("-m", "opd_grpc")
+    server = ServerProcess(test_clock=False, settings=settings, program=program)
     server.start()
     try:
         pool = create_pool(server.address, args.doctors, args.days, args.per_day)
@@ -71,15 +87,35 @@ def main(argv: list[str] | None = None) -> int:
         measurements = [Measurement.of(kind, n, args.seconds, t.load, t.wall_seconds, t.server_cpu_seconds)
                         for (kind, n), t in results.items()]
         rss_after = rss_mib(server.pid)
+        fanout_results = []
+        if fanout:
+            watch = FanoutBench(server.address, server.pid, args.watcher_processes)
+            try:
+                fanout_results = [FanoutMeasurement.of(watch.measure(watchers, rate, args.fanout_seconds))
+                                  for watchers, rate in fanout]
+            finally:
+                watch.close()
     finally:
         exit_code = server.stop()
     report = Report(address=server.address, client_processes=args.client_processes, doctors=args.doctors,
                     days=args.days, per_day=args.per_day, warmup=args.warmup, seconds=args.seconds,
                     rounds=args.rounds, load_average_before=load_before, load_average_after=os.getloadavg()[0],
                     measurements=measurements, server_rss_mib_before=rss_before, server_rss_mib_after=rss_after,
-                    server_exit_code=exit_code, wall_seconds=time.perf_counter() - started)
+                    server_exit_code=exit_code, wall_seconds=time.perf_counter() - started, fanout=fanout_results,
+                    watcher_processes=args.watcher_processes)
     print_report(report)
-    return 0 if report.total_errors == 0 and exit_code == 0 else 1
+    return 0 if report.total_errors == 0 and report.fanout_faults == 0 and exit_code == 0 else 1
+
+
+def _fanout_run(parser: argparse.ArgumentParser, text: str) -> tuple[int, float]:
+    watchers, _, rate = text.partition("x")
+    try:
+        run = int(watchers), float(rate)
+    except ValueError:
+        parser.error(f"--fanout {text!r}: expected WATCHERSxRATE, e.g. 100x10")
+    if run[0] < 0 or run[1] < 0 or (run[0] > 0) != (run[1] > 0):
+        parser.error(f"--fanout {text!r}: watchers and rate are both positive (or 0x0 for no fan-out)")
+    return run
 
 
 if __name__ == "__main__":

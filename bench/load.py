@@ -25,11 +25,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
-from opd_grpc._gen.opd.v1 import opd_pb2_grpc, test_clock_pb2, test_clock_pb2_grpc
-from opd_grpc.api.convert import timestamp
+from opd_grpc._gen.opd.v1 import opd_pb2_grpc
 
-FIRST_DAY = dt.date(2030, 1, 7)
-MORNING = dt.datetime(2030, 1, 7, 7, 0, tzinfo=dt.timezone.utc)  # before every slot of the pool
+FIRST_DAY = dt.date(2030, 1, 7)  # after the wall clock's today: every slot of the pool is still open
 DAY_START = dt.datetime(2030, 1, 7, 8, 0)
 SLOT_MINUTES = 20
 SEATS_PER_SLOT = 20  # an OPD sitting's size (twice DEFAULT_SLOT_CAPACITY); the day's tokens fill its slots in turn
@@ -58,11 +56,9 @@ class Pool:
 
 
 def create_pool(address: str, doctors: int, days: int, per_day: int) -> Pool:
-    """Doctors, their slots, and the test clock set to the first day's morning."""
+    """Doctors and their slots."""
     with grpc.insecure_channel(address) as channel:
         stub = opd_pb2_grpc.OPDTokenServiceStub(channel)
-        test_clock_pb2_grpc.TestClockServiceStub(channel).SetTime(test_clock_pb2.SetTimeRequest(
-            time=timestamp(MORNING)))
         doctor_ids = []
         for i in range(doctors):
             doctor_id = stub.CreateDoctor(pb.CreateDoctorRequest(

@@ -1,4 +1,4 @@
-"""The bench's figures: a table for people, then one JSON line for machines (the last line printed)."""
+"""The bench's figures: tables for people, then one JSON line for machines (the last line printed)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
+from bench.fanout import FanoutResult
 from bench.load import ALLOCATE, NOOP, LoadResult, percentile
 
 # The issue's targets: allocation keeps at least half the no-op's throughput, and its p99 at 32 in flight is
@@ -17,6 +18,8 @@ from bench.load import ALLOCATE, NOOP, LoadResult, percentile
 MIN_THROUGHPUT_RATIO = 0.5
 MAX_P99_RATIO = 2.0
 P99_TARGET_IN_FLIGHT = 32
+# The issue's fan-out targets: p99 from commit to receipt, by (watchers, events per second), on a 2-core machine.
+FANOUT_P99_TARGETS_MS = {(100, 10.0): 25.0, (1000, 2.0): 150.0}
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,74 @@ class Measurement:
 
 
 @dataclass(frozen=True)
+class FanoutMeasurement:
+    watchers: int
+    events_per_second: float  # the rate the changes were paced to
+    seconds: float
+    changes: int  # allocations made, each one event
+    change_errors: dict[str, int]
+    events: int  # the day's events during the run, which every watcher must receive
+    deliveries: int  # events received, over all watchers
+    expected_deliveries: int
+    deliveries_per_second: float  # over the changes' period, or until the last receipt if later
+    expected_deliveries_per_second: float  # watchers x events_per_second
+    p50_ms: float  # receipt - occurred_at, over every delivery
+    p99_ms: float
+    max_ms: float
+    first_receipt_p50_ms: float  # per event, its first watcher's latency: the change and one write
+    last_receipt_p50_ms: float  # per event, its last watcher's latency: that plus the whole fan-out
+    lost: int
+    duplicates: int
+    complete_watchers: int  # watchers that received every event, once and in order
+    stream_errors: dict[str, int]  # streams the server ended
+    connect_seconds: float  # until every watcher had its snapshot
+    server_rss_mib_idle: float
+    server_rss_mib_watched: float  # every watcher connected and idle
+    server_rss_mib_closed: float  # after every stream closed
+    kib_per_watcher: float
+    server_cpu_cores: float  # from the first change to the last receipt
+    watcher_cpu_cores: float  # the watchers' client processes, alike
+    server_cpu_us_per_delivery: float  # the allocations' share included
+    healthy_after: bool
+
+    @classmethod
+    def of(cls, r: FanoutResult) -> FanoutMeasurement:
+        got = r.received
+        window = max(r.seconds, got.last_receipt - r.changes.started_at)
+        return cls(
+            watchers=r.watchers, events_per_second=r.events_per_second, seconds=r.seconds, changes=r.changes.made,
+            change_errors=dict(r.changes.errors), events=r.changes.last_sequence - r.changes.first_sequence,
+            deliveries=got.received, expected_deliveries=got.expected,
+            deliveries_per_second=round(got.received / window, 1),
+            expected_deliveries_per_second=r.watchers * r.events_per_second,
+            p50_ms=percentile(got.latencies, 0.5) * 1000, p99_ms=percentile(got.latencies, 0.99) * 1000,
+            max_ms=max(got.latencies, default=0.0) * 1000,
+            first_receipt_p50_ms=percentile([first for first, _ in got.spread.values()], 0.5) * 1000,
+            last_receipt_p50_ms=percentile([last for _, last in got.spread.values()], 0.5) * 1000,
+            lost=got.lost, duplicates=got.duplicates, complete_watchers=got.complete, stream_errors=dict(got.errors),
+            connect_seconds=round(got.connect_seconds, 2), server_rss_mib_idle=r.server_rss_mib_idle,
+            server_rss_mib_watched=r.server_rss_mib_watched, server_rss_mib_closed=r.server_rss_mib_closed,
+            kib_per_watcher=round((r.server_rss_mib_watched - r.server_rss_mib_idle) * 1024 / r.watchers, 1),
+            server_cpu_cores=round(r.server_cpu_seconds / r.wall_seconds, 2),
+            watcher_cpu_cores=round(got.cpu_seconds / r.wall_seconds, 2),
+            server_cpu_us_per_delivery=round(r.server_cpu_seconds / got.received * 1e6, 1) if got.received else 0.0,
+            healthy_after=r.healthy_after)
+
+    @property
+    def faults(self) -> int:
+        """Anything that must never happen: lost, repeated or refused, a watcher short, a server unwell."""
+        return (self.lost + self.duplicates + (self.watchers - self.complete_watchers)
+                + sum(self.stream_errors.values()) + sum(self.change_errors.values()) + (not self.healthy_after))
+
+    def target(self) -> Target | None:
+        bound = FANOUT_P99_TARGETS_MS.get((self.watchers, self.events_per_second))
+        if bound is None:
+            return None
+        return Target(f"fan-out p99, {self.watchers} watchers at {self.events_per_second:g} events/s",
+                      round(self.p99_ms, 2), f"<= {bound:g} ms", self.p99_ms <= bound)
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     value: float
@@ -69,6 +140,12 @@ class Report:
     server_rss_mib_after: float
     server_exit_code: int
     wall_seconds: float
+    fanout: list[FanoutMeasurement]
+    watcher_processes: int
+
+    @property
+    def fanout_faults(self) -> int:
+        return sum(f.faults for f in self.fanout)
 
     @property
     def total_errors(self) -> int:
@@ -94,6 +171,8 @@ class Report:
         data = dataclasses.asdict(self)
         data["targets"] = [dataclasses.asdict(t) for t in self.targets()]
         data["total_errors"] = self.total_errors
+        data["fanout_targets"] = [dataclasses.asdict(t) for f in self.fanout if (t := f.target())]
+        data["fanout_faults"] = self.fanout_faults
         return json.dumps(data, sort_keys=True)
 
 
@@ -129,9 +208,48 @@ def print_report(report: Report) -> None:
                   "seats each, filled in turn; every call a distinct patient with a request_id")
     console.print(f"CPU columns: cores busy in the row's stretches (1.00 = one of {os.cpu_count()}); machine load "
                   f"average {report.load_average_before:.2f} before, {report.load_average_after:.2f} after")
-    console.print(f"errors: {report.total_errors}; server exit code {report.server_exit_code}; "
-                  f"run took {report.wall_seconds:.1f} s")
+    if report.fanout:
+        print_fanout(console, report)
+    console.print(f"errors: {report.total_errors}; fan-out faults: {report.fanout_faults}; "
+                  f"server exit code {report.server_exit_code}; run took {report.wall_seconds:.1f} s")
     print(report.as_json(), flush=True)
+
+
+def print_fanout(console: Console, report: Report) -> None:
+    runs = report.fanout
+    delivery = Table(title=f"fan-out on the same server after the calls above: {runs[0].seconds:g} s of changes per "
+                           "row; latency from commit to receipt")
+    for column in ("watchers", "events/s", "events", "delivered", "delivered/s (expected)", "p50 ms", "p99 ms",
+                   "max ms", "lost", "dup.", "complete", "p99 target", "verdict"):
+        delivery.add_column(column, justify="right")
+    for f in runs:
+        target = f.target()
+        delivery.add_row(str(f.watchers), f"{f.events_per_second:g}", str(f.events), f"{f.deliveries:,}",
+                         f"{f.deliveries_per_second:,.0f} ({f.expected_deliveries_per_second:,.0f})",
+                         f"{f.p50_ms:.2f}", f"{f.p99_ms:.2f}", f"{f.max_ms:.2f}", str(f.lost), str(f.duplicates),
+                         f"{f.complete_watchers}/{f.watchers}", target.bound if target else "-",
+                         "-" if target is None else "[green]PASS[/]" if target.met else "[red]MISS[/]")
+    console.print(delivery)
+    cost = Table(title="what the watchers cost")
+    for column in ("watchers", "connected in s", "server MiB idle", "MiB watched", "MiB closed", "KiB/watcher",
+                   "server CPU", "watcher CPU", "server µs CPU/delivery"):
+        cost.add_column(column, justify="right")
+    for f in runs:
+        cost.add_row(str(f.watchers), f"{f.connect_seconds:.2f}", f"{f.server_rss_mib_idle:.1f}",
+                     f"{f.server_rss_mib_watched:.1f}", f"{f.server_rss_mib_closed:.1f}", f"{f.kib_per_watcher:.0f}",
+                     f"{f.server_cpu_cores:.2f}", f"{f.watcher_cpu_cores:.2f}", f"{f.server_cpu_us_per_delivery:.0f}")
+    console.print(cost)
+    console.print(f"watchers: WatchQueue streams of one doctor-day in {report.watcher_processes} client process(es), "
+                  "each on its own connection, while this process allocates into the day at the rate, one call at a "
+                  "time; latency = receipt - the event's occurred_at, both on this machine's wall clock (the bench "
+                  "server runs without the test clock). MiB: server VmRSS before the watchers connected, with them "
+                  "connected and idle, after they closed. CPU: cores busy from the first change to the last receipt")
+    for f in runs:
+        console.print(f"{f.watchers} watchers: an event's first receipt came after {f.first_receipt_p50_ms:.2f} ms "
+                      f"and its last after {f.last_receipt_p50_ms:.2f} ms (p50 over events); {f.changes} allocations; "
+                      f"change errors {_counts(f.change_errors) or 0}, "
+                      f"streams ended by the server {_counts(f.stream_errors) or 0}; server "
+                      f"{'healthy' if f.healthy_after else '[red]NOT healthy[/]'} once every stream closed")
 
 
 def _counts(counter: dict[str, int]) -> str:

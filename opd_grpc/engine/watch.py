@@ -73,7 +73,8 @@ class Subscription:
         """The events buffered so far, waiting up to `timeout` seconds for one ([] if none came)."""
         if not self.events and not self.overflowed and not self.closed:
             try:
-                await asyncio.wait_for(self._ready.wait(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for, which makes a task for every wait
+                    await self._ready.wait()
             except TimeoutError:
                 return []
         self._ready.clear()
