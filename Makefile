@@ -16,8 +16,20 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/python -m opd_grpc
 
+# The suite runs on SQLite, then on PostgreSQL (each test in a schema of its own) when one answers at
+# POSTGRES_URL; REQUIRE_POSTGRES=1 (CI) turns "skipped" into a failure.
+POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+
 test: $(STAMP) proto-check lint
 	$(BIN)/python -m pytest -q
+	@if $(BIN)/python scripts/postgres_ready.py "$(POSTGRES_URL)"; then \
+		echo "== the same suite on PostgreSQL ($(POSTGRES_URL))"; \
+		TEST_DATABASE=postgresql TEST_POSTGRES_URL="$(POSTGRES_URL)" $(BIN)/python -m pytest -q -m "not backend_independent"; \
+	elif [ -n "$(REQUIRE_POSTGRES)" ]; then \
+		echo "FAILED: REQUIRE_POSTGRES is set and PostgreSQL does not answer"; exit 1; \
+	else \
+		echo "== SKIPPED the PostgreSQL half of the suite: no PostgreSQL answers at $(POSTGRES_URL) (SQLite passed)"; \
+	fi
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import os
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import grpc
+import sqlalchemy
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -24,11 +27,50 @@ DAY = "2030-01-07"  # a Monday, far from the wall clock
 MORNING = dt.datetime(2030, 1, 7, 7, 0, tzinfo=dt.timezone.utc)
 
 
+# `make test` runs the suite twice: on SQLite files, then with TEST_DATABASE=postgresql on the PostgreSQL at
+# TEST_POSTGRES_URL, each test in a schema of its own.
+TEST_DATABASE = os.environ.get("TEST_DATABASE", "sqlite")
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@contextlib.contextmanager
+def fresh_database(folder: Path) -> Iterator[str]:
+    """The URL of an empty database for one test: an SQLite file in `folder`, or a PostgreSQL schema of its own
+    that is dropped afterwards."""
+    if TEST_DATABASE != "postgresql":
+        yield f"sqlite:///{folder / 'opd.db'}"
+        return
+    schema = f"test_{uuid.uuid4().hex[:16]}"
+    admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.NullPool)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
+
+
+def stored_events(database_url: str, doctor_id: str, date: str = DAY) -> list[tuple[int, str, str, str]]:
+    """The event table itself, read beside the server: (sequence, EVENT_KIND_…, token_id, STATUS_…) rows."""
+    engine = sqlalchemy.create_engine(database_url, poolclass=sqlalchemy.NullPool)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sqlalchemy.text(
+                "SELECT sequence, kind, token_id, status FROM queue_events WHERE doctor_id = :doctor AND date = :date "
+                "ORDER BY sequence"), {"doctor": doctor_id, "date": date}).all()
+    finally:
+        engine.dispose()
+    return [(seq, f"EVENT_KIND_{kind}", token_id, f"STATUS_{status}" if status else "STATUS_UNSPECIFIED")
+            for seq, kind, token_id, status in rows]
+
+
 class LiveServer:
     """An OPDServer on its own event loop in a background thread, listening on 127.0.0.1:<free port>."""
 
-    def __init__(self, db_path: Path, **settings: Any):
-        env = {"OPD_DATABASE_URL": f"sqlite:///{db_path}", "OPD_LISTEN": "127.0.0.1:0", "OPD_TEST_CLOCK": "1"}
+    def __init__(self, database_url: str, **settings: Any):
+        env = {"OPD_DATABASE_URL": database_url, "OPD_LISTEN": "127.0.0.1:0", "OPD_TEST_CLOCK": "1"}
         env.update({f"OPD_{k}": str(v) for k, v in settings.items()})
         self.settings = Settings.load(env=env)
         self._loop = asyncio.new_event_loop()
@@ -175,11 +217,12 @@ def spec_violations(stub: opd_pb2_grpc.OPDTokenServiceStub, doctor_id: str, date
 
 
 def live_server(tmp_path: Path, **settings: Any) -> Iterator[LiveServer]:
-    server = LiveServer(tmp_path / "opd.db", **settings)
-    try:
-        yield server
-    finally:
-        server.close()
+    with fresh_database(tmp_path) as url:
+        server = LiveServer(url, **settings)
+        try:
+            yield server
+        finally:
+            server.close()
 
 
 def at(hhmm: str, date: str = DAY) -> dt.datetime:

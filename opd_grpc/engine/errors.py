@@ -64,3 +64,8 @@ class Unavailable(EngineError):
 
 def invalid(field_name: str, description: str, reason: str = "INVALID_ARGUMENT") -> InvalidArgument:
     return InvalidArgument([FieldViolation(field_name, description)], reason)
+
+
+class Conflict(Exception):
+    """Not a refusal: the unit of work lost a race with another process's (both inserted one key, a deadlock, a
+    dropped connection before the commit) and changed nothing. The service runs it again."""

@@ -10,13 +10,16 @@ from __future__ import annotations
 import base64
 import collections
 import datetime as dt
+import functools
+import random
 import threading
+import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol, TypeVar
 
 from opd_grpc.engine.clock import Clock
-from opd_grpc.engine.errors import FailedPrecondition, NotFound, OutOfRange, invalid
+from opd_grpc.engine.errors import Conflict, FailedPrecondition, NotFound, OutOfRange, Unavailable, invalid
 from opd_grpc.engine.model import (
     Allocation, CallResult, CapacityChange, DayStats, Doctor, DoctorDay, Patient, QueueEvent, Release, Rules,
     Slot, SlotStatus, Source, TokenView, day_of_slot_id, day_of_token_id,
@@ -99,6 +102,25 @@ class Page:
 
 MAX_PAGE_SIZE = 1000
 MAX_WATCHED_DOCTORS = 50
+CONFLICT_ATTEMPTS = 6
+
+
+def _retried(method: Callable[..., T]) -> Callable[..., T]:
+    """Runs a use case again when its unit of work lost a race with another replica's (it changed nothing, and
+    the caches of its days were dropped): the second time it sees the winner's rows."""
+
+    @functools.wraps(method)
+    def run(self: OPDService, *args: Any) -> T:
+        for attempt in range(CONFLICT_ATTEMPTS):
+            try:
+                return method(self, *args)
+            except Conflict as conflict:
+                lost = conflict
+                time.sleep(random.uniform(0, 0.002 * 2 ** attempt))  # apart, so the racers do not meet again
+        raise Unavailable(f"The database stayed busy with conflicting changes ({lost}); try again with the same "
+                          "request_id.", "DATABASE_CONFLICT")
+
+    return run
 DEFAULT_PAGE_SIZE = 100
 _DAY_CACHE_SIZE = 4096
 
@@ -117,6 +139,7 @@ class OPDService:
 
     # ---- doctors and slots --------------------------------------------------------------------
 
+    @_retried
     def create_doctor(self, name: str, specialization: str, retry: Retry | None) -> Doctor | Replay:
         v = Violations()
         name = v.text("name", name)
@@ -129,6 +152,7 @@ class OPDService:
             self._finish(uow, retry, doctor)
         return doctor
 
+    @_retried
     def get_doctor(self, doctor_id: str) -> Doctor:
         v = Violations()
         v.doctor_id("doctor_id", doctor_id)
@@ -138,11 +162,13 @@ class OPDService:
         with self.store.unit_of_work(write=False) as uow:
             return self._doctor(uow, doctor_id)
 
+    @_retried
     def list_doctors(self, page_size: int, page_token: str) -> Page:
         offset, limit = _page(page_size, page_token)
         with self.store.unit_of_work(write=False) as uow:
             return _paged(uow.doctors(offset, limit + 1), offset, limit)
 
+    @_retried
     def create_slots(self, doctor_id: str, requests: list[SlotRequest], retry: Retry | None) -> list[Slot] | Replay:
         """SPEC §11: a batch on any dates, all or nothing."""
         v = Violations()
@@ -187,6 +213,7 @@ class OPDService:
                 day.clear_pending()
         return created
 
+    @_retried
     def list_slots(self, doctor_id: str, date: str, page_size: int, page_token: str) -> Page:
         v = Violations()
         v.doctor_id("doctor_id", doctor_id)
@@ -197,6 +224,7 @@ class OPDService:
             self._doctor(uow, doctor_id)
             return _paged(uow.slots(doctor_id, day, offset, limit + 1), offset, limit)
 
+    @_retried
     def update_slot_capacity(self, slot_id: str, max_capacity: int, retry: Retry | None) -> CapacityChange | Replay:
         v = Violations()
         v.text("slot_id", slot_id)
@@ -206,6 +234,7 @@ class OPDService:
         return self._change(day_of_slot_id(slot_id), retry,
                             lambda day, now: day.set_capacity(slot_id, max_capacity, now), missing_ok=True)
 
+    @_retried
     def get_slot_status(self, slot_id: str) -> SlotStatus:
         v = Violations()
         v.text("slot_id", slot_id)
@@ -214,6 +243,7 @@ class OPDService:
 
     # ---- tokens -------------------------------------------------------------------------------
 
+    @_retried
     def allocate(self, cmd: AllocateCommand, retry: Retry | None) -> Allocation | Replay:
         """SPEC §4 (and §5 for SOURCE_EMERGENCY)."""
         v = Violations()
@@ -236,18 +266,23 @@ class OPDService:
         return self._change((cmd.doctor_id, date), retry,
                             lambda day, now: day.allocate(patient, source, preferred, cmd.flexible, now))
 
+    @_retried
     def cancel(self, token_id: str, retry: Retry | None) -> Release | Replay:
         return self._token_change(token_id, retry, lambda day, now: day.cancel(token_id, now))
 
+    @_retried
     def mark_no_show(self, token_id: str, retry: Retry | None) -> Release | Replay:
         return self._token_change(token_id, retry, lambda day, now: day.mark_no_show(token_id, now))
 
+    @_retried
     def check_in(self, token_id: str, retry: Retry | None) -> TokenView | Replay:
         return self._token_change(token_id, retry, lambda day, now: day.check_in(token_id, now))
 
+    @_retried
     def complete(self, token_id: str, retry: Retry | None) -> TokenView | Replay:
         return self._token_change(token_id, retry, lambda day, now: day.complete(token_id, now))
 
+    @_retried
     def call_next(self, doctor_id: str, date: str, retry: Retry | None) -> CallResult | Replay:
         v = Violations()
         v.doctor_id("doctor_id", doctor_id)
@@ -255,12 +290,14 @@ class OPDService:
         self._check(v, retry)
         return self._change((doctor_id, day), retry, lambda d, now: d.call_next(now))
 
+    @_retried
     def get_token(self, token_id: str) -> TokenView:
         v = Violations()
         v.text("token_id", token_id)
         v.check()
         return self._read(day_of_token_id(token_id), lambda day: day.view(day.token(token_id)), missing_ok=True)
 
+    @_retried
     def list_tokens(self, doctor_id: str, date: str, page_size: int, page_token: str) -> Page:
         v = Violations()
         v.doctor_id("doctor_id", doctor_id)
@@ -270,6 +307,7 @@ class OPDService:
         views = self._read((doctor_id, day), lambda d: d.views(), missing_ok=True)
         return _paged(views[offset: offset + limit + 1], offset, limit)
 
+    @_retried
     def stats(self, date: str, doctor_id: str) -> list[DayStats]:
         v = Violations()
         day = v.date("date", date)
@@ -285,6 +323,7 @@ class OPDService:
 
     # ---- watching (SPEC §10; the stream itself is watch.QueueWatch) ------------------------------------
 
+    @_retried
     def watch_plan(self, doctor_ids: list[str], date: str, after_sequence: int | None,
                    after_sequences: dict[str, int]) -> list[tuple[DayKey, int | None]]:
         """Where each doctor's watch starts: None for a snapshot, else the sequence to resume after."""
@@ -325,14 +364,17 @@ class OPDService:
                 plan.append(((doctor_id, day), after))
         return plan
 
+    @_retried
     def queue_snapshot(self, key: DayKey) -> Snapshot:
         return self._read(key, lambda day: Snapshot(key[0], key[1], day.last_sequence, day.views()),
                           missing_ok=True)
 
+    @_retried
     def events_after(self, key: DayKey, after: int, limit: int) -> list[QueueEvent]:
         with self.store.unit_of_work(write=False) as uow:
             return uow.events_after(key, after, limit)
 
+    @_retried
     def mark_overdue_no_shows(self) -> int:
         """Marks today's overdue confirmed tokens no-show (AUTO_NO_SHOW); answers how many."""
         today = self.clock.now().astimezone(self.rules.timezone).date()

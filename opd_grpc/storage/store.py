@@ -10,15 +10,18 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import sqlite3
 import threading
 from typing import Any, Iterator
 
 from sqlalchemy import Connection, Engine, bindparam, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from opd_grpc.engine.model import (
     Doctor, DoctorDay, EventKind, Patient, QueueEvent, Rules, Slot, Source, Status, Token,
 )
+from opd_grpc.engine.errors import Conflict, Unavailable
 from opd_grpc.engine.service import DayKey, StoredRequest
 from opd_grpc.storage.tables import (
     Base, DoctorDayRow, DoctorRow, QueueEventRow, SlotRow, StoredRequestRow, TokenRow,
@@ -107,12 +110,43 @@ class SqlStore:
 
     @contextlib.contextmanager
     def unit_of_work(self, write: bool) -> Iterator[SqlUnitOfWork]:
-        """One transaction; without commit() it rolls back."""
+        """One transaction; without commit() it rolls back. A race lost to another process's transaction comes
+        out as `Conflict`, which the service answers by running the unit of work again."""
+        uow = None
+        try:
+            with self._transaction(write) as uow:
+                yield uow
+        except Exception as error:  # the hot statements run on the driver: its own errors come out unwrapped
+            cause = error.orig if isinstance(error, DBAPIError) else error
+            if not isinstance(cause, self.engine.dialect.loaded_dbapi.Error):
+                raise
+            if self._connection_lost(error) and uow is not None and uow.committing:
+                raise Unavailable("The database connection was lost while committing this change, so it may or may "
+                                  "not have been saved; send the request again with the same request_id.",
+                                  "COMMIT_OUTCOME_UNKNOWN") from error
+            if self._connection_lost(error) or getattr(cause, "sqlstate", None) in _RACE_SQLSTATES:
+                raise Conflict(str(cause).splitlines()[0] if str(cause) else type(cause).__name__) from error
+            raise
+
+    def _connection_lost(self, error: Exception) -> bool:
+        """A dropped connection (a restarted database, a terminated backend), or SQLite's busy timeout."""
+        if isinstance(error, DBAPIError):
+            if error.connection_invalidated:
+                return True
+            error = error.orig
+        if self.is_sqlite:
+            return isinstance(error, sqlite3.OperationalError) and "database is locked" in str(error)
+        return isinstance(error, self.engine.dialect.loaded_dbapi.OperationalError) and \
+            getattr(error, "sqlstate", None) not in _RACE_SQLSTATES
+
+    @contextlib.contextmanager
+    def _transaction(self, write: bool) -> Iterator[SqlUnitOfWork]:
         if self._writer is not None and write:
             with self._writer:  # SQLite's one writer keeps its connection: no pool round trip per write
                 if self._writer_uow is None:
                     self._writer_uow = SqlUnitOfWork(self.engine.connect(), self.hot)
                 uow = self._writer_uow
+                uow.committing = False
                 uow.cursor.execute("BEGIN IMMEDIATE")
                 try:
                     yield uow
@@ -171,11 +205,15 @@ class SqlUnitOfWork:
         self.hot = hot
         self.driver = conn.connection.dbapi_connection
         self.cursor = self.driver.cursor()
+        self.committing = False
 
     def commit(self) -> None:
-        """Ends the transaction, whether the hot statements (on the driver) or SQLAlchemy began it."""
+        """Ends the transaction, whether the hot statements (on the driver) or SQLAlchemy began it. A connection
+        lost meanwhile leaves the outcome unknown (`committing` tells the store so)."""
+        self.committing = True
         self.conn.commit()
         self.driver.commit()
+        self.committing = False
 
     def rollback(self) -> None:
         self.conn.rollback()
@@ -274,6 +312,11 @@ class SqlUnitOfWork:
                 "token_id": e.token_id, "token_number": e.token_number, "slot_id": e.slot_id,
                 "status": e.status.value if e.status else "", "caused_by_token_id": e.caused_by_token_id,
                 "occurred_at": _iso(e.occurred_at)} for e in day.pending_events])
+
+
+# PostgreSQL's codes for a race lost to a concurrent transaction: a key both inserted (the loser sees the
+# winner's row when it runs again), a serialization failure, a deadlock.
+_RACE_SQLSTATES = {"23505", "40001", "40P01"}
 
 
 def _iso(when: dt.datetime | None) -> str | None:

@@ -12,7 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.report import FanoutMeasurement
+
+pytestmark = pytest.mark.backend_independent
 
 ROOT = Path(__file__).resolve().parents[2]
 KINDS = {"health-check", "allocate"}

@@ -11,7 +11,7 @@ from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from opd_grpc._gen.opd.v1 import opd_pb2_grpc, test_clock_pb2, test_clock_pb2_grpc
 from opd_grpc.api.convert import timestamp
 from opd_grpc.process import ServerProcess
-from tests.support import DAY, MORNING, all_tokens, make_doctor, make_slots, patient, spec_violations
+from tests.support import DAY, MORNING, all_tokens, fresh_database, make_doctor, make_slots, patient, spec_violations
 
 
 async def _allocate_until_killed(server: ServerProcess, doctor: str, count: int) -> dict[str, int]:
@@ -41,7 +41,11 @@ async def _allocate_until_killed(server: ServerProcess, doctor: str, count: int)
 
 
 def test_acknowledged_allocations_survive_sigkill(tmp_path: Path):
-    database = tmp_path / "opd.db"
+    with fresh_database(tmp_path) as database:
+        _allocations_survive_sigkill(database)
+
+
+def _allocations_survive_sigkill(database: str) -> None:
     server = ServerProcess(database)
     server.start()
     with grpc.insecure_channel(server.address) as channel:

@@ -25,6 +25,8 @@ from simulation.ledger import Ledger
 from simulation.scenario import SMALL
 from tests.support import LiveServer
 
+pytestmark = pytest.mark.backend_independent
+
 ROOT = Path(__file__).resolve().parents[2]
 DATE = "2030-01-07"
 

@@ -4,7 +4,6 @@ server and its restart on the same file, and sees every event exactly once, equa
 from __future__ import annotations
 
 import socket
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 from clients.library import OPDClient
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from opd_grpc.process import ServerProcess
-from tests.support import DAY, patient
+from tests.support import DAY, fresh_database, patient, stored_events
 
 
 def _free_port() -> int:
@@ -21,15 +20,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _event_table(database: Path, doctor_id: str) -> list[tuple[int, str]]:
-    with sqlite3.connect(database) as db:
-        return [(seq, f"EVENT_KIND_{kind}") for seq, kind in db.execute(
-            "SELECT sequence, kind FROM queue_events WHERE doctor_id = ? AND date = ? ORDER BY sequence",
-            (doctor_id, DAY))]
+def _event_table(database: str, doctor_id: str) -> list[tuple[int, str]]:
+    return [(seq, kind) for seq, kind, _, _ in stored_events(database, doctor_id)]
 
 
 def test_a_watcher_across_a_sigkill_and_restart_misses_nothing_and_sees_nothing_twice(tmp_path: Path):
-    database = tmp_path / "opd.db"
+    with fresh_database(tmp_path) as database:
+        _watch_across_a_restart(database)
+
+
+def _watch_across_a_restart(database: str) -> None:
     settings = {"LISTEN": f"127.0.0.1:{_free_port()}"}  # the restarted server comes back where the clients look
     server = ServerProcess(database, settings=settings)
     server.start()
@@ -80,5 +80,5 @@ def test_a_watcher_across_a_sigkill_and_restart_misses_nothing_and_sees_nothing_
         server.stop()
 
     assert sorted(numbers) == list(range(1, 221))  # every allocation landed once, retries included
-    assert snapshots == [1] and watch.reconnects >= 1
-    assert seen == _event_table(database, doctor)[1:]  # sequences 2 … N, each once, in order
+    assert len(snapshots) == 1 and watch.reconnects >= 1  # resumed after the restart: no second snapshot
+    assert seen == _event_table(database, doctor)[snapshots[0]:]  # every later sequence once, in order

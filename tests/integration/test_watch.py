@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -13,22 +12,16 @@ from typing import Any, Callable, Iterator
 
 import grpc
 import pytest
+import sqlalchemy
 
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from opd_grpc._gen.opd.v1 import opd_pb2_grpc
-from tests.support import DAY, LiveServer, allocate, at, failure, live_server, make_doctor, make_slots, patient
+from tests.support import (
+    DAY, LiveServer, allocate, at, failure, fresh_database, live_server, make_doctor, make_slots, patient,
+    stored_events,
+)
 
 EventKey = tuple[int, str, str, str]  # sequence, kind, token_id, status
-
-
-def stored_events(live: LiveServer, doctor_id: str, date: str = DAY) -> list[EventKey]:
-    """The event table itself, read beside the server (WAL lets a reader in at any time)."""
-    path = live.settings.DATABASE_URL.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as db:
-        rows = db.execute("SELECT sequence, kind, token_id, status FROM queue_events WHERE doctor_id = ? AND "
-                          "date = ? ORDER BY sequence", (doctor_id, date)).fetchall()
-    return [(seq, f"EVENT_KIND_{kind}", token_id, f"STATUS_{status}" if status else "STATUS_UNSPECIFIED")
-            for seq, kind, token_id, status in rows]
 
 
 def event_key(e: pb.QueueEvent) -> EventKey:
@@ -97,7 +90,7 @@ def test_snapshot_then_live_events_in_order(clinic: tuple[LiveServer, str]):
         snapshot = watcher.updates[0].snapshot
         assert watcher.updates[0].WhichOneof("update") == "snapshot"
         assert (snapshot.doctor_id, snapshot.date) == (doctor, DAY)
-        assert snapshot.sequence == len(stored_events(live, doctor))
+        assert snapshot.sequence == len(stored_events(live.settings.DATABASE_URL, doctor))
         assert [(t.token_number, t.status) for t in snapshot.tokens] == [(1, pb.STATUS_CONFIRMED)]
         assert not snapshot.tokens[0].HasField("patient"), "a display stream never carries patient details"
 
@@ -106,7 +99,7 @@ def test_snapshot_then_live_events_in_order(clinic: tuple[LiveServer, str]):
         live.stub.CheckInToken(pb.CheckInTokenRequest(token_id=first.token_id))
         live.stub.CallNext(pb.CallNextRequest(doctor_id=doctor, date=DAY))
         watcher.wait_until(lambda w: len(w.events) >= 4)
-        assert [event_key(e) for e in watcher.events] == stored_events(live, doctor)[snapshot.sequence:]
+        assert [event_key(e) for e in watcher.events] == stored_events(live.settings.DATABASE_URL, doctor)[snapshot.sequence:]
         assert [pb.EventKind.Name(e.kind) for e in watcher.events] == [
             "EVENT_KIND_ALLOCATED", "EVENT_KIND_WAITLISTED", "EVENT_KIND_CHECKED_IN", "EVENT_KIND_CALLED"]
         placed = watcher.events[1].token
@@ -136,7 +129,7 @@ def test_resume_after_n_gives_exactly_the_events_after_n(clinic: tuple[LiveServe
     live, doctor = clinic
     for n in range(1, 6):
         allocate(live.stub, doctor, n)
-    stored = stored_events(live, doctor)
+    stored = stored_events(live.settings.DATABASE_URL, doctor)
     assert len(stored) == 7  # two slots created, five tokens
     watcher = Watcher(live.stub, doctor_ids=[doctor], date=DAY, after_sequence=after)
     try:
@@ -144,7 +137,7 @@ def test_resume_after_n_gives_exactly_the_events_after_n(clinic: tuple[LiveServe
         allocate(live.stub, doctor, 6)
         watcher.wait_until(lambda w: len(w.events) >= 8 - after)
         assert not any(u.WhichOneof("update") == "snapshot" for u in watcher.updates)
-        assert [event_key(e) for e in watcher.events] == stored_events(live, doctor)[after:]
+        assert [event_key(e) for e in watcher.events] == stored_events(live.settings.DATABASE_URL, doctor)[after:]
     finally:
         watcher.close()
 
@@ -161,8 +154,8 @@ def test_several_doctors_in_one_stream_with_a_resume_point_each(live: LiveServer
         allocate(live.stub, b, 20)
         allocate(live.stub, a, 21)
         watcher.wait_until(lambda w: len(w.events_of(a)) >= 3 and len(w.events_of(b)) >= 2)
-        assert [event_key(e) for e in watcher.events_of(a)] == stored_events(live, a)[2:]
-        assert [event_key(e) for e in watcher.events_of(b)] == stored_events(live, b)[3:]
+        assert [event_key(e) for e in watcher.events_of(a)] == stored_events(live.settings.DATABASE_URL, a)[2:]
+        assert [event_key(e) for e in watcher.events_of(b)] == stored_events(live.settings.DATABASE_URL, b)[3:]
     finally:
         watcher.close()
 
@@ -214,9 +207,11 @@ def test_resume_points_outside_the_kept_history_are_out_of_range(clinic: tuple[L
 
     ahead = first_error(after_sequence=7)
     assert (ahead.code, ahead.reason) == (grpc.StatusCode.OUT_OF_RANGE, "SEQUENCE_AHEAD")
-    path = live.settings.DATABASE_URL.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as db:  # what pruning by age will do (issue 4): the oldest events go
-        db.execute("DELETE FROM queue_events WHERE doctor_id = ? AND sequence <= 3", (doctor,))
+    engine = sqlalchemy.create_engine(live.settings.DATABASE_URL, poolclass=sqlalchemy.NullPool)
+    with engine.begin() as conn:  # what pruning by age does: the oldest events go
+        conn.execute(sqlalchemy.text("DELETE FROM queue_events WHERE doctor_id = :doctor AND sequence <= 3"),
+                     {"doctor": doctor})
+    engine.dispose()
     pruned = first_error(after_sequence=1)
     assert (pruned.code, pruned.reason) == (grpc.StatusCode.OUT_OF_RANGE, "HISTORY_NOT_KEPT")
     watcher = Watcher(live.stub, doctor_ids=[doctor], date=DAY, after_sequence=3)  # nothing kept is missed
@@ -312,7 +307,7 @@ def test_fifty_watchers_all_see_the_event_table_in_order(live: LiveServer):
 
             readers = [asyncio.ensure_future(read(c, s)) for c, s in zip(calls, seen)]
             await loop.run_in_executor(None, _random_operations, live, doctors, 300, 7)
-            table = {d: stored_events(live, d) for d in doctors}
+            table = {d: stored_events(live.settings.DATABASE_URL, d) for d in doctors}
             deadline = loop.time() + 20
             while loop.time() < deadline and any(len(s[d]) < len(table[d]) for s in seen for d in doctors):
                 await asyncio.sleep(0.05)
@@ -333,7 +328,7 @@ def test_a_cancelled_stream_leaves_no_task_thread_or_buffer_behind(clinic: tuple
     live, doctor = clinic
     hub = live.server.service.events
     loop = live._loop
-    threads_before = threading.active_count()
+    threads_before = _threads_outside_the_engine_pool()
     tasks_before = asyncio.run_coroutine_threadsafe(_task_count(), loop).result()
     watchers = [Watcher(live.stub, doctor_ids=[doctor], date=DAY) for _ in range(20)]
     for w in watchers:
@@ -349,8 +344,13 @@ def test_a_cancelled_stream_leaves_no_task_thread_or_buffer_behind(clinic: tuple
         time.sleep(0.05)
     assert hub.watchers == 0
     assert asyncio.run_coroutine_threadsafe(_task_count(), loop).result() <= tasks_before
-    assert threading.active_count() <= threads_before
+    assert _threads_outside_the_engine_pool() <= threads_before  # a stream costs a coroutine, not a thread
     allocate(live.stub, doctor, 2)  # publishing to nobody is fine
+
+
+def _threads_outside_the_engine_pool() -> int:
+    """Threads other than the engine's bounded pool (PostgreSQL's snapshot reads start its threads on demand)."""
+    return sum(not t.name.startswith("opd-engine") for t in threading.enumerate())
 
 
 async def _task_count() -> int:
@@ -400,7 +400,11 @@ def test_a_watcher_that_stops_reading_is_told_to_resume_and_slows_nobody(small_b
 
 
 def test_shutdown_tells_watchers_to_reconnect(tmp_path: Path):
-    server = LiveServer(tmp_path / "opd.db")
+    with fresh_database(tmp_path) as url:
+        _shutdown_tells_watchers_to_reconnect(LiveServer(url))
+
+
+def _shutdown_tells_watchers_to_reconnect(server: LiveServer) -> None:
     doctor = make_doctor(server.stub)
     with grpc.insecure_channel(server.address) as channel:
         watcher = Watcher(opd_pb2_grpc.OPDTokenServiceStub(channel), doctor_ids=[doctor], date=DAY)

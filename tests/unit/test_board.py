@@ -6,11 +6,14 @@ import datetime as dt
 import io
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from clients.board import (BoardState, big_number, connection_line, demo_state, follow, main, render,
                            save_picture)
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
+
+pytestmark = pytest.mark.backend_independent
 
 DATE = "2030-01-07"
 SLOT_0900 = "DOC001-20300107-0900"

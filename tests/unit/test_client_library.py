@@ -15,6 +15,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from clients.library import InvalidArgument, NotFound, OPDClient, OPDError, Unavailable
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 
+pytestmark = pytest.mark.backend_independent
+
 SERVICE = pb.DESCRIPTOR.services_by_name["OPDTokenService"]
 METHOD = SERVICE.methods_by_name
 DAY = "2030-01-07"

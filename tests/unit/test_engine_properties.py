@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis.stateful import (
     RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test,
 )
+import pytest
 from sqlalchemy import select
 
 from opd_grpc.engine.clock import TestClock
@@ -32,6 +33,8 @@ from opd_grpc.engine.model import Allocation, Patient, Rules, Source, Status, To
 from opd_grpc.engine.service import AllocateCommand, OPDService, Replay, Retry, SlotRequest
 from opd_grpc.storage.store import SqlStore
 from opd_grpc.storage.tables import DoctorDayRow, QueueEventRow, SlotRow, TokenRow
+
+pytestmark = pytest.mark.backend_independent
 
 DATE = dt.date(2030, 1, 7)
 DAY = DATE.isoformat()

@@ -9,6 +9,8 @@ import pytest
 
 from opd_grpc.settings import Settings, SettingsError
 
+pytestmark = pytest.mark.backend_independent
+
 
 def toml(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "opd.toml"
