@@ -13,6 +13,9 @@ from typing import Any, Mapping
 from opd_grpc.engine.model import Rules
 
 
+MIN_REQUEST_RETENTION_HOURS = 24
+
+
 class SettingsError(ValueError):
     """A setting that cannot be used; the message names it."""
 
@@ -34,6 +37,13 @@ class Settings:
     # before its stream ends with ABORTED and the client resumes from the event table.
     WATCH_HEARTBEAT_SECONDS: float = 10.0
     WATCH_BUFFER_EVENTS: int = 1000
+    # How often each server compares its watchers with the stored last sequences: the latest that a change
+    # whose wake-up was lost (a replica killed between commit and NOTIFY) reaches them.
+    WATCH_CATCH_UP_SECONDS: float = 1.0
+    # History pruned by age: a doctor-day's queue events once its date is this many days past (a watcher resuming
+    # into them gets OUT_OF_RANGE), and a request_id's stored answer after this many hours (SPEC §9: >= 24).
+    EVENT_RETENTION_DAYS: int = 30
+    REQUEST_RETENTION_HOURS: int = 48
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, file: str | Path | None = None) -> Settings:
@@ -60,12 +70,16 @@ class Settings:
 
     def check(self) -> None:
         for name in ("DEFAULT_SLOT_CAPACITY", "AVERAGE_CONSULTATION_MINUTES", "MAX_CONCURRENT_CALLS",
-                     "WATCH_HEARTBEAT_SECONDS", "WATCH_BUFFER_EVENTS"):
+                     "WATCH_HEARTBEAT_SECONDS", "WATCH_BUFFER_EVENTS", "WATCH_CATCH_UP_SECONDS",
+                     "EVENT_RETENTION_DAYS"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, not {getattr(self, name)}")
         for name in ("NO_SHOW_GRACE_PERIOD_MINUTES", "MAX_WAITLIST_SIZE", "RATE_LIMIT_PER_KEY"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative, not {getattr(self, name)}")
+        if self.REQUEST_RETENTION_HOURS < MIN_REQUEST_RETENTION_HOURS:
+            raise SettingsError(f"REQUEST_RETENTION_HOURS must be at least {MIN_REQUEST_RETENTION_HOURS} (a retry "
+                                f"must find its first answer for a day, SPEC §9), not {self.REQUEST_RETENTION_HOURS}")
         self.zone()
 
     def zone(self) -> zoneinfo.ZoneInfo:
@@ -78,7 +92,9 @@ class Settings:
         return Rules(default_slot_capacity=self.DEFAULT_SLOT_CAPACITY,
                      average_consultation_minutes=self.AVERAGE_CONSULTATION_MINUTES,
                      no_show_grace_period_minutes=self.NO_SHOW_GRACE_PERIOD_MINUTES,
-                     max_waitlist_size=self.MAX_WAITLIST_SIZE, timezone=self.zone())
+                     max_waitlist_size=self.MAX_WAITLIST_SIZE, timezone=self.zone(),
+                     event_retention_days=self.EVENT_RETENTION_DAYS,
+                     request_retention_hours=self.REQUEST_RETENTION_HOURS)
 
 
 def _convert(name: str, kind: Any, value: Any) -> Any:

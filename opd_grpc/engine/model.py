@@ -95,6 +95,10 @@ class Rules:
     no_show_grace_period_minutes: int = 15
     max_waitlist_size: int = 50
     timezone: dt.tzinfo = dt.timezone.utc
+    # How long history is kept (OPDService.prune_history): a doctor-day's queue events, in days after its date,
+    # and a request_id's stored answer, in hours (SPEC §9: at least 24).
+    event_retention_days: int = 30
+    request_retention_hours: int = 48
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import threading
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from operator import methodcaller
 from typing import Any, Callable, Iterable, Protocol, TypeVar
 
 from opd_grpc.engine.clock import Clock
@@ -63,7 +64,11 @@ class UnitOfWork(Protocol):
     def load_day(self, key: DayKey, rules: Rules) -> DoctorDay: ...
     def save_day(self, day: DoctorDay) -> None: ...
     def events_after(self, key: DayKey, after: int, limit: int) -> list[QueueEvent]: ...
+    def last_sequences(self, keys: list[DayKey]) -> dict[DayKey, int]: ...
     def event_range(self, key: DayKey) -> tuple[int | None, int]: ...
+    def event_days_before(self, date: dt.date) -> list[tuple[DayKey, int, int]]: ...
+    def delete_events(self, key: DayKey, through: int) -> int: ...
+    def delete_requests(self, before: dt.datetime, limit: int) -> int: ...
     def doctor(self, doctor_id: str) -> Doctor | None: ...
     def add_doctor(self, name: str, specialization: str) -> Doctor: ...
     def doctors(self, offset: int, limit: int) -> list[Doctor]: ...
@@ -101,6 +106,8 @@ class Page:
 
 
 MAX_PAGE_SIZE = 1000
+PRUNE_BATCH_ROWS = 1000
+PRUNE_PAUSE_SECONDS = 0.01  # between two batches of pruning: the changes waiting for the database go first
 MAX_WATCHED_DOCTORS = 50
 CONFLICT_ATTEMPTS = 6
 
@@ -195,10 +202,11 @@ class OPDService:
         keys = sorted({(doctor_id, p[0]) for p in parsed})
         now = self.clock.now()
         with self._locked(keys) as uow:
+            versions = {key: uow.day_version(key) for key in keys}  # the days' rows, locked before the replay check
             if (replay := self._replay(uow, retry)) is not None:
                 return replay
             self._doctor(uow, doctor_id)
-            days = {key: self._day(uow, key, create=True) for key in keys}
+            days = {key: self._day(uow, key, versions[key], create=True) for key in keys}
             try:
                 created = [days[(doctor_id, date)].add_slot(start, end, cap, minutes, now)
                            for date, start, end, cap, minutes in parsed]
@@ -357,8 +365,9 @@ class OPDService:
                         raise OutOfRange(f"Sequence {after} is past {doctor_id}'s last event on {date} ({last}); "
                                          "resume from a sequence this service sent, or omit after_sequence for "
                                          "a snapshot.", "SEQUENCE_AHEAD")
-                    if first is not None and after < first - 1:
-                        raise OutOfRange(f"{doctor_id}'s events on {date} before sequence {first} are no longer "
+                    kept_from = last + 1 if first is None else first  # None: all pruned (the day keeps its last)
+                    if after < kept_from - 1:
+                        raise OutOfRange(f"{doctor_id}'s events on {date} before sequence {kept_from} are no longer "
                                          "kept; omit after_sequence to start again from a snapshot.",
                                          "HISTORY_NOT_KEPT")
                 plan.append(((doctor_id, day), after))
@@ -375,6 +384,12 @@ class OPDService:
             return uow.events_after(key, after, limit)
 
     @_retried
+    def last_sequences(self, keys: list[DayKey]) -> dict[DayKey, int]:
+        """The stored last event sequence of each day that has one (the watchers' catch-up)."""
+        with self.store.unit_of_work(write=False) as uow:
+            return uow.last_sequences(keys)
+
+    @_retried
     def mark_overdue_no_shows(self) -> int:
         """Marks today's overdue confirmed tokens no-show (AUTO_NO_SHOW); answers how many."""
         today = self.clock.now().astimezone(self.rules.timezone).date()
@@ -388,6 +403,43 @@ class OPDService:
                 marked += len(released)
         return marked
 
+    # ---- history pruned by age (Rules.event_retention_days, request_retention_hours) ------------------
+
+    def prune_history(self, stop: threading.Event | None = None) -> tuple[int, int]:
+        """Deletes the queue events of doctor-days whose date is more than `event_retention_days` before today,
+        and the stored answers of request_ids older than `request_retention_hours`; answers how many of each.
+
+        It deletes `PRUNE_BATCH_ROWS` rows a transaction and pauses between them (on a thread of its own: the
+        pause blocks), so that no change waits long behind it; setting `stop` ends it after the batch in hand.
+        A day's events go together, by the day's date; its doctor_days row (last_sequence) and its tokens stay,
+        so a watcher resuming into them is answered OUT_OF_RANGE (watch_plan) and a snapshot still works. A
+        request_id whose answer is gone is a new request if it comes again."""
+        now = self.clock.now()
+        events_before = now.astimezone(self.rules.timezone).date() - dt.timedelta(days=self.rules.event_retention_days)
+        requests_before = now - dt.timedelta(hours=self.rules.request_retention_hours)
+        stop = stop or threading.Event()
+        with self.store.unit_of_work(write=False) as uow:
+            old_days = uow.event_days_before(events_before)
+        events = requests = 0
+        for key, first, last in old_days:
+            for through in range(first - 1 + PRUNE_BATCH_ROWS, last + PRUNE_BATCH_ROWS, PRUNE_BATCH_ROWS):
+                if stop.is_set():
+                    return events, requests
+                events += self._prune_batch(methodcaller("delete_events", key, through), stop)
+        while not stop.is_set():
+            deleted = self._prune_batch(methodcaller("delete_requests", requests_before, PRUNE_BATCH_ROWS), stop)
+            requests += deleted
+            if deleted < PRUNE_BATCH_ROWS:
+                break
+        return events, requests
+
+    def _prune_batch(self, delete: Callable[[UnitOfWork], int], stop: threading.Event) -> int:
+        with self.store.unit_of_work(write=True) as uow:
+            deleted = delete(uow)
+            uow.commit()
+        stop.wait(PRUNE_PAUSE_SECONDS)
+        return deleted
+
     # ---- the unit of work -----------------------------------------------------------------------
 
     def _check(self, v: Violations, retry: Retry | None) -> None:
@@ -400,9 +452,12 @@ class OPDService:
         """Runs one rule on one doctor-day and commits its changes, events and idempotency record.
         With `missing_ok`, a day without slots is handed to the rule empty (it names what is missing)."""
         with self._locked([key]) as uow:
+            # The day's row is locked first (PostgreSQL): a copy of this request that another replica committed
+            # meanwhile is then visible to the replay check, instead of being run a second time.
+            version = uow.day_version(key)
             if (replay := self._replay(uow, retry)) is not None:
                 return replay
-            day = self._day(uow, key, create=missing_ok)
+            day = self._day(uow, key, version, create=missing_ok)
             try:
                 result = rule(day, self.clock.now())
                 uow.save_day(day)
@@ -423,7 +478,7 @@ class OPDService:
 
     def _read(self, key: DayKey, query: Callable[[DoctorDay], T], missing_ok: bool = False) -> T:
         with self._locked([key], write=False) as uow:
-            return query(self._day(uow, key, create=missing_ok))
+            return query(self._day(uow, key, uow.day_version(key), create=missing_ok))
 
     def _locked(self, keys: list[DayKey], write: bool = True) -> AbstractContextManager[UnitOfWork]:
         """The doctor-day locks, taken in sorted order (no deadlock), then a unit of work."""
@@ -436,9 +491,9 @@ class OPDService:
                 lock = self._day_locks[key] = threading.Lock()
             return lock
 
-    def _day(self, uow: UnitOfWork, key: DayKey, create: bool = False) -> DoctorDay:
-        """The doctor-day, from the cache when its event sequence is still the stored one."""
-        version = uow.day_version(key)
+    def _day(self, uow: UnitOfWork, key: DayKey, version: int | None, create: bool = False) -> DoctorDay:
+        """The doctor-day, from the cache when its event sequence is still the stored `version` (read, and on
+        PostgreSQL locked, by `uow.day_version`)."""
         if version is None:
             self._doctor(uow, key[0])
             if not create:

@@ -4,6 +4,11 @@ A watch subscribes first, then reads a snapshot (or the stored events after a se
 events, skipping any the snapshot already holds and reading from the store any it did not see: so nothing is
 missed and nothing repeated. The event table is the truth; the hub only wakes watchers. Each watcher has a
 bounded buffer, and the hub never waits for one: a watcher that falls too far behind is told to resume.
+
+Another process's changes (another replica's, on PostgreSQL) come as wake-ups, "doctor-day K has reached
+sequence S", without their events: the hub reads them from the store, once for all its watchers of the day,
+and hands them on in sequence with its own. Wake-ups can be lost, so the hub also compares the days watched with
+the store's last sequences now and then (`catch_up_forever`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -21,8 +27,12 @@ from opd_grpc.engine.model import QueueEvent, TokenView
 if TYPE_CHECKING:
     from opd_grpc.engine.service import DayKey, OPDService
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 Runner = Callable[..., Awaitable[Any]]  # runs a synchronous engine call where the server runs them
+EventsAfter = Callable[["DayKey", int, int], Awaitable[list[QueueEvent]]]  # (day, after, limit), from the store
+LastSequences = Callable[[list["DayKey"]], Awaitable[dict["DayKey", int]]]  # each day's last stored sequence
 CATCH_UP_PAGE = 500
 
 
@@ -92,12 +102,20 @@ class Subscription:
 
 
 class EventHub:
-    """Hands each committed event to the subscriptions of its doctor-day, on the server's event loop."""
+    """Hands each committed event to the subscriptions of its doctor-day, on the server's event loop, in
+    sequence: this process's events as they commit, other processes' as read from the store."""
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscriptions: dict[DayKey, set[Subscription]] = collections.defaultdict(set)
         self._closed = False
+        self._handed_on: dict[DayKey, int] = {}  # per watched day, the last sequence handed to its subscriptions
+        self._wanted: dict[DayKey, int] = {}  # per watched day, the last sequence known to be stored
+        self._reading: dict[DayKey, asyncio.Task[None]] = {}  # per day, the read of what this process did not see
+        self._events_after: EventsAfter | None = None
+        self._catch_up_now = asyncio.Event()
+        # Tells other processes that a day reached a sequence (on PostgreSQL: storage.notify's NOTIFY).
+        self.announce: Callable[[DayKey, int], None] | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -128,10 +146,16 @@ class EventHub:
                 subs.discard(subscription)
                 if not subs:
                     del self._subscriptions[key]
+                    self._handed_on.pop(key, None)
+                    self._wanted.pop(key, None)
 
     def publish(self, events: list[QueueEvent]) -> None:
         """Called after each commit while the doctor-day is still locked, so a day's events arrive in order."""
-        if not events or self._loop is None or self._loop.is_closed():
+        if not events:
+            return
+        if self.announce is not None:
+            self.announce((events[0].doctor_id, events[0].date), events[-1].sequence)
+        if self._loop is None or self._loop.is_closed():
             return
         batch = list(events)  # the day clears its pending list once this returns
         try:
@@ -144,9 +168,91 @@ class EventHub:
             self._loop.call_soon_threadsafe(self._deliver, batch)
 
     def _deliver(self, events: list[QueueEvent]) -> None:
-        subs = self._subscriptions.get((events[0].doctor_id, events[0].date))
-        for subscription in list(subs or ()):
+        key = (events[0].doctor_id, events[0].date)
+        last = self._handed_on.get(key)
+        if last is not None and (key in self._reading or events[0].sequence > last + 1):
+            self._want(key, events[-1].sequence)  # another process's events come first: the read brings all
+        else:
+            self._hand_on(key, events)
+
+    def _hand_on(self, key: DayKey, events: list[QueueEvent]) -> None:
+        """Offers the day's events that its subscriptions were not handed yet (some may have been read from the
+        store already)."""
+        subs = self._subscriptions.get(key)
+        if not subs:
+            return
+        last = self._handed_on.get(key)
+        if last is not None and events[0].sequence <= last:
+            events = [e for e in events if e.sequence > last]
+            if not events:
+                return
+        self._handed_on[key] = events[-1].sequence
+        for subscription in list(subs):
             subscription.offer(events)
+
+    def started(self, key: DayKey, sequence: int) -> None:
+        """A watch has read `key` from the store up to `sequence`: the hub reads what it misses from there."""
+        if key in self._subscriptions and key not in self._handed_on:
+            self._handed_on[key] = sequence
+            self._want(key, self._wanted.get(key, 0))
+
+    def remote_change(self, key: DayKey, sequence: int) -> None:
+        """From any thread: another process committed `key`'s events up to `sequence`."""
+        self._call_on_loop(self._want, key, sequence)
+
+    def catch_up_soon(self) -> None:
+        """From any thread: wake-ups may have been lost (a listener reconnected), so compare with the store now."""
+        self._call_on_loop(self._catch_up_now.set)
+
+    def _call_on_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _want(self, key: DayKey, sequence: int) -> None:
+        """`key` has reached `sequence` in the store: read what the watchers were not handed, unless under way."""
+        if key not in self._subscriptions:
+            return
+        if sequence > self._wanted.get(key, 0):
+            self._wanted[key] = sequence
+        last = self._handed_on.get(key)  # None: no watch has started; the first to start sets it
+        if last is not None and sequence > last and key not in self._reading and self._events_after is not None:
+            self._reading[key] = asyncio.create_task(self._read_missed(key, self._events_after))
+
+    async def _read_missed(self, key: DayKey, events_after: EventsAfter) -> None:
+        try:
+            while key in self._handed_on and self._handed_on[key] < self._wanted.get(key, 0):
+                page = await events_after(key, self._handed_on[key], CATCH_UP_PAGE)
+                if not page:
+                    break  # nothing stored after it: the wake-up was stale
+                self._hand_on(key, page)
+        except Exception as error:  # e.g. the database is away: the next catch-up pass tries again
+            log.warning("could not read %s %s's events from the store: %s", key[0], key[1], error)
+        finally:
+            del self._reading[key]
+
+    async def catch_up_forever(self, events_after: EventsAfter, last_sequences: LastSequences,
+                               interval: float) -> None:
+        """Reads what wake-ups announce, and is the net under them: every `interval` seconds, and at once after
+        `catch_up_soon`, the store's last sequence of every watched day (one query for the whole process) makes
+        the hub read what it has not handed on. This also covers a change whose commit was reported unknown,
+        and other processes writing the same SQLite file."""
+        self._events_after = events_after
+        while True:
+            try:
+                async with asyncio.timeout(interval):
+                    await self._catch_up_now.wait()
+            except TimeoutError:
+                pass
+            self._catch_up_now.clear()
+            if not self._handed_on:
+                continue
+            try:
+                stored = await last_sequences(list(self._handed_on))
+            except Exception as error:  # e.g. the database is away: the next pass tries again
+                log.warning("watch catch-up could not read the last sequences: %s", error)
+                continue
+            for key, sequence in stored.items():
+                self._want(key, sequence)
 
 
 class QueueWatch:
@@ -172,9 +278,10 @@ class QueueWatch:
                     yield snapshot
                 else:
                     last[key] = after
-                    async for event in self._stored(key, after, None):
+                    async for event in self._stored(key, after):
                         last[key] = event.sequence
                         yield event
+                hub.started(key, last[key])
             while True:
                 batch = await subscription.take(self.heartbeat_seconds)
                 if not batch:
@@ -183,22 +290,21 @@ class QueueWatch:
                     key = (event.doctor_id, event.date)
                     if event.sequence <= last[key]:
                         continue  # already in the snapshot or read from the store
-                    if event.sequence > last[key] + 1:  # not handed to this process (another replica wrote it)
-                        async for missed in self._stored(key, last[key], event.sequence - 1):
+                    if event.sequence > last[key] + 1:  # the hub started past this watch: the store has the rest
+                        async for missed in self._stored(key, last[key]):
                             last[key] = missed.sequence
                             yield missed
+                        continue
                     last[key] = event.sequence
                     yield event
         finally:
             hub.unsubscribe(subscription)
 
-    async def _stored(self, key: DayKey, after: int, until: int | None) -> AsyncIterator[QueueEvent]:
-        """The stored events of a day after `after` (up to `until`), a page at a time."""
+    async def _stored(self, key: DayKey, after: int) -> AsyncIterator[QueueEvent]:
+        """The stored events of a day after `after`, a page at a time."""
         while True:
             page = await self.run(self.service.events_after, key, after, CATCH_UP_PAGE)
             for event in page:
-                if until is not None and event.sequence > until:
-                    return
                 yield event
                 after = event.sequence
             if len(page) < CATCH_UP_PAGE:

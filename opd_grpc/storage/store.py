@@ -14,7 +14,9 @@ import sqlite3
 import threading
 from typing import Any, Iterator
 
-from sqlalchemy import Connection, Engine, bindparam, create_engine, event, func, insert, select, update
+from sqlalchemy import (
+    Connection, Engine, bindparam, create_engine, delete, event, func, insert, select, tuple_, update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
@@ -24,7 +26,7 @@ from opd_grpc.engine.model import (
 from opd_grpc.engine.errors import Conflict, Unavailable
 from opd_grpc.engine.service import DayKey, StoredRequest
 from opd_grpc.storage.tables import (
-    Base, DoctorDayRow, DoctorRow, QueueEventRow, SlotRow, StoredRequestRow, TokenRow,
+    DoctorDayRow, DoctorRow, QueueEventRow, SlotRow, StoredRequestRow, TokenRow,
 )
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ _EVENTS_AFTER = (select(events, tokens.c.source, tokens.c.created_at)
                  .order_by(events.c.sequence).limit(bindparam("limit")))
 _FIRST_EVENT = select(func.min(events.c.sequence)).where(*_of_day(events))
 _LAST_EVENT = select(days.c.last_sequence).where(*_of_day(days))
+_KEYS_PER_QUERY = 500
 
 
 class SqlStore:
@@ -95,9 +98,6 @@ class SqlStore:
             event.listen(self.engine, "connect", _sqlite_connect)
             self._checkpointer = _Checkpointer(self.engine)
         self.hot = _HotStatements(self.engine.dialect)
-
-    def create_schema(self) -> None:
-        Base.metadata.create_all(self.engine)
 
     def close(self) -> None:
         if self._checkpointer is not None:
@@ -286,6 +286,17 @@ class SqlUnitOfWork:
         params = _key(key)
         return self.conn.execute(_FIRST_EVENT, params).scalar(), self.conn.execute(_LAST_EVENT, params).scalar() or 0
 
+    def last_sequences(self, keys: list[DayKey]) -> dict[DayKey, int]:
+        """The last sequence of each day that has a row, `_KEYS_PER_QUERY` days a query."""
+        found: dict[DayKey, int] = {}
+        for start in range(0, len(keys), _KEYS_PER_QUERY):
+            wanted = {(doctor_id, date.isoformat()): (doctor_id, date)
+                      for doctor_id, date in keys[start:start + _KEYS_PER_QUERY]}
+            rows = self.conn.execute(select(days.c.doctor_id, days.c.date, days.c.last_sequence)
+                                     .where(tuple_(days.c.doctor_id, days.c.date).in_(list(wanted))))
+            found.update({wanted[(doctor_id, date)]: sequence for doctor_id, date, sequence in rows})
+        return found
+
     def save_day(self, day: DoctorDay) -> None:
         """Writes what the day's rules changed: counters, slots, tokens and their events."""
         run, hot = self.cursor, self.hot
@@ -312,6 +323,30 @@ class SqlUnitOfWork:
                 "token_id": e.token_id, "token_number": e.token_number, "slot_id": e.slot_id,
                 "status": e.status.value if e.status else "", "caused_by_token_id": e.caused_by_token_id,
                 "occurred_at": _iso(e.occurred_at)} for e in day.pending_events])
+
+    # ---- history pruned by age (OPDService.prune_history) ----
+
+    def event_days_before(self, date: dt.date) -> list[tuple[DayKey, int, int]]:
+        """The doctor-days before `date` that still keep events, each with its first kept and its last sequence
+        (one index probe a day: the events table is never scanned)."""
+        first = (select(func.min(events.c.sequence))
+                 .where(events.c.doctor_id == days.c.doctor_id, events.c.date == days.c.date).scalar_subquery())
+        rows = self.conn.execute(select(days.c.doctor_id, days.c.date, first, days.c.last_sequence)
+                                 .where(days.c.date < date.isoformat()).order_by(days.c.date, days.c.doctor_id))
+        return [((doctor_id, dt.date.fromisoformat(day)), kept, last)
+                for doctor_id, day, kept, last in rows if kept is not None]
+
+    def delete_events(self, key: DayKey, through: int) -> int:
+        """Deletes the day's events up to sequence `through`; answers how many."""
+        return self.conn.execute(delete(events).where(*_of_day(events), events.c.sequence <= bindparam("through")),
+                                 {**_key(key), "through": through}).rowcount
+
+    def delete_requests(self, before: dt.datetime, limit: int) -> int:
+        """Deletes up to `limit` of the oldest stored requests made before `before` (stored_requests_by_age);
+        answers how many."""
+        oldest = (select(requests.c.request_id).where(requests.c.created_at < _iso(before))
+                  .order_by(requests.c.created_at).limit(limit))
+        return self.conn.execute(delete(requests).where(requests.c.request_id.in_(oldest))).rowcount
 
 
 # PostgreSQL's codes for a race lost to a concurrent transaction: a key both inserted (the loser sees the

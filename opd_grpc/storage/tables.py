@@ -2,7 +2,10 @@
 doctor-day, one active token per patient per doctor-day, a unique event sequence per doctor-day, a positive
 capacity. Dates are `YYYY-MM-DD` and times `HH:MM` text, as the API speaks them; instants are ISO-8601 UTC
 text with microseconds (`2030-01-07T09:00:00.000000+00:00`), which sorts in time order on every backend and
-needs no conversion layer on the hot path."""
+needs no conversion layer on the hot path.
+
+A change here needs a revision in opd_grpc/storage/migrations (`alembic revision --autogenerate -m "…"`, then
+read it): tests/unit/test_migrations.py fails while the two differ."""
 
 from __future__ import annotations
 
@@ -106,8 +109,8 @@ class QueueEventRow(Base):
 
 
 class StoredRequestRow(Base):
-    """SPEC §9: the first answer to each request_id. A rowid table: its rows (a whole reply) are too large
-    for SQLite's WITHOUT ROWID layout, which is meant for small rows."""
+    """SPEC §9: the first answer to each request_id, kept REQUEST_RETENTION_HOURS. A rowid table: its rows (a
+    whole reply) are too large for SQLite's WITHOUT ROWID layout, which is meant for small rows."""
 
     __tablename__ = "stored_requests"
     request_id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -115,3 +118,4 @@ class StoredRequestRow(Base):
     fingerprint: Mapped[bytes] = mapped_column(LargeBinary)
     response: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[str] = mapped_column(Instant)
+    __table_args__ = (Index("stored_requests_by_age", "created_at"),)  # pruning reads only the old ones

@@ -31,6 +31,7 @@ from opd_grpc.engine.clock import TestClock
 from opd_grpc.engine.errors import AlreadyExists, EngineError, FailedPrecondition, NotFound, ResourceExhausted
 from opd_grpc.engine.model import Allocation, Patient, Rules, Source, Status, TokenView
 from opd_grpc.engine.service import AllocateCommand, OPDService, Replay, Retry, SlotRequest
+from opd_grpc.storage import schema
 from opd_grpc.storage.store import SqlStore
 from opd_grpc.storage.tables import DoctorDayRow, QueueEventRow, SlotRow, TokenRow
 
@@ -271,7 +272,7 @@ class EngineMachine(RuleBasedStateMachine):
         super().__init__()
         self.workdir = Path(tempfile.mkdtemp(prefix="opd-properties-"))
         self.store = SqlStore(f"sqlite:///{self.workdir / 'opd.db'}")
-        self.store.create_schema()
+        schema.prepare(self.store.engine)
         self.days: dict[str, ModelDay] = {}
         self.answered: list[AnsweredRequest] = []
         self.request_ids = 0

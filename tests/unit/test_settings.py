@@ -108,3 +108,14 @@ def test_a_missing_file_is_refused_by_name(tmp_path):
     with pytest.raises(SettingsError) as refusal:
         Settings.load(env={"OPD_CONFIG": str(missing)})
     assert str(missing) in str(refusal.value)
+
+
+def test_history_is_kept_30_days_and_answers_48_hours_and_never_less_than_spec_9s_day():
+    settings = Settings.load(env={})
+    assert (settings.EVENT_RETENTION_DAYS, settings.REQUEST_RETENTION_HOURS) == (30, 48)
+    rules = Settings.load(env={"OPD_EVENT_RETENTION_DAYS": "7", "OPD_REQUEST_RETENTION_HOURS": "24"}).rules()
+    assert (rules.event_retention_days, rules.request_retention_hours) == (7, 24)
+    with pytest.raises(SettingsError, match=r"^REQUEST_RETENTION_HOURS must be at least 24 .*, not 23$"):
+        Settings.load(env={"OPD_REQUEST_RETENTION_HOURS": "23"})
+    with pytest.raises(SettingsError, match="EVENT_RETENTION_DAYS must be positive"):
+        Settings.load(env={"OPD_EVENT_RETENTION_DAYS": "0"})
