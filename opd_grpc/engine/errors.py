@@ -5,6 +5,7 @@ The servicer maps each kind to a gRPC status code (SPEC §12); the engine knows 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 
@@ -69,3 +70,20 @@ def invalid(field_name: str, description: str, reason: str = "INVALID_ARGUMENT")
 class Conflict(Exception):
     """Not a refusal: the unit of work lost a race with another process's (both inserted one key, a deadlock, a
     dropped connection before the commit) and changed nothing. The service runs it again."""
+
+
+def encode_refusal(error: EngineError) -> str:
+    """A refusal as text, to be stored with its request_id and replayed (SPEC §9)."""
+    return json.dumps({"kind": type(error).__name__, "message": error.message, "reason": error.reason,
+                       "violations": [[v.field, v.description] for v in error.violations]})
+
+
+def decode_refusal(text: str) -> EngineError:
+    data = json.loads(text)
+    error = EngineError.__new__(_REFUSALS[data["kind"]])
+    EngineError.__init__(error, data["message"], data["reason"], [FieldViolation(*v) for v in data["violations"]])
+    return error
+
+
+_REFUSALS = {kind.__name__: kind for kind in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
+                                              ResourceExhausted, OutOfRange, Aborted)}

@@ -20,7 +20,10 @@ from operator import methodcaller
 from typing import Any, Callable, Iterable, Protocol, TypeVar
 
 from opd_grpc.engine.clock import Clock
-from opd_grpc.engine.errors import Conflict, FailedPrecondition, NotFound, OutOfRange, Unavailable, invalid
+from opd_grpc.engine.errors import (
+    Conflict, EngineError, FailedPrecondition, NotFound, OutOfRange, Unavailable, decode_refusal, encode_refusal,
+    invalid,
+)
 from opd_grpc.engine.model import (
     Allocation, CallResult, CapacityChange, DayStats, Doctor, DoctorDay, Patient, QueueEvent, Release, Rules,
     Slot, SlotStatus, Source, TokenView, day_of_slot_id, day_of_token_id,
@@ -36,7 +39,8 @@ DayKey = tuple[str, dt.date]
 class StoredRequest:
     method: str
     fingerprint: bytes
-    response: bytes
+    response: bytes  # the first answer, or b"" when it was a refusal
+    refusal: str | None = None  # errors.encode_refusal of the first answer's refusal
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,10 @@ class OPDService:
                 for day in days.values():
                     uow.save_day(day)
                 self._finish(uow, retry, created)
+            except EngineError as refusal:
+                self._forget(keys)
+                self._refused(uow, retry, refusal)
+                raise
             except BaseException:
                 self._forget(keys)
                 raise
@@ -462,6 +470,10 @@ class OPDService:
                 result = rule(day, self.clock.now())
                 uow.save_day(day)
                 self._finish(uow, retry, result)
+            except EngineError as refusal:
+                self._forget([key])
+                self._refused(uow, retry, refusal)
+                raise
             except BaseException:
                 self._forget([key])
                 raise
@@ -533,7 +545,17 @@ class OPDService:
         if stored.method != retry.method or stored.fingerprint != retry.fingerprint:
             raise FailedPrecondition(f"request_id {retry.request_id} was already used for a different request "
                                      f"({stored.method}); use a new UUID for a new request.", "REQUEST_ID_REUSED")
+        if stored.refusal is not None:
+            raise decode_refusal(stored.refusal)
         return Replay(stored.response)
+
+    def _refused(self, uow: UnitOfWork, retry: Retry | None, refusal: EngineError) -> None:
+        """SPEC §9: a refusal that the state decided is the request's first answer too, stored under the day's
+        lock like any answer; so a copy delayed in the network can never book after the caller was told no."""
+        if retry is not None and not isinstance(refusal, Unavailable):  # an unknown outcome decides nothing
+            uow.store_request(retry.request_id, StoredRequest(retry.method, retry.fingerprint, b"",
+                                                              encode_refusal(refusal)), self.clock.now())
+            uow.commit()
 
     def _finish(self, uow: UnitOfWork, retry: Retry | None, result: Any) -> None:
         if retry is not None:

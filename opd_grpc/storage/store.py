@@ -67,7 +67,8 @@ class _HotStatements:
         self.update_token = sql(_update(tokens, "token_id", ("status", "updated_at", "checked_in_at", "called_at",
                                                              "completed_at", "bump_count")))
         self.insert_event = sql(_insert(events))
-        self.stored_request = sql(select(requests.c.method, requests.c.fingerprint, requests.c.response)
+        self.stored_request = sql(select(requests.c.method, requests.c.fingerprint, requests.c.response,
+                                         requests.c.refusal)
                                   .where(requests.c.request_id == bindparam("request_id")))
         self.insert_request = sql(_insert(requests))
 
@@ -223,12 +224,12 @@ class SqlUnitOfWork:
 
     def stored_request(self, request_id: str) -> StoredRequest | None:
         row = self.cursor.execute(self.hot.stored_request, {"request_id": request_id}).fetchone()
-        return None if row is None else StoredRequest(row[0], bytes(row[1]), bytes(row[2]))
+        return None if row is None else StoredRequest(row[0], bytes(row[1]), bytes(row[2]), row[3])
 
     def store_request(self, request_id: str, stored: StoredRequest, now: dt.datetime) -> None:
         self.cursor.execute(self.hot.insert_request, {
             "request_id": request_id, "method": stored.method, "fingerprint": stored.fingerprint,
-            "response": stored.response, "created_at": _iso(now)})
+            "response": stored.response, "refusal": stored.refusal, "created_at": _iso(now)})
 
     # ---- doctors ----
 

@@ -9,7 +9,9 @@ read it): tests/unit/test_migrations.py fails while the two differ."""
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint, text
+from sqlalchemy import (
+    BigInteger, CheckConstraint, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint, text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 Instant = String(32)
@@ -118,4 +120,5 @@ class StoredRequestRow(Base):
     fingerprint: Mapped[bytes] = mapped_column(LargeBinary)
     response: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[str] = mapped_column(Instant)
+    refusal: Mapped[str | None] = mapped_column(Text)  # a refusal that was the first answer, as JSON
     __table_args__ = (Index("stored_requests_by_age", "created_at"),)  # pruning reads only the old ones

@@ -12,7 +12,7 @@ import pytest
 
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from tests.support import (
-    DAY, MORNING, LiveServer, all_tokens, allocate, make_doctor, make_slots, new_request_id, patient, refused,
+    DAY, MORNING, LiveServer, all_tokens, allocate, make_doctor, make_slots, new_request_id, patient, refused, statuses,
     spec_violations,
 )
 
@@ -227,17 +227,21 @@ def test_one_request_id_sent_at_once_for_different_requests_succeeds_once(live):
     assert sum(len(all_tokens(live.stub, d)) for d in doctors) == 1
 
 
-def test_a_refused_check_in_stores_nothing_and_its_retry_succeeds_once_the_state_allows(live):
+def test_a_refused_check_in_is_replayed_as_refused_even_once_the_state_allows(live):
+    """SPEC §9: the refusal is the first answer; a copy arriving after the state changed must not check in."""
     w = world(live)
     request = pb.CheckInTokenRequest(token_id=w["waitlisted"], request_id=new_request_id())
-    failure = refused(live.stub.CheckInToken, request)
-    assert failure.reason == "ILLEGAL_STATE_TRANSITION"
+    first = refused(live.stub.CheckInToken, request)
+    assert first.reason == "ILLEGAL_STATE_TRANSITION"
     promoted = live.stub.CancelToken(pb.CancelTokenRequest(token_id=w["checked_in"])).promoted
     assert [t.token_id for t in promoted] == [w["waitlisted"]]
+    assert refused(live.stub.CheckInToken, request) == first
+    assert statuses(live.stub, w["doctor"])[int(w["waitlisted"].rsplit("T", 1)[1])] == "CONFIRMED"
+    request.request_id = new_request_id()  # a new attempt is a new request
     assert live.stub.CheckInToken(request).token.status == pb.STATUS_CHECKED_IN
 
 
-def test_a_refused_allocation_stores_nothing_and_takes_no_number(live):
+def test_a_refused_allocation_takes_no_number_and_its_copy_books_nothing(live):
     doctor = make_doctor(live.stub)
     make_slots(live.stub, doctor, ("09:00", "10:00", 5))
     held = allocate(live.stub, doctor, 1).token
@@ -245,12 +249,15 @@ def test_a_refused_allocation_stores_nothing_and_takes_no_number(live):
                                       request_id=new_request_id())
     assert refused(live.stub.AllocateToken, request).reason == "PATIENT_ALREADY_HAS_TOKEN"
     live.stub.CancelToken(pb.CancelTokenRequest(token_id=held.token_id))
+    assert refused(live.stub.AllocateToken, request).reason == "PATIENT_ALREADY_HAS_TOKEN"
+    assert len(all_tokens(live.stub, doctor)) == 1
+    request.request_id = new_request_id()
     retried = live.stub.AllocateToken(request).token
     assert (retried.token_number, retried.status) == (2, pb.STATUS_CONFIRMED)
     assert live.stub.AllocateToken(request).token == retried
 
 
-def test_a_no_show_refused_for_the_grace_period_succeeds_on_retry_once_it_has_passed(live):
+def test_a_no_show_refused_for_the_grace_period_needs_a_new_request_id_once_it_has_passed(live):
     doctor = make_doctor(live.stub)
     make_slots(live.stub, doctor, ("09:00", "10:00", 5))
     token_id = allocate(live.stub, doctor, 1).token.token_id
@@ -258,4 +265,6 @@ def test_a_no_show_refused_for_the_grace_period_succeeds_on_retry_once_it_has_pa
     live.set_time(MORNING.replace(hour=9, minute=10))
     assert refused(live.stub.MarkNoShow, request).reason == "GRACE_PERIOD_NOT_ELAPSED"
     live.set_time(MORNING.replace(hour=9, minute=15))
+    assert refused(live.stub.MarkNoShow, request).reason == "GRACE_PERIOD_NOT_ELAPSED"
+    request.request_id = new_request_id()
     assert live.stub.MarkNoShow(request).token.status == pb.STATUS_NO_SHOW
