@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import random
 import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 import sqlalchemy
@@ -239,3 +240,37 @@ def statuses(stub: opd_pb2_grpc.OPDTokenServiceStub, doctor_id: str, date: str =
 def waitlist_numbers(stub: opd_pb2_grpc.OPDTokenServiceStub, slot_id: str) -> list[int]:
     """The token numbers on a slot's waitlist, next to be promoted first."""
     return [t.token_number for t in stub.GetSlotStatus(pb.GetSlotStatusRequest(slot_id=slot_id)).waitlist]
+
+
+def random_move(stub: opd_pb2_grpc.OPDTokenServiceStub, doctor_id: str, n: int, rng: random.Random,
+                before_no_show: Callable[[], None] = lambda: None) -> None:
+    """One random change to a doctor's day, as a busy clinic makes them: an allocation of any source (now and
+    then an emergency), a check-in, a call, a cancellation, a completion, a no-show or a capacity change.
+    Refusals are part of the mix; a server fault is not."""
+    tokens = stub.ListTokens(pb.ListTokensRequest(doctor_id=doctor_id, date=DAY, page_size=500)).tokens
+    move = rng.random()
+    try:
+        if move < 0.45 or not tokens:
+            if rng.random() < 0.1:
+                stub.AllocateEmergency(pb.AllocateEmergencyRequest(patient=patient(n), doctor_id=doctor_id, date=DAY))
+            else:
+                allocate(stub, doctor_id, n, source=rng.choice([pb.SOURCE_PAID_PRIORITY, pb.SOURCE_FOLLOW_UP,
+                                                                 pb.SOURCE_ONLINE_BOOKING, pb.SOURCE_WALK_IN]),
+                         slot_time=rng.choice(["09:00", "10:00", ""]))
+        elif move < 0.6:
+            stub.CheckInToken(pb.CheckInTokenRequest(token_id=rng.choice(tokens).token_id))
+        elif move < 0.7:
+            stub.CallNext(pb.CallNextRequest(doctor_id=doctor_id, date=DAY))
+        elif move < 0.8:
+            stub.CancelToken(pb.CancelTokenRequest(token_id=rng.choice(tokens).token_id))
+        elif move < 0.88:
+            stub.CompleteToken(pb.CompleteTokenRequest(token_id=rng.choice(tokens).token_id))
+        elif move < 0.94:
+            before_no_show()
+            stub.MarkNoShow(pb.MarkNoShowRequest(token_id=rng.choice(tokens).token_id))
+        else:
+            slot = rng.choice(stub.ListSlots(pb.ListSlotsRequest(doctor_id=doctor_id, date=DAY)).slots)
+            stub.UpdateSlotCapacity(pb.UpdateSlotCapacityRequest(slot_id=slot.slot_id,
+                                                                 max_capacity=rng.randint(1, 5)))
+    except grpc.RpcError as error:
+        assert error.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), error

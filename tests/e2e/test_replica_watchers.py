@@ -30,7 +30,7 @@ from opd_grpc.process import ServerProcess
 from opd_grpc.settings import Settings
 from opd_grpc.storage.store import SqlStore
 from tests.support import (
-    DAY, TEST_DATABASE, allocate, at, fresh_database, make_doctor, make_slots, patient, stored_events,
+    DAY, TEST_DATABASE, allocate, at, fresh_database, make_doctor, make_slots, random_move, stored_events,
 )
 
 pytestmark = pytest.mark.skipif(TEST_DATABASE != "postgresql",
@@ -145,34 +145,7 @@ def _mixed_changes(replicas: Replicas, doctors: list[str], writers: int, per_wri
     def write(seed: int) -> None:
         rng = random.Random(seed)
         for i in range(per_writer):
-            stub = replicas.stubs[(seed + i) % REPLICAS]
-            doctor = rng.choice(doctors)
-            tokens = stub.ListTokens(pb.ListTokensRequest(doctor_id=doctor, date=DAY, page_size=500)).tokens
-            move = rng.random()
-            n = seed * 1000 + i
-            try:
-                if move < 0.4 or not tokens:
-                    allocate(stub, doctor, n, source=rng.choice([pb.SOURCE_PAID_PRIORITY, pb.SOURCE_FOLLOW_UP,
-                                                                 pb.SOURCE_ONLINE_BOOKING, pb.SOURCE_WALK_IN]),
-                             slot_time=rng.choice(["09:00", "10:00", ""]))
-                elif move < 0.45:
-                    stub.AllocateEmergency(pb.AllocateEmergencyRequest(patient=patient(n), doctor_id=doctor, date=DAY))
-                elif move < 0.6:
-                    stub.CheckInToken(pb.CheckInTokenRequest(token_id=rng.choice(tokens).token_id))
-                elif move < 0.7:
-                    stub.CallNext(pb.CallNextRequest(doctor_id=doctor, date=DAY))
-                elif move < 0.8:
-                    stub.CancelToken(pb.CancelTokenRequest(token_id=rng.choice(tokens).token_id))
-                elif move < 0.88:
-                    stub.CompleteToken(pb.CompleteTokenRequest(token_id=rng.choice(tokens).token_id))
-                elif move < 0.94:
-                    stub.MarkNoShow(pb.MarkNoShowRequest(token_id=rng.choice(tokens).token_id))
-                else:
-                    slot = rng.choice(stub.ListSlots(pb.ListSlotsRequest(doctor_id=doctor, date=DAY)).slots)
-                    stub.UpdateSlotCapacity(pb.UpdateSlotCapacityRequest(slot_id=slot.slot_id,
-                                                                         max_capacity=rng.randint(1, 5)))
-            except grpc.RpcError as error:  # refusals are part of the mix; a server fault is not
-                assert error.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), error
+            random_move(replicas.stubs[(seed + i) % REPLICAS], rng.choice(doctors), seed * 1000 + i, rng)
 
     threads = [threading.Thread(target=write, args=(seed,)) for seed in range(writers)]
     for thread in threads:

@@ -17,8 +17,8 @@ import sqlalchemy
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from opd_grpc._gen.opd.v1 import opd_pb2_grpc
 from tests.support import (
-    DAY, LiveServer, allocate, at, failure, fresh_database, live_server, make_doctor, make_slots, patient,
-    stored_events,
+    DAY, LiveServer, allocate, at, failure, fresh_database, live_server, make_doctor, make_slots,
+    random_move, stored_events,
 )
 
 EventKey = tuple[int, str, str, str]  # sequence, kind, token_id, status
@@ -251,40 +251,10 @@ def test_bad_watch_requests_are_refused_with_a_clear_status(clinic: tuple[LiveSe
 
 
 def _random_operations(live: LiveServer, doctors: list[str], count: int, seed: int) -> None:
-    """Allocations of every source, check-ins, calls, completions, cancellations, no-shows and capacity
-    changes, in a random order; refusals are part of the mix."""
     rng = random.Random(seed)
-    stub = live.stub
     for i in range(count):
-        doctor = rng.choice(doctors)
-        tokens = stub.ListTokens(pb.ListTokensRequest(doctor_id=doctor, date=DAY, page_size=500)).tokens
-        move = rng.random()
-        try:
-            if move < 0.45 or not tokens:
-                source = rng.choice([pb.SOURCE_PAID_PRIORITY, pb.SOURCE_FOLLOW_UP, pb.SOURCE_ONLINE_BOOKING,
-                                     pb.SOURCE_WALK_IN])
-                if rng.random() < 0.1:
-                    stub.AllocateEmergency(pb.AllocateEmergencyRequest(patient=patient(i), doctor_id=doctor,
-                                                                       date=DAY))
-                else:
-                    allocate(stub, doctor, i, source=source, slot_time=rng.choice(["09:00", "10:00", ""]))
-            elif move < 0.6:
-                stub.CheckInToken(pb.CheckInTokenRequest(token_id=rng.choice(tokens).token_id))
-            elif move < 0.7:
-                stub.CallNext(pb.CallNextRequest(doctor_id=doctor, date=DAY))
-            elif move < 0.8:
-                stub.CancelToken(pb.CancelTokenRequest(token_id=rng.choice(tokens).token_id))
-            elif move < 0.88:
-                stub.CompleteToken(pb.CompleteTokenRequest(token_id=rng.choice(tokens).token_id))
-            elif move < 0.94:
-                live.set_time(at(rng.choice(["09:30", "10:30", "11:30"])))
-                stub.MarkNoShow(pb.MarkNoShowRequest(token_id=rng.choice(tokens).token_id))
-            else:
-                slot = rng.choice(stub.ListSlots(pb.ListSlotsRequest(doctor_id=doctor, date=DAY)).slots)
-                stub.UpdateSlotCapacity(pb.UpdateSlotCapacityRequest(slot_id=slot.slot_id,
-                                                                     max_capacity=rng.randint(1, 5)))
-        except grpc.RpcError as error:
-            assert error.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), error
+        random_move(live.stub, rng.choice(doctors), i, rng,
+                    before_no_show=lambda: live.set_time(at(rng.choice(["09:30", "10:30", "11:30"]))))
 
 
 def test_fifty_watchers_all_see_the_event_table_in_order(live: LiveServer):
