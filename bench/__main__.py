@@ -1,6 +1,7 @@
 """`python -m bench` (`make bench`): one server, a no-op RPC and AllocateToken measured alternately at 1 and 32
 calls in flight, and allocation's speed as ratios against the no-op's (SPEC-free figures; never a timed test);
-then, on the same server, WatchQueue's fan-out to many watchers of one doctor-day.
+then, on the same server, WatchQueue's fan-out to many watchers of one doctor-day; then, when a PostgreSQL
+answers, allocation with 1 and with 2 replicas on it, on spread doctor-days and on one hot slot.
 """
 
 from __future__ import annotations
@@ -9,27 +10,18 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import postgres
 from bench.fanout import FanoutBench
-from bench.load import ALLOCATE, NOOP, LoadGenerator, LoadResult, create_pool
+from bench.load import ALLOCATE, NOOP, LoadGenerator, Totals, create_pool
 from bench.procfs import cpu_seconds, rss_mib
-from bench.report import FanoutMeasurement, Measurement, Report, print_report
+from bench.report import FanoutMeasurement, Measurement, PostgresReport, Report, print_report
 from opd_grpc.process import ServerProcess
 from opd_grpc.settings import Settings
 
 IN_FLIGHT = (1, 32)
 FANOUT = ("100x10", "1000x2")  # the issue's: watchers x events per second
-
-
-@dataclass
-class Totals:
-    """One call kind at one number in flight, summed over the rounds."""
-
-    load: LoadResult = field(default_factory=LoadResult)
-    wall_seconds: float = 0.0
-    server_cpu_seconds: float = 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="time the changes last in each fan-out run (default 10)")
     parser.add_argument("--watcher-processes", type=int, default=1,
                         help="client processes that share the watchers (default 1)")
+    parser.add_argument("--postgres-url", default=postgres.DEFAULT_URL,
+                        help="the PostgreSQL database of the replicas' part, which works in a schema of its own and "
+                             f"is skipped if none answers (default {postgres.DEFAULT_URL})")
+    parser.add_argument("--postgres-doctors", type=int, default=64,
+                        help="doctors that the PostgreSQL part's spread allocations cycle through, each with --days "
+                             "dates of --per-day seats: at least twice the calls in flight, so that calls in flight "
+                             "rarely share a doctor-day (default 64)")
+    parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL part")
     parser.add_argument("--profile", type=Path, metavar="FILE",
                         help="run the server under cProfile and write its stats to FILE (slows the server)")
     args = parser.parse_args(argv)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pool = create_pool(server.address, args.doctors, args.days, args.per_day)
         rss_before = rss_mib(server.pid)
-        load = LoadGenerator(server.address, pool, args.client_processes)
+        load = LoadGenerator(args.client_processes)
         results = {(kind, n): Totals() for n in IN_FLIGHT for kind in (NOOP, ALLOCATE)}
         try:
             for in_flight in IN_FLIGHT:
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                     for kind in (NOOP, ALLOCATE):
                         totals = results[(kind, in_flight)]
                         cpu_before, wall_before = cpu_seconds(server.pid), time.perf_counter()
-                        totals.load.merge(load.measure(kind, in_flight, args.warmup, args.seconds / args.rounds))
+                        totals.load.merge(load.measure((server.address,), pool, kind, in_flight, args.warmup,
+                                                       args.seconds / args.rounds))
                         totals.wall_seconds += time.perf_counter() - wall_before
                         totals.server_cpu_seconds += cpu_seconds(server.pid) - cpu_before
         finally:
@@ -97,14 +98,21 @@ def main(argv: list[str] | None = None) -> int:
                 watch.close()
     finally:
         exit_code = server.stop()
+    if args.no_postgres:
+        postgres_report = PostgresReport(url="", skipped="--no-postgres")
+    else:
+        postgres_report = postgres.run(args.postgres_url, postgres.Load(
+            IN_FLIGHT, args.rounds, args.warmup, args.seconds, args.client_processes, args.postgres_doctors,
+            args.days, args.per_day))
     report = Report(address=server.address, client_processes=args.client_processes, doctors=args.doctors,
                     days=args.days, per_day=args.per_day, warmup=args.warmup, seconds=args.seconds,
                     rounds=args.rounds, load_average_before=load_before, load_average_after=os.getloadavg()[0],
                     measurements=measurements, server_rss_mib_before=rss_before, server_rss_mib_after=rss_after,
                     server_exit_code=exit_code, wall_seconds=time.perf_counter() - started, fanout=fanout_results,
-                    watcher_processes=args.watcher_processes)
+                    watcher_processes=args.watcher_processes, postgres=postgres_report)
     print_report(report)
-    return 0 if report.total_errors == 0 and report.fanout_faults == 0 and exit_code == 0 else 1
+    healthy = report.total_errors == 0 and report.fanout_faults == 0 and exit_code == 0
+    return 0 if healthy and report.postgres.faults == 0 else 1
 
 
 def _fanout_run(parser: argparse.ArgumentParser, text: str) -> tuple[int, float]:

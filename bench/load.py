@@ -4,6 +4,9 @@ Allocations are real confirmations: each allocation number n maps to one (doctor
 `per_day` numbers, and every such day has slots of `SEATS_PER_SLOT` seats for all of them, so no call is
 waitlisted or refused. Calls name no slot: each takes the earliest slot with a free seat, as a desk does.
 Every n is a distinct patient, and every call carries a fresh request_id, as a retrying client sends.
+With several server addresses (replicas of one database), each call goes to one picked at random, as a load
+balancer that knows nothing of doctors spreads them: strict turns would go in step with the doctors, which
+allocations also take in turn, and tie each doctor-day to one replica.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import collections
 import datetime as dt
 import math
+import random
 import resource
 import time
 import uuid
@@ -36,11 +40,13 @@ NOOP, ALLOCATE = "health-check", "allocate"
 
 @dataclass(frozen=True)
 class Pool:
-    """Where allocations go: `doctors` x `days` doctor-days, each with `per_day` seats in slots of 20."""
+    """Where allocations go: `doctors` x `days` doctor-days, each with `per_day` seats in slots of
+    `seats_per_slot` (one slot of `per_day` seats makes every allocation of a day contend for one slot)."""
 
     doctor_ids: tuple[str, ...]
     days: int
     per_day: int
+    seats_per_slot: int = SEATS_PER_SLOT
 
     @property
     def seats(self) -> int:
@@ -55,7 +61,7 @@ class Pool:
         return self.doctor_ids[n % doctors], (FIRST_DAY + dt.timedelta(days=day)).isoformat()
 
 
-def create_pool(address: str, doctors: int, days: int, per_day: int) -> Pool:
+def create_pool(address: str, doctors: int, days: int, per_day: int, seats_per_slot: int = SEATS_PER_SLOT) -> Pool:
     """Doctors and their slots."""
     with grpc.insecure_channel(address) as channel:
         stub = opd_pb2_grpc.OPDTokenServiceStub(channel)
@@ -66,19 +72,19 @@ def create_pool(address: str, doctors: int, days: int, per_day: int) -> Pool:
             stub.CreateSlots(pb.CreateSlotsRequest(doctor_id=doctor_id, slots=[
                 pb.SlotSpec(date=(FIRST_DAY + dt.timedelta(days=d)).isoformat(), start_time=f"{start:%H:%M}",
                             end_time=f"{start + dt.timedelta(minutes=SLOT_MINUTES):%H:%M}",
-                            max_capacity=min(SEATS_PER_SLOT, per_day - i * SEATS_PER_SLOT), consultation_minutes=1)
+                            max_capacity=min(seats_per_slot, per_day - i * seats_per_slot), consultation_minutes=1)
                 for d in range(days)
                 for i, start in enumerate(DAY_START + dt.timedelta(minutes=SLOT_MINUTES * k)
-                                          for k in range(math.ceil(per_day / SEATS_PER_SLOT)))]))
+                                          for k in range(math.ceil(per_day / seats_per_slot)))]))
             doctor_ids.append(doctor_id)
-    return Pool(tuple(doctor_ids), days, per_day)
+    return Pool(tuple(doctor_ids), days, per_day, seats_per_slot)
 
 
 @dataclass(frozen=True)
 class LoadSpec:
     """One client process's share of a measurement."""
 
-    address: str
+    addresses: tuple[str, ...]  # one server, or replicas that share a database
     kind: str
     in_flight: int
     warmup: float
@@ -108,14 +114,25 @@ class LoadResult:
         self.client_cpu_seconds += other.client_cpu_seconds
 
 
+@dataclass
+class Totals:
+    """One call kind at one number in flight, summed over the rounds."""
+
+    load: LoadResult = field(default_factory=LoadResult)
+    wall_seconds: float = 0.0
+    server_cpu_seconds: float = 0.0  # of every server the calls went to
+    database_cpu_seconds: float = 0.0  # of a PostgreSQL server on this machine, when one is measured
+
+
 async def run_load(spec: LoadSpec) -> LoadResult:
     """`in_flight` workers call back-to-back from `start_at` for warmup + seconds; only calls that end in
     the last `seconds` (the measured window) count toward throughput and latency."""
     result = LoadResult()
     counter = iter(range(spec.first_n + spec.offset, 1 << 62, spec.stride))
-    async with grpc.aio.insecure_channel(spec.address) as channel:
-        call = _caller(spec, channel, counter, result)
-        await channel.channel_ready()
+    channels = [grpc.aio.insecure_channel(address) for address in spec.addresses]
+    try:
+        call = _caller(spec, channels, counter, result)
+        await asyncio.gather(*(channel.channel_ready() for channel in channels))
         await asyncio.sleep(max(0.0, spec.start_at - time.time()))
         cpu_before = _cpu_seconds()
         begin = time.perf_counter()
@@ -136,28 +153,32 @@ async def run_load(spec: LoadSpec) -> LoadResult:
 
         await asyncio.gather(*(worker() for _ in range(spec.in_flight)))
         result.client_cpu_seconds = _cpu_seconds() - cpu_before
+    finally:
+        await asyncio.gather(*(channel.close() for channel in channels))
     return result
 
 
-def _caller(spec: LoadSpec, channel: grpc.aio.Channel, counter: Iterator[int],
+def _caller(spec: LoadSpec, channels: list[grpc.aio.Channel], counter: Iterator[int],
             result: LoadResult) -> Callable[[], Awaitable[str]]:
-    """The call of one kind; it answers the outcome to count (the token's status for allocations)."""
+    """The call of one kind, each to one of the servers; it answers the outcome to count (the token's status
+    for allocations)."""
+    pick = random.Random(spec.offset).randrange
     if spec.kind == NOOP:
-        health = health_pb2_grpc.HealthStub(channel)
+        healths = [health_pb2_grpc.HealthStub(channel) for channel in channels]
         request = health_pb2.HealthCheckRequest()
 
         async def check() -> str:
-            response = await health.Check(request)
+            response = await healths[pick(len(healths))].Check(request)
             return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
         return check
 
-    stub = opd_pb2_grpc.OPDTokenServiceStub(channel)
+    stubs = [opd_pb2_grpc.OPDTokenServiceStub(channel) for channel in channels]
 
     async def allocate() -> str:
         n = next(counter)
         result.last_n = max(result.last_n, n)
         doctor_id, date = spec.pool.target(n)
-        response = await stub.AllocateToken(pb.AllocateTokenRequest(
+        response = await stubs[pick(len(stubs))].AllocateToken(pb.AllocateTokenRequest(
             patient=pb.Patient(name=f"Bench Patient {n}", phone=f"+91-90000-{n:07d}", age=20 + n % 60,
                                gender=pb.GENDER_FEMALE if n % 2 else pb.GENDER_MALE),
             doctor_id=doctor_id, date=date, source=pb.SOURCE_WALK_IN, request_id=str(uuid.uuid4())))
@@ -178,15 +199,14 @@ def _client_process(conn: Connection) -> None:
 
 class LoadGenerator:
     """Runs a measurement from this process, or split over `processes` client processes, each with its share
-    of the calls in flight (so that the client is not what limits the figures)."""
+    of the calls in flight (so that the client is not what limits the figures). Each pool's allocation numbers
+    carry on from one measurement to the next."""
 
     START_DELAY_SECONDS = 0.5  # room for every client process to connect before the common start
 
-    def __init__(self, address: str, pool: Pool, processes: int):
-        self.address = address
-        self.pool = pool
+    def __init__(self, processes: int):
         self.processes = processes
-        self.next_n = 0
+        self._next_n: dict[Pool, int] = {}
         self._clients: list[tuple[BaseProcess, Connection]] = []
         if processes > 1:
             context = get_context("spawn")
@@ -196,12 +216,14 @@ class LoadGenerator:
                 process.start()
                 self._clients.append((process, ours))
 
-    def measure(self, kind: str, in_flight: int, warmup: float, seconds: float) -> LoadResult:
+    def measure(self, addresses: tuple[str, ...], pool: Pool, kind: str, in_flight: int, warmup: float,
+                seconds: float) -> LoadResult:
+        first_n = self._next_n.get(pool, 0)
         shares = [in_flight // self.processes + (i < in_flight % self.processes) for i in range(self.processes)]
         shares = [s for s in shares if s]
         start_at = time.time() + (self.START_DELAY_SECONDS if self._clients else 0.0)
-        specs = [LoadSpec(self.address, kind, share, warmup, seconds, start_at, self.pool, self.next_n, i,
-                          len(shares)) for i, share in enumerate(shares)]
+        specs = [LoadSpec(addresses, kind, share, warmup, seconds, start_at, pool, first_n, i, len(shares))
+                 for i, share in enumerate(shares)]
         result = LoadResult()
         if not self._clients:
             result.merge(asyncio.run(run_load(specs[0])))
@@ -210,7 +232,8 @@ class LoadGenerator:
                 conn.send(spec)
             for _, (_, conn) in zip(specs, self._clients):
                 result.merge(conn.recv())
-        self.next_n = result.last_n + 1 if result.last_n >= 0 else self.next_n
+        if result.last_n >= 0:
+            self._next_n[pool] = result.last_n + 1
         return result
 
     def close(self) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.table import Table
 
 from bench.fanout import FanoutResult
-from bench.load import ALLOCATE, NOOP, LoadResult, percentile
+from bench.load import ALLOCATE, NOOP, LoadResult, Totals, percentile
 
 # The issue's targets: allocation keeps at least half the no-op's throughput, and its p99 at 32 in flight is
 # at most twice the no-op's.
@@ -45,6 +45,85 @@ class Measurement:
                    percentile(result.latencies, 0.99) * 1000, dict(result.errors), dict(result.outcomes),
                    round(server_cpu_seconds / wall_seconds, 2), round(result.client_cpu_seconds / wall_seconds, 2),
                    round(server_cpu_seconds / result.calls_made * 1000, 3) if result.calls_made else 0.0)
+
+
+@dataclass(frozen=True)
+class PostgresMeasurement(Measurement):
+    replicas: int = 1
+    workload: str = ""  # no-op, spread or hot
+    database_cpu_cores: float = 0.0  # every PostgreSQL process on this machine; 0 when it is elsewhere
+    database_cpu_ms_per_call: float = 0.0
+    hot_day_tokens: int = 0  # the most tokens a hot stretch's doctor-day held at its end
+
+    @classmethod
+    def from_totals(cls, replicas: int, workload: str, kind: str, in_flight: int, seconds: float, totals: Totals,
+                    hot_day_tokens: int) -> PostgresMeasurement:
+        base = Measurement.of(kind, in_flight, seconds, totals.load, totals.wall_seconds, totals.server_cpu_seconds)
+        calls = totals.load.calls_made
+        return cls(**dataclasses.asdict(base), replicas=replicas, workload=workload,
+                   database_cpu_cores=round(totals.database_cpu_seconds / totals.wall_seconds, 2),
+                   database_cpu_ms_per_call=round(totals.database_cpu_seconds / calls * 1000, 3) if calls else 0.0,
+                   hot_day_tokens=hot_day_tokens)
+
+
+@dataclass(frozen=True)
+class Ratio:
+    name: str
+    value: float
+
+
+@dataclass
+class PostgresReport:
+    """The PostgreSQL part; `skipped` says why it did not run (no PostgreSQL answered), else it is empty."""
+
+    url: str  # without its password
+    skipped: str
+    spread_doctors: int = 0
+    measurements: list[PostgresMeasurement] = field(default_factory=list)
+    database_cpu_measured: bool = False
+    hot_faults: list[str] = field(default_factory=list)  # a hot slot whose seat holders differ from confirmations
+    server_exit_codes: list[int] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    load_average_before: float = 0.0  # of the machine, 1 minute, around this part alone
+    load_average_after: float = 0.0
+
+    @property
+    def errors(self) -> int:
+        return sum(sum(m.errors.values()) for m in self.measurements)
+
+    @property
+    def faults(self) -> int:
+        """Calls that failed, hot slots that disagree with their confirmations, replicas that stopped badly."""
+        return self.errors + len(self.hot_faults) + sum(code != 0 for code in self.server_exit_codes)
+
+    def find(self, replicas: int, workload: str, in_flight: int) -> PostgresMeasurement:
+        return next(m for m in self.measurements
+                    if (m.replicas, m.workload, m.in_flight) == (replicas, workload, in_flight))
+
+    def ratios(self) -> list[Ratio]:
+        """Allocation against the no-op on the same replicas, and 2 replicas against 1 (no targets: the issue
+        sets none)."""
+        ratios = []
+        replica_counts = sorted({m.replicas for m in self.measurements})
+        depths = sorted({m.in_flight for m in self.measurements})
+        for replicas in replica_counts:
+            for n in depths:
+                noop = self.find(replicas, "no-op", n).calls_per_second
+                for workload in ("spread", "hot"):
+                    ratios.append(Ratio(f"{workload} / no-op throughput, {replicas} replica(s), {n} in flight",
+                                        _ratio(self.find(replicas, workload, n).calls_per_second, noop)))
+        if len(replica_counts) > 1:
+            first, last = replica_counts[0], replica_counts[-1]
+            for workload in ("no-op", "spread", "hot"):
+                for n in depths:
+                    ratios.append(Ratio(f"{workload}: {last} replicas / {first} replica throughput, {n} in flight",
+                                        _ratio(self.find(last, workload, n).calls_per_second,
+                                               self.find(first, workload, n).calls_per_second)))
+        return ratios
+
+
+def _ratio(value: float, base: float) -> float:
+    return round(value / base, 3) if base else 0.0
 
 
 @dataclass(frozen=True)
@@ -142,6 +221,7 @@ class Report:
     wall_seconds: float
     fanout: list[FanoutMeasurement]
     watcher_processes: int
+    postgres: PostgresReport
 
     @property
     def fanout_faults(self) -> int:
@@ -173,6 +253,8 @@ class Report:
         data["total_errors"] = self.total_errors
         data["fanout_targets"] = [dataclasses.asdict(t) for f in self.fanout if (t := f.target())]
         data["fanout_faults"] = self.fanout_faults
+        data["postgres"].update(ratios=[dataclasses.asdict(r) for r in self.postgres.ratios()],
+                                errors=self.postgres.errors, faults=self.postgres.faults)
         return json.dumps(data, sort_keys=True)
 
 
@@ -210,8 +292,11 @@ def print_report(report: Report) -> None:
                   f"average {report.load_average_before:.2f} before, {report.load_average_after:.2f} after")
     if report.fanout:
         print_fanout(console, report)
+    print_postgres(console, report)
     console.print(f"errors: {report.total_errors}; fan-out faults: {report.fanout_faults}; "
-                  f"server exit code {report.server_exit_code}; run took {report.wall_seconds:.1f} s")
+                  f"server exit code {report.server_exit_code}; PostgreSQL "
+                  f"{'skipped' if report.postgres.skipped else f'faults: {report.postgres.faults}'}; "
+                  f"run took {report.wall_seconds:.1f} s")
     print(report.as_json(), flush=True)
 
 
@@ -250,6 +335,47 @@ def print_fanout(console: Console, report: Report) -> None:
                       f"change errors {_counts(f.change_errors) or 0}, "
                       f"streams ended by the server {_counts(f.stream_errors) or 0}; server "
                       f"{'healthy' if f.healthy_after else '[red]NOT healthy[/]'} once every stream closed")
+
+
+def print_postgres(console: Console, report: Report) -> None:
+    pg = report.postgres
+    if pg.skipped:
+        console.print(f"[yellow]PostgreSQL part SKIPPED[/]: {pg.skipped} (--postgres-url chooses the database)")
+        return
+    calls = Table(title=f"PostgreSQL at {pg.url}: {report.seconds:g} s per row in {report.rounds} alternating "
+                        f"stretches (+{report.warmup:g} s warm-up each); each call to one of the replicas at random")
+    for column in ("replicas", "workload", "in flight", "calls", "calls/s", "p50 ms", "p99 ms", "errors", "outcomes",
+                   "server CPU", "db CPU", "server ms CPU/call", "db ms CPU/call"):
+        calls.add_column(column, justify="left" if column in ("workload", "errors", "outcomes") else "right",
+                         no_wrap=column == "outcomes")
+    for m in sorted(pg.measurements, key=lambda m: (m.replicas, m.in_flight)):
+        calls.add_row(str(m.replicas), m.workload, str(m.in_flight), str(m.calls), f"{m.calls_per_second:,.0f}",
+                      f"{m.p50_ms:.2f}", f"{m.p99_ms:.2f}", _counts(m.errors) or "0",
+                      _counts({k.removeprefix("STATUS_"): v for k, v in m.outcomes.items()}),
+                      f"{m.server_cpu_cores:.2f}", f"{m.database_cpu_cores:.2f}" if pg.database_cpu_measured else "-",
+                      f"{m.server_cpu_ms_per_call:.2f}",
+                      f"{m.database_cpu_ms_per_call:.2f}" if pg.database_cpu_measured else "-")
+    console.print(calls)
+    ratios = Table(title="PostgreSQL: allocation against the no-op on the same replicas, and 2 replicas against 1 "
+                         "(the issue sets no target)")
+    ratios.add_column("ratio")
+    ratios.add_column("value", justify="right")
+    for r in pg.ratios():
+        ratios.add_row(r.name, f"{r.value:.2f}")
+    console.print(ratios)
+    hot_tokens = max((m.hot_day_tokens for m in pg.measurements), default=0)
+    console.print(f"spread: {pg.spread_doctors} new doctors x {report.days} dates per replica count, {report.per_day} "
+                  "seats each in slots of 20; hot: "
+                  "every allocation into the one slot (1,000,000 seats) of one doctor-day, a new one for each "
+                  f"stretch, which held at most {hot_tokens:,} tokens at its end; each hot slot's seat holders, "
+                  "read back through the last replica started, "
+                  + ("matched its confirmations" if not pg.hot_faults else "[red]did NOT match[/]: "
+                     + "; ".join(pg.hot_faults)))
+    console.print("server CPU: cores busy, summed over the replicas; db CPU: "
+                  + ("every PostgreSQL process on this machine (other clients' work on it included)"
+                     if pg.database_cpu_measured else "not measured (PostgreSQL is not on this machine)")
+                  + f"; replicas' exit codes {pg.server_exit_codes}; this part took {pg.wall_seconds:.1f} s, machine "
+                  f"load average {pg.load_average_before:.2f} before it, {pg.load_average_after:.2f} after")
 
 
 def _counts(counter: dict[str, int]) -> str:
