@@ -81,7 +81,6 @@ _EVENTS_AFTER = (select(events, tokens.c.source, tokens.c.created_at)
                  .where(*_of_day(events), events.c.sequence > bindparam("after"))
                  .order_by(events.c.sequence).limit(bindparam("limit")))
 _FIRST_EVENT = select(func.min(events.c.sequence)).where(*_of_day(events))
-_LAST_EVENT = select(days.c.last_sequence).where(*_of_day(days))
 _KEYS_PER_QUERY = 500
 
 
@@ -285,7 +284,8 @@ class SqlUnitOfWork:
     def event_range(self, key: DayKey) -> tuple[int | None, int]:
         """The oldest sequence still kept (SPEC §10: older history answers OUT_OF_RANGE) and the last one."""
         params = _key(key)
-        return self.conn.execute(_FIRST_EVENT, params).scalar(), self.conn.execute(_LAST_EVENT, params).scalar() or 0
+        day = self.conn.execute(_DAY_ROW, params).first()
+        return self.conn.execute(_FIRST_EVENT, params).scalar(), 0 if day is None else day.last_sequence
 
     def last_sequences(self, keys: list[DayKey]) -> dict[DayKey, int]:
         """The last sequence of each day that has a row, `_KEYS_PER_QUERY` days a query."""
