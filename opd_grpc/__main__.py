@@ -1,39 +1,82 @@
 """`python -m opd_grpc` (or `opd-grpc`): start the server with settings from the environment or a TOML file.
 
 `--migrate` first brings the database's schema up to date, `--migrate-only` does that and exits (`make migrate`);
-without them the server refuses to start on an older schema (opd_grpc/storage/schema.py)."""
+without them the server refuses to start on an older schema (opd_grpc/storage/schema.py).
+
+`opd-grpc keys add --role ROLE --name WHO`, `keys list`, `keys revoke KEY_ID` manage the API keys (SPEC §13) in the
+settings' database; a running server sees the change within API_KEYS_REFRESH_SECONDS."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
+from opd_grpc.api import observe
+from opd_grpc.engine.access import ROLES, Actor
+from opd_grpc.engine.clock import WallClock
+from opd_grpc.engine.errors import EngineError
+from opd_grpc.engine.service import OPDService
 from opd_grpc.server import serve
 from opd_grpc.settings import Settings, SettingsError
 from opd_grpc.storage import schema
+from opd_grpc.storage.store import SqlStore
+
+# Who the audit log names for a key made or revoked on the command line: someone with the database's settings.
+OPERATOR = Actor("command", "operator")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="opd-grpc", description=__doc__)
+    parser = argparse.ArgumentParser(prog="opd-grpc", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a TOML settings file (default: $OPD_CONFIG)")
     migration = parser.add_mutually_exclusive_group()
     migration.add_argument("--migrate", action="store_true",
                            help="upgrade the database's schema to this version's, then serve")
     migration.add_argument("--migrate-only", action="store_true",
                            help="upgrade the database's schema to this version's, then exit")
+    commands = parser.add_subparsers(dest="command", metavar="keys")
+    keys = commands.add_parser("keys", help="add, list or revoke API keys").add_subparsers(dest="action",
+                                                                                            required=True)
+    add = keys.add_parser("add", help="make a key and print it (once: only its hash is kept)")
+    add.add_argument("--role", required=True, choices=ROLES)
+    add.add_argument("--name", required=True, help="who or what holds it, e.g. reception-desk-2")
+    keys.add_parser("list", help="every key: id, role, name, made, revoked")
+    revoke = keys.add_parser("revoke", help="revoke a key by its id (the 8 hex digits after opd_)")
+    revoke.add_argument("key_id")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    observe.configure_logging()
     try:
         settings = Settings.load(file=args.config)
-        if args.migrate_only:
+        if args.command == "keys":
+            _keys(settings, args)
+        elif args.migrate_only:
             schema.upgrade(settings.DATABASE_URL)
             print(f"opd-grpc: the database is at schema revision {schema.head()}", flush=True)
-            return
-        asyncio.run(serve(settings, migrate=args.migrate))
-    except (SettingsError, schema.SchemaMismatch) as exc:
+        else:
+            asyncio.run(serve(settings, migrate=args.migrate))
+    except (SettingsError, schema.SchemaMismatch, EngineError, OSError) as exc:
         sys.exit(f"opd-grpc: {exc}")
+
+
+def _keys(settings: Settings, args: argparse.Namespace) -> None:
+    store = SqlStore(settings.DATABASE_URL)
+    try:
+        schema.prepare(store.engine, migrate=False)
+        service = OPDService(store, WallClock(), settings.rules())
+        if args.action == "add":
+            key, text = service.add_key(args.name, args.role, OPERATOR)
+            print(f"key {key.key_id} ({key.role}, {key.name}): {text}\n"
+                  "Give it to its holder now: it is not shown again.")
+        elif args.action == "list":
+            for key in service.list_keys():
+                revoked = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+                print(f"{key.key_id}  {key.role:<9}  {key.created_at:%Y-%m-%d %H:%M}  {revoked:<24}  {key.name}")
+        else:
+            service.revoke_key(args.key_id, OPERATOR)
+            print(f"key {args.key_id} revoked; servers refuse it within {settings.API_KEYS_REFRESH_SECONDS:g} s")
+    finally:
+        store.close()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 _LISTENING = re.compile(r"opd-grpc listening on (\S+):(\d+) ")
+_METRICS = re.compile(r"opd-grpc metrics on http://(\S+)/metrics")
 OUTPUT_LINES_KEPT = 40
 
 
@@ -27,7 +28,9 @@ class ServerProcess:
     not passed on, so that the server runs with exactly the settings given.
 
     Without `database`, the server gets a fresh SQLite file in a temporary folder that `stop()` and `kill()`
-    remove. `program` is what `python` runs, e.g. `("-m", "bench.profile_server", OUT)` for a profiled server.
+    remove. Metrics are served on a free loopback port too (`metrics_address`; "" when the server prints none,
+    e.g. with `settings={"METRICS_LISTEN": ""}`), so that servers side by side never clash. `program` is what
+    `python` runs, e.g. `("-m", "bench.profile_server", OUT)` for a profiled server.
     The server's stdout and stderr are drained as it runs; the last lines stay in `output`.
     """
 
@@ -39,11 +42,12 @@ class ServerProcess:
         url = database if isinstance(database, str) and "://" in database else f"sqlite:///{database}"
         self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("OPD_")},
                     "PYTHONUNBUFFERED": "1", "OPD_DATABASE_URL": url, "OPD_LISTEN": "127.0.0.1:0",
-                    "OPD_TEST_CLOCK": "1" if test_clock else "0",
+                    "OPD_TEST_CLOCK": "1" if test_clock else "0", "OPD_METRICS_LISTEN": "127.0.0.1:0",
                     **{f"OPD_{k}": str(v) for k, v in (settings or {}).items()}}
         self.program = list(program)
         self.proc: subprocess.Popen[str] | None = None
         self.address = ""
+        self.metrics_address = ""  # printed before the listening line, so known once start() returns
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES_KEPT)
 
     def start(self, timeout: float = 30.0) -> str:
@@ -60,12 +64,17 @@ class ServerProcess:
         return self.address
 
     def _read(self, proc: subprocess.Popen[str], found: threading.Event) -> None:
-        """Keeps the pipe from filling and finds the `opd-grpc listening on HOST:PORT` line."""
+        """Keeps the pipe from filling and finds the `opd-grpc listening on HOST:PORT` line, and before it the
+        `opd-grpc metrics on http://HOST:PORT/metrics` line if there is one."""
         assert proc.stdout is not None
         with proc.stdout:
             for line in proc.stdout:
                 self.output.append(line)
-                if not found.is_set() and (match := _LISTENING.search(line)):
+                if found.is_set():
+                    continue
+                if match := _METRICS.search(line):
+                    self.metrics_address = match[1]
+                elif match := _LISTENING.search(line):
                     self.address = f"{match[1]}:{match[2]}"
                     found.set()
         found.set()

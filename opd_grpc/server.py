@@ -8,6 +8,7 @@ import gc
 import logging
 import signal
 import threading
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -15,25 +16,32 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from opd_grpc._gen.opd.v1 import opd_pb2, opd_pb2_grpc, test_clock_pb2, test_clock_pb2_grpc
-from opd_grpc.api.interceptors import MalformedRequestInterceptor
+from opd_grpc.api import auth, limits, observe, tls
+from opd_grpc.api.interceptors import CallPipeline
 from opd_grpc.api.runner import EngineRunner
 from opd_grpc.api.servicer import OPDTokenServicer
 from opd_grpc.api.test_clock import TestClockServicer
 from opd_grpc.engine.clock import Clock, TestClock, WallClock
 from opd_grpc.engine.service import OPDService
 from opd_grpc.engine.watch import QueueWatch
-from opd_grpc.settings import Settings
+from opd_grpc.engine.access import Actor
+from opd_grpc.engine.errors import EngineError
+from opd_grpc.settings import Settings, SettingsError
 from opd_grpc.storage import schema
 from opd_grpc.storage.notify import QueueNotifications
 from opd_grpc.storage.store import SqlStore
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE_SECONDS = 10.0
 AUTO_NO_SHOW_INTERVAL_SECONDS = 1.0
 GC_FREEZE_SECONDS = 5.0
 GC_THAW_SECONDS = 600.0
 PRUNE_INTERVAL_SECONDS = 3600.0
+# A stop first holds new calls (api/interceptors.py) until the calls admitted are done and none has arrived for
+# DRAIN_QUIET_SECONDS, for at most DRAIN_MAX_SECONDS of the grace; then gRPC's own stop, then the held calls are
+# refused UNAVAILABLE.
+DRAIN_QUIET_SECONDS = 0.02
+DRAIN_MAX_SECONDS = 1.0
 OPD_SERVICE = opd_pb2.DESCRIPTOR.services_by_name["OPDTokenService"].full_name
 TEST_CLOCK_SERVICE = test_clock_pb2.DESCRIPTOR.services_by_name["TestClockService"].full_name
 
@@ -55,6 +63,12 @@ class OPDServer:
             self.store.close()
             raise
         self.service = OPDService(self.store, self.clock, settings.rules())
+        self.gate = auth.Gate(self.service.key_ring())
+        if not self.gate.keys.required and not tls.is_loopback(settings.LISTEN):
+            self.store.close()
+            raise SettingsError(f"LISTEN {settings.LISTEN} is reachable from other machines, and this database has "
+                                "no API keys: make one first (`opd-grpc keys add --role admin --name <who>`), or "
+                                "listen on 127.0.0.1 for development (SPEC §13)")
         self.run = EngineRunner(threads=0 if self.store.is_sqlite else 8)
         self.notifications: QueueNotifications | None = None
         if not self.store.is_sqlite:  # other replicas' changes wake this one's watchers, and the other way round
@@ -62,8 +76,19 @@ class OPDServer:
             self.notifications = QueueNotifications(self.store.engine, hub.remote_change, hub.catch_up_soon)
             hub.announce = self.notifications.send
         self.health = health_aio.HealthServicer()
-        self.server = grpc.aio.server(maximum_concurrent_rpcs=settings.MAX_CONCURRENT_CALLS,
-                                      interceptors=[MalformedRequestInterceptor()])
+        self.pipeline = CallPipeline(self.gate, limits.RateLimiter(settings.RATE_LIMIT_PER_KEY),
+                                     limits.calls_in_flight(settings.MAX_CONCURRENT_CALLS),
+                                     limits.watchers(settings.MAX_WATCHERS), settings.MAX_MESSAGE_BYTES,
+                                     self._record_denied, self._finished)
+        self.metrics = observe.Metrics(self.service.waitlist_lengths, lambda: self.pipeline.watchers.count)
+        self.service.events.listeners.append(self.metrics.queue_events)
+        # gRPC's own caps sit above the pipeline's (which answer with a reason, SPEC §12), with room for the calls
+        # being refused and for health checks: they only stop what gets past the pipeline's.
+        self.server = grpc.aio.server(
+            maximum_concurrent_rpcs=settings.MAX_CONCURRENT_CALLS + settings.MAX_WATCHERS
+            + max(64, settings.MAX_CONCURRENT_CALLS // 10),
+            interceptors=[self.pipeline],
+            options=[("grpc.max_receive_message_length", 2 * settings.MAX_MESSAGE_BYTES)])
         watch = QueueWatch(self.service, self.run, settings.WATCH_HEARTBEAT_SECONDS, settings.WATCH_BUFFER_EVENTS)
         opd_pb2_grpc.add_OPDTokenServiceServicer_to_server(OPDTokenServicer(self.service, self.run, watch),
                                                            self.server)
@@ -78,14 +103,14 @@ class OPDServer:
         self._pruning: asyncio.Future[tuple[int, int]] | None = None  # a pruning pass, on a thread of its own
         self._stop_pruning = threading.Event()
         self.port = 0
+        self.metrics_port = 0
 
     async def start(self) -> int:
         self.service.events.bind(asyncio.get_running_loop())
         if self.notifications is not None:
             self.notifications.start()
-        self.port = self.server.add_insecure_port(self.settings.LISTEN)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.settings.LISTEN}")
+        self.port = tls.bind(self.server, self.settings)
+        self.metrics_port = self.metrics.start(self.settings.METRICS_LISTEN)
         await self.server.start()
         for name in ("", OPD_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -93,24 +118,62 @@ class OPDServer:
             self._background.append(asyncio.create_task(self._auto_no_show()))
         self._background.append(asyncio.create_task(_keep_full_collections_short()))
         self._background.append(asyncio.create_task(self._prune_history()))
+        self._background.append(asyncio.create_task(self._reload_keys()))
         self._background.append(asyncio.create_task(self.service.events.catch_up_forever(
             lambda key, after, limit: self.run(self.service.events_after, key, after, limit),
             lambda keys: self.run(self.service.last_sequences, keys), self.settings.WATCH_CATCH_UP_SECONDS)))
         return self.port
 
-    async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.settings.SHUTDOWN_GRACE_SECONDS if grace is None else grace
+        deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
+        self.pipeline.hold_new_calls()
         self._stop_pruning.set()
         for task in self._background:
             task.cancel()
         self.service.events.close()  # watchers are told to reconnect; calls in flight get the grace period
-        await self.server.stop(grace)
+        await self._drain(min(deadline, time.monotonic() + DRAIN_MAX_SECONDS))
+        stopping = asyncio.ensure_future(self.server.stop(max(0.0, deadline - time.monotonic())))
+        await asyncio.sleep(0)  # gRPC's stop has begun: it takes no new call, and clients are told so
+        self.pipeline.refuse_held_calls()
+        await stopping
         self.run.shutdown()
         if self._pruning is not None:  # told to stop, it ends after the batch in hand
             await asyncio.wait([self._pruning])
         if self.notifications is not None:  # after the last change: its notification goes out too
             await asyncio.to_thread(self.notifications.stop)
+        await asyncio.to_thread(self.metrics.stop)  # its HTTP server notices within half a second
         self.store.close()
+
+    async def _drain(self, until: float) -> None:
+        """gRPC's stop ends the calls it has received but not yet handed to the servicer with CANCELLED, which no
+        client retries (on SQLite, where calls run on the event loop, a busy loop holds a few). So first every new
+        call is taken and held, which also keeps its caller from sending more, until the calls admitted are done
+        and no call has come for a moment; gRPC's stop then finds none waiting."""
+        while time.monotonic() < until and (self.pipeline.calls.count
+                                            or time.monotonic() - self.pipeline.last_held < DRAIN_QUIET_SECONDS):
+            await asyncio.sleep(DRAIN_QUIET_SECONDS / 10)
+
+    async def _record_denied(self, actor: Actor, method: str, request_id: str, refusal: EngineError) -> None:
+        try:
+            await self.run(self.service.record_denied, actor, method, request_id, refusal)
+        except Exception:  # the call is refused all the same
+            log.exception("could not write a denied %s call to the audit log", method)
+
+    def _finished(self, method: str, code: grpc.StatusCode, seconds: float, actor: Actor, request_id: str,
+                  peer: str) -> None:
+        observe.log_call(method, code, seconds, actor.key_id, actor.role, request_id, peer)
+        self.metrics.call_finished(method, code, seconds)
+
+    async def _reload_keys(self) -> None:
+        """Keys added or revoked (by `opd-grpc keys`, on any replica) count within API_KEYS_REFRESH_SECONDS."""
+        while True:
+            await asyncio.sleep(self.settings.API_KEYS_REFRESH_SECONDS)
+            try:
+                self.gate.keys = await asyncio.to_thread(self.service.key_ring)
+            except Exception:
+                log.exception("reloading API keys failed; the keys loaded before stay in force")
 
     async def _auto_no_show(self) -> None:
         """SPEC §6 with AUTO_NO_SHOW: confirmed patients past their grace period are marked no-show."""
@@ -159,6 +222,11 @@ async def serve(settings: Settings, migrate: bool = False) -> None:
     server = OPDServer(settings, migrate)
     port = await server.start()
     host = settings.LISTEN.rsplit(":", 1)[0]
+    if server.metrics_port:
+        metrics_host = settings.METRICS_LISTEN.rsplit(":", 1)[0]
+        print(f"opd-grpc metrics on http://{metrics_host}:{server.metrics_port}/metrics", flush=True)
+    if not server.gate.keys.required:
+        log.warning("no API keys in the database: every caller may make every call (development on loopback)")
     print(f"opd-grpc listening on {host}:{port} (database {server.store.url.render_as_string()})", flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -44,6 +44,22 @@ class Settings:
     # into them gets OUT_OF_RANGE), and a request_id's stored answer after this many hours (SPEC §9: >= 24).
     EVENT_RETENTION_DAYS: int = 30
     REQUEST_RETENTION_HOURS: int = 48
+    # Trust and limits (SPEC §13, issue 5). Bearer keys live in the database (`opd-grpc keys`); each server
+    # reloads them this often, so a key added or revoked elsewhere counts within that time.
+    API_KEYS_REFRESH_SECONDS: float = 2.0
+    # TLS: a certificate chain and its private key (PEM files) turn TLS on; a client CA bundle also asks every
+    # client for a certificate that it signed (mutual TLS).
+    TLS_CERT_FILE: str = ""
+    TLS_KEY_FILE: str = ""
+    TLS_CLIENT_CA_FILE: str = ""
+    # The largest request message accepted, and how many WatchQueue streams may be open at once (apart from
+    # MAX_CONCURRENT_CALLS, which counts the other calls in flight).
+    MAX_MESSAGE_BYTES: int = 4 * 1024 * 1024
+    MAX_WATCHERS: int = 1000
+    # On SIGTERM: health says NOT_SERVING, new calls are refused, calls in flight get this long to finish.
+    SHUTDOWN_GRACE_SECONDS: float = 10.0
+    # The Prometheus endpoint (host:port; port 0 takes a free one; empty: none).
+    METRICS_LISTEN: str = "127.0.0.1:9464"
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, file: str | Path | None = None) -> Settings:
@@ -71,15 +87,19 @@ class Settings:
     def check(self) -> None:
         for name in ("DEFAULT_SLOT_CAPACITY", "AVERAGE_CONSULTATION_MINUTES", "MAX_CONCURRENT_CALLS",
                      "WATCH_HEARTBEAT_SECONDS", "WATCH_BUFFER_EVENTS", "WATCH_CATCH_UP_SECONDS",
-                     "EVENT_RETENTION_DAYS"):
+                     "EVENT_RETENTION_DAYS", "API_KEYS_REFRESH_SECONDS", "MAX_MESSAGE_BYTES", "MAX_WATCHERS"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, not {getattr(self, name)}")
-        for name in ("NO_SHOW_GRACE_PERIOD_MINUTES", "MAX_WAITLIST_SIZE", "RATE_LIMIT_PER_KEY"):
+        for name in ("NO_SHOW_GRACE_PERIOD_MINUTES", "MAX_WAITLIST_SIZE", "RATE_LIMIT_PER_KEY", "SHUTDOWN_GRACE_SECONDS"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative, not {getattr(self, name)}")
         if self.REQUEST_RETENTION_HOURS < MIN_REQUEST_RETENTION_HOURS:
             raise SettingsError(f"REQUEST_RETENTION_HOURS must be at least {MIN_REQUEST_RETENTION_HOURS} (a retry "
                                 f"must find its first answer for a day, SPEC §9), not {self.REQUEST_RETENTION_HOURS}")
+        if bool(self.TLS_CERT_FILE) != bool(self.TLS_KEY_FILE):
+            raise SettingsError("TLS_CERT_FILE and TLS_KEY_FILE go together: set both for TLS, or neither")
+        if self.TLS_CLIENT_CA_FILE and not self.TLS_CERT_FILE:
+            raise SettingsError("TLS_CLIENT_CA_FILE (mutual TLS) needs TLS_CERT_FILE and TLS_KEY_FILE too")
         self.zone()
 
     def zone(self) -> zoneinfo.ZoneInfo:

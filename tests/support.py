@@ -22,8 +22,14 @@ from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from opd_grpc._gen.opd.v1 import opd_pb2_grpc, test_clock_pb2, test_clock_pb2_grpc
 from opd_grpc.api.convert import timestamp
 from opd_grpc.server import OPDServer
+from opd_grpc.engine.access import Actor
+from opd_grpc.engine.clock import WallClock
+from opd_grpc.engine.service import OPDService
 from opd_grpc.settings import Settings
+from opd_grpc.storage import schema
+from opd_grpc.storage.store import SqlStore
 
+KEY_MAKER = Actor("tests", "operator")  # the audit log's "who" for keys the tests make
 DAY = "2030-01-07"  # a Monday, far from the wall clock
 MORNING = dt.datetime(2030, 1, 7, 7, 0, tzinfo=dt.timezone.utc)
 
@@ -70,8 +76,11 @@ def stored_events(database_url: str, doctor_id: str, date: str = DAY) -> list[tu
 class LiveServer:
     """An OPDServer on its own event loop in a background thread, listening on 127.0.0.1:<free port>."""
 
-    def __init__(self, database_url: str, **settings: Any):
-        env = {"OPD_DATABASE_URL": database_url, "OPD_LISTEN": "127.0.0.1:0", "OPD_TEST_CLOCK": "1"}
+    def __init__(self, database_url: str, admin_key: str = "", **settings: Any):
+        """With `admin_key` (a database that holds keys), the test clock is set with it."""
+        self.admin_key = admin_key
+        env = {"OPD_DATABASE_URL": database_url, "OPD_LISTEN": "127.0.0.1:0", "OPD_TEST_CLOCK": "1",
+               "OPD_METRICS_LISTEN": ""}
         env.update({f"OPD_{k}": str(v) for k, v in settings.items()})
         self.settings = Settings.load(env=env)
         self._loop = asyncio.new_event_loop()
@@ -93,7 +102,7 @@ class LiveServer:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=30)
 
     def set_time(self, when: dt.datetime) -> None:
-        self.clock.SetTime(test_clock_pb2.SetTimeRequest(time=timestamp(when)))
+        self.clock.SetTime(test_clock_pb2.SetTimeRequest(time=timestamp(when)), metadata=bearer(self.admin_key))
 
     def close(self) -> None:
         self.channel.close()
@@ -101,6 +110,29 @@ class LiveServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
+
+
+def add_key(database_url: str, role: str, name: str = "test key") -> str:
+    """A new API key with `role` in the database (as `opd-grpc keys add` makes one); answers its text."""
+    store = SqlStore(database_url)
+    try:
+        schema.prepare(store.engine, migrate=False)
+        return OPDService(store, WallClock(), Settings().rules()).add_key(name, role, KEY_MAKER)[1]
+    finally:
+        store.close()
+
+
+def revoke_key(database_url: str, key: str) -> None:
+    store = SqlStore(database_url)
+    try:
+        OPDService(store, WallClock(), Settings().rules()).revoke_key(key.split("_")[1], KEY_MAKER)
+    finally:
+        store.close()
+
+
+def bearer(key: str) -> tuple[tuple[str, str], ...]:
+    """The call metadata that presents `key` (none for "")."""
+    return (("authorization", f"Bearer {key}"),) if key else ()
 
 
 @dataclass

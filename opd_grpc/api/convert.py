@@ -11,6 +11,7 @@ from opd_grpc.engine.model import (
     PRIORITY, Allocation, CallResult, CapacityChange, DayStats, Doctor, EventKind, Patient, QueueEvent, Release,
     Slot, SlotStatus, Source, Status, TokenView,
 )
+from opd_grpc.engine.audit import AuditEntry
 from opd_grpc.engine.service import AllocateCommand, SlotRequest
 from opd_grpc.engine.watch import Heartbeat, Snapshot
 
@@ -131,3 +132,11 @@ def queue_event(e: QueueEvent) -> pb.QueueEvent:
             date=e.date.isoformat(), source=SOURCE_TO_PB[e.source], priority=PRIORITY[e.source],
             status=STATUS_TO_PB[e.status], created_at=timestamp(e.queued_at)))
     return msg
+
+
+def audit_entry(e: AuditEntry) -> pb.AuditEntry:
+    return pb.AuditEntry(entry_id=e.entry_id, occurred_at=timestamp(e.occurred_at),
+                         outcome=pb.AuditOutcome.Value(f"AUDIT_OUTCOME_{e.outcome}"), key_id=e.key_id, role=e.role,
+                         method=e.method, request_id=e.request_id, token_id=e.token_id,
+                         from_status=pb.Status.Value(f"STATUS_{e.from_status}") if e.from_status else 0,
+                         to_status=pb.Status.Value(f"STATUS_{e.to_status}") if e.to_status else 0, reason=e.reason)

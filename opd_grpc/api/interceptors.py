@@ -1,59 +1,200 @@
-"""Server interceptors: the place for what every call goes through (auth joins here later)."""
+"""The call pipeline: one server interceptor that every call of the OPD (and test clock) service goes through.
+
+In order: the API key (UNAUTHENTICATED), the key's rate limit, the request's bytes (INVALID_ARGUMENT
+`MALFORMED_REQUEST` where gRPC would say UNKNOWN), the role (PERMISSION_DENIED), the deadline (a caller that is
+gone gets no work done), the calls or streams in flight (RESOURCE_EXHAUSTED); then the servicer, with the
+caller in `auth.CALLER`; and at the end, whatever happened, one access-log line and the call's metrics.
+A call denied for its key or role is also written to the audit log. Health and reflection pass untouched.
+Each method's handler is wrapped once, on its first call."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
+import time
 from typing import Any, Awaitable, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from opd_grpc.api.status import rich_status
+from opd_grpc.api import auth
+from opd_grpc.api.limits import InFlight, RateLimiter
+from opd_grpc.api.status import from_engine_error, rich_status
+from opd_grpc.engine.access import ANONYMOUS, Actor
+from opd_grpc.engine.errors import EngineError, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
 
-_INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+# method (short name), code, seconds, actor, request_id, peer
+Finished = Callable[[str, grpc.StatusCode, float, Actor, str, str], None]
+Denied = Callable[[Actor, str, str, EngineError], Awaitable[None]]  # actor, method, request_id, refusal
 
 
-class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
-    """Bytes that do not parse as the method's request (bad wire data, a string that is not UTF-8) are
-    INVALID_ARGUMENT with a reason (SPEC §12); left to gRPC they would be UNKNOWN with an internal message."""
+class CallPipeline(grpc.aio.ServerInterceptor):
+    def __init__(self, gate: auth.Gate, rate: RateLimiter, calls: InFlight, watchers: InFlight,
+                 max_message_bytes: int, denied: Denied, finished: Finished):
+        self.gate = gate
+        self.max_message_bytes = max_message_bytes
+        self.rate = rate
+        self.calls = calls
+        self.watchers = watchers
+        self.denied = denied
+        self.finished = finished
+        self._wrapped: dict[str, Any] = {}
+        self.stopping = False  # from the server's stop on, every call that arrives is held, then refused
+        self.last_held = 0.0  # time.monotonic() when the last of those arrived
+        self._refuse = asyncio.Event()
 
-    def __init__(self) -> None:
-        self._wrapped: dict[str, Any] = {}  # method -> its wrapped handler, built on its first call
+    def hold_new_calls(self) -> None:
+        """A call arriving from now on waits, and so does its caller, until `refuse_held_calls`; then it is
+        refused UNAVAILABLE (it did nothing: the caller sends it again, to another replica or later)."""
+        self.stopping = True
+        self.last_held = time.monotonic()
+
+    def refuse_held_calls(self) -> None:
+        self._refuse.set()
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
         wrapped = self._wrapped.get(details.method)
         if wrapped is None:
             handler = await continuation(details)
-            if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED; nothing is kept for it
-                return None
-            wrapped = self._wrapped[details.method] = _wrap(details.method, handler)
+            if handler is None or auth.is_open(details.method):  # unknown (UNIMPLEMENTED), or open to all
+                return handler
+            wrapped = self._wrapped[details.method] = self._wrap(details.method, handler)
         return wrapped
 
+    def _wrap(self, method: str, handler: Any) -> Any:
+        name = method.rsplit("/", 1)[-1]
+        parse = handler.request_deserializer
 
-def _wrap(method: str, handler: Any) -> Any:
-    if handler.request_deserializer is None or handler.request_streaming:
-        return handler
-    parse = handler.request_deserializer
+        async def admitted(raw: bytes, context: grpc.aio.ServicerContext, call: _Call) -> Any:
+            """The request, once the caller may make this call now; else the call ends with the refusal."""
+            try:
+                if self.stopping:
+                    self.last_held = time.monotonic()
+                    await self._refuse.wait()
+                    raise Unavailable("The server is shutting down and did nothing with this call; send it again "
+                                      "(with the same request_id) to another replica, or once this one is back.",
+                                      "SERVER_SHUTTING_DOWN")
+                call.actor = self.gate.authenticate(context.invocation_metadata())
+                self.rate.admit(call.actor.key_id)
+                if len(raw) > self.max_message_bytes:
+                    raise ResourceExhausted(f"The request has {len(raw)} bytes, more than this server takes "
+                                            f"({self.max_message_bytes}, MAX_MESSAGE_BYTES); send a smaller one (a "
+                                            "slot batch in parts).", "MESSAGE_TOO_LARGE")
+                try:
+                    request = parse(raw)
+                except (DecodeError, UnicodeDecodeError) as error:
+                    await context.abort_with_status(rich_status(
+                        grpc.StatusCode.INVALID_ARGUMENT.value[0], f"The request is not a valid message for "
+                        f"{name}: {error}. Send the method's request message, with strings in UTF-8.",
+                        "MALFORMED_REQUEST"))
+                request_id = getattr(request, "request_id", "")
+                # Logged and audited only in the form a UUID has: whatever else a caller put there (a phone
+                # number, say) stays out of the logs.
+                call.request_id = request_id if _UUID.fullmatch(request_id) else ""
+                self.gate.authorize(call.actor, method, request)
+            except (Unauthenticated, PermissionDenied) as refusal:
+                await self.denied(call.actor, name, call.request_id, refusal)
+                await context.abort_with_status(from_engine_error(refusal))
+            except EngineError as refusal:
+                await context.abort_with_status(from_engine_error(refusal))
+            remaining = context.time_remaining()
+            if context.cancelled() or (remaining is not None and remaining <= 0):
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "The caller's deadline passed before the "
+                                                                       "call was started; nothing was done.")
+            auth.CALLER.set(call.actor)
+            return request
 
-    async def parsed(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return parse(raw)
-        except (DecodeError, UnicodeDecodeError) as error:
-            await context.abort_with_status(rich_status(
-                _INVALID_ARGUMENT, f"The request is not a valid message for {method}: {error}. Send the "
-                "method's request message, with strings in UTF-8.", "MALFORMED_REQUEST"))
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
 
-    if handler.unary_unary is not None:
-        inner = handler.unary_unary
+            async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+                call = _Call(self, name, context)
+                try:
+                    request = await admitted(raw, context, call)
+                    try:
+                        with self.calls:
+                            response = await inner(request, context)
+                    except ResourceExhausted as refusal:  # the servicer itself answers refusals with a status
+                        await context.abort_with_status(from_engine_error(refusal))
+                    except Exception as error:
+                        await _internal(context, error, name)
+                    call.code = grpc.StatusCode.OK
+                    return response
+                except BaseException as error:
+                    call.code = _code(context, error)
+                    raise
+                finally:
+                    call.done()
 
-        async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            return await inner(await parsed(raw, context), context)
+            return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=handler.response_serializer)
+        inner_stream = handler.unary_stream
 
-        return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=handler.response_serializer)
-    inner_stream = handler.unary_stream
+        async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            call = _Call(self, name, context)
+            try:
+                request = await admitted(raw, context, call)
+                try:
+                    with self.watchers:
+                        async for item in inner_stream(request, context):
+                            yield item
+                except ResourceExhausted as refusal:
+                    await context.abort_with_status(from_engine_error(refusal))
+                except Exception as error:
+                    await _internal(context, error, name)
+                call.code = grpc.StatusCode.OK
+            except BaseException as error:
+                call.code = _code(context, error)
+                raise
+            finally:
+                call.done()
 
-    async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-        async for item in inner_stream(await parsed(raw, context), context):
-            yield item
+        return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=handler.response_serializer)
 
-    return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=handler.response_serializer)
+
+async def _internal(context: grpc.aio.ServicerContext, error: Exception, name: str) -> None:
+    """A status the servicer chose passes on; anything else is a bug (never bad input, SPEC §12): logged, and
+    answered INTERNAL with no internals instead of gRPC's UNKNOWN with the exception's text."""
+    if isinstance(error, grpc.aio.AbortError):
+        raise error
+    log.error("unexpected failure in %s", name, exc_info=error)
+    await context.abort_with_status(rich_status(
+        grpc.StatusCode.INTERNAL.value[0], "The server failed to handle this request; it changed nothing that was "
+        "not committed. Try again, and report it if it persists.", "INTERNAL_ERROR"))
+
+
+class _Call:
+    """What the access log and metrics need of one call, gathered as it goes."""
+
+    __slots__ = ("pipeline", "name", "peer", "started", "actor", "request_id", "code")
+
+    def __init__(self, pipeline: CallPipeline, name: str, context: grpc.aio.ServicerContext):
+        # The peer is read now: once a stream has ended (a server shutting down), its context is not to be touched.
+        self.pipeline, self.name, self.peer = pipeline, name, context.peer()
+        self.started = time.perf_counter()
+        self.actor: Actor = ANONYMOUS
+        self.request_id = ""
+        self.code = grpc.StatusCode.UNKNOWN
+
+    def done(self) -> None:
+        self.pipeline.finished(self.name, self.code, time.perf_counter() - self.started, self.actor,
+                               self.request_id, self.peer)
+
+
+def _code(context: grpc.aio.ServicerContext, error: BaseException) -> grpc.StatusCode:
+    """The status a call ended with when it did not return: the one it aborted with, or CANCELLED when the
+    caller went away or the server stopped (its task was cancelled)."""
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):
+        return _BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+    return grpc.StatusCode.UNKNOWN
+
+
+log = logging.getLogger(__name__)
+_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")

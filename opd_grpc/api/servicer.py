@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 from collections.abc import AsyncIterator
 from typing import Any, Callable, NoReturn, TypeVar
 
@@ -14,15 +13,14 @@ from google.protobuf.message import Message
 
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from opd_grpc._gen.opd.v1 import opd_pb2_grpc
-from opd_grpc.api import convert
+from opd_grpc.api import auth, convert
 from opd_grpc.api.runner import EngineRunner
-from opd_grpc.api.status import from_engine_error, rich_status
+from opd_grpc.api.status import from_engine_error
 from opd_grpc.engine.errors import EngineError
 from opd_grpc.engine.model import QueueEvent, Source
-from opd_grpc.engine.service import OPDService, Replay, Retry
+from opd_grpc.engine.service import Call, OPDService, Replay, Retry
 from opd_grpc.engine.watch import QueueWatch
 
-log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Message)
 
 
@@ -36,11 +34,12 @@ class OPDTokenServicer(opd_pb2_grpc.OPDTokenServiceServicer):
         try:
             return await self.run(fn, *args)
         except Exception as error:
-            await _refuse(context, error, fn.__name__)
+            await _refuse(context, error)
 
     async def _change(self, context: grpc.aio.ServicerContext, request: Message, response: type[R],
                       render: Callable[[Any], R], fn: Callable[..., Any], *args: Any) -> R:
-        """A state-changing call: with a request_id, its first answer is stored and replayed (SPEC §9)."""
+        """A state-changing call, audited under its caller (SPEC §13): with a request_id, its first answer is
+        stored and replayed (SPEC §9)."""
         retry, rendered = None, []
 
         def encode(result: Any) -> bytes:
@@ -49,7 +48,8 @@ class OPDTokenServicer(opd_pb2_grpc.OPDTokenServiceServicer):
 
         if request_id := request.request_id:
             retry = Retry(request_id, type(request).__name__, _fingerprint(request), encode)
-        result = await self._call(context, fn, *args, retry)
+        call = Call(auth.CALLER.get(), type(request).__name__.removesuffix("Request"), retry)
+        result = await self._call(context, fn, *args, call)
         if isinstance(result, Replay):
             return response.FromString(result.response)
         return rendered[0] if rendered else render(result)
@@ -141,6 +141,15 @@ class OPDTokenServicer(opd_pb2_grpc.OPDTokenServiceServicer):
         stats = await self._call(context, self.service.stats, request.date, request.doctor_id)
         return pb.GetStatsResponse(stats=[convert.stats(s) for s in stats])
 
+    async def ListAuditEntries(self, request: pb.ListAuditEntriesRequest,
+                               context: Any) -> pb.ListAuditEntriesResponse:
+        start = (request.start_time.seconds, request.start_time.nanos) if request.HasField("start_time") else None
+        end = (request.end_time.seconds, request.end_time.nanos) if request.HasField("end_time") else None
+        page = await self._call(context, self.service.audit_entries, request.token_id, start, end,
+                                request.page_size, request.page_token)
+        return pb.ListAuditEntriesResponse(entries=[convert.audit_entry(e) for e in page.items],
+                                           next_page_token=page.next_page_token)
+
     # ---- watching ----
 
     async def WatchQueue(self, request: pb.WatchQueueRequest, context: Any) -> AsyncIterator[pb.WatchQueueResponse]:
@@ -151,7 +160,7 @@ class OPDTokenServicer(opd_pb2_grpc.OPDTokenServiceServicer):
             async for update in self.watch.stream(plan):
                 yield _rendered_event(update) if isinstance(update, QueueEvent) else convert.watch_update(update)
         except Exception as error:
-            await _refuse(context, error, "WatchQueue")
+            await _refuse(context, error)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -161,16 +170,12 @@ def _rendered_event(event: QueueEvent) -> pb.WatchQueueResponse:
     return convert.watch_update(event)
 
 
-async def _refuse(context: grpc.aio.ServicerContext, error: Exception, where: str) -> NoReturn:
-    """Ends the call with the engine's refusal, or, for a bug (never bad input), a logged INTERNAL that shows no
-    internals."""
+async def _refuse(context: grpc.aio.ServicerContext, error: Exception) -> NoReturn:
+    """Ends the call with the engine's refusal; anything else is a bug, which the call pipeline logs and answers
+    INTERNAL (api/interceptors.py)."""
     if isinstance(error, EngineError):
         await context.abort_with_status(from_engine_error(error))
-    log.error("unexpected failure in %s", where, exc_info=error)
-    await context.abort_with_status(rich_status(
-        grpc.StatusCode.INTERNAL.value[0], "The server failed to handle this request; it changed nothing "
-        "that was not committed. Try again, and report it if it persists.", "INTERNAL_ERROR"))
-    raise AssertionError("abort_with_status returned")  # it raises; this keeps NoReturn honest
+    raise error
 
 
 def _fingerprint(request: Message) -> bytes:

@@ -21,6 +21,8 @@ _CODES: dict[type[errors.EngineError], int] = {
     errors.OutOfRange: code_pb2.OUT_OF_RANGE,
     errors.Aborted: code_pb2.ABORTED,
     errors.Unavailable: code_pb2.UNAVAILABLE,
+    errors.Unauthenticated: code_pb2.UNAUTHENTICATED,
+    errors.PermissionDenied: code_pb2.PERMISSION_DENIED,
 }
 
 

@@ -63,6 +63,14 @@ class Unavailable(EngineError):
     """The server is going away: the client retries, elsewhere if it can."""
 
 
+class Unauthenticated(EngineError):
+    """No API key, or one that is unknown or revoked (SPEC §13)."""
+
+
+class PermissionDenied(EngineError):
+    """The key's role may not make this call (SPEC §13)."""
+
+
 def invalid(field_name: str, description: str, reason: str = "INVALID_ARGUMENT") -> InvalidArgument:
     return InvalidArgument([FieldViolation(field_name, description)], reason)
 

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
-from opd_grpc.engine.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from opd_grpc.engine.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted, invalid
 
 
 class Source(enum.StrEnum):
@@ -195,6 +195,8 @@ class QueueEvent:
     caused_by_token_id: str = ""
     source: Source | None = None  # the token's, for watchers: with queued_at they order a queue (SPEC §2)
     queued_at: dt.datetime | None = None
+    # The token's status before this change, for the audit log; not stored with the event (None when read back).
+    previous_status: Status | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -419,9 +421,13 @@ class DoctorDay:
         self._record(EventKind.SLOT_CHANGED, now, slot_id=slot.slot_id)
         return slot
 
-    def set_capacity(self, slot_id: str, max_capacity: int, now: dt.datetime) -> CapacityChange:
-        """SPEC §6: a raise promotes at once; a cut below the seat holders is refused."""
+    def set_capacity(self, slot_id: str, max_capacity: int, now: dt.datetime, span_minutes: int) -> CapacityChange:
+        """SPEC §6: a raise promotes at once; a cut below the seat holders is refused. The seats' consultations
+        must fit in `span_minutes` (see service.MAX_SLOT_SPAN_MINUTES)."""
         slot = self.slot(slot_id)
+        if max_capacity * slot.consultation_minutes > span_minutes:
+            raise invalid("max_capacity", f"{max_capacity} seats of {slot.consultation_minutes} minutes would take "
+                                          f"more than {span_minutes // 1440} days")
         holders = self.seat_holders(slot_id)
         if max_capacity < holders:
             raise FailedPrecondition(
@@ -594,13 +600,13 @@ class DoctorDay:
         self.holders[token.slot_id] += (move.to in SEAT_HOLDING) - (token.status in SEAT_HOLDING)
         if move.to in TERMINAL:
             del self.active[token.patient.identity]
-        token.status = move.to
+        previous, token.status = token.status, move.to
         token.updated_at = now
         self.dirty_tokens.add(token.token_id)
-        self._record(move.event, now, token, caused_by)
+        self._record(move.event, now, token, caused_by, previous=previous)
 
     def _record(self, kind: EventKind, now: dt.datetime, token: Token | None = None, caused_by: str = "",
-                slot_id: str = "") -> None:
+                slot_id: str = "", previous: Status | None = None) -> None:
         """SPEC §3.6: one event per change, numbered without gaps per doctor and date."""
         self.last_sequence += 1
         if token is None:
@@ -608,7 +614,7 @@ class DoctorDay:
         else:
             event = QueueEvent(self.doctor_id, self.date, self.last_sequence, kind, now, token.token_id,
                                token.token_number, token.slot_id, token.status, caused_by, token.source,
-                               token.created_at)
+                               token.created_at, previous)
         self.pending_events.append(event)
 
     def clear_pending(self) -> None:

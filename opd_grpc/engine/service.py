@@ -17,8 +17,10 @@ import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from operator import methodcaller
-from typing import Any, Callable, Iterable, Protocol, TypeVar
+from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
+from opd_grpc.engine.access import ROLES, SYSTEM, Actor, ApiKey, KeyRing, new_key
+from opd_grpc.engine.audit import CHANGED, AuditEntry, change_entry, denied_entry
 from opd_grpc.engine.clock import Clock
 from opd_grpc.engine.errors import (
     Conflict, EngineError, FailedPrecondition, NotFound, OutOfRange, Unavailable, decode_refusal, encode_refusal,
@@ -54,6 +56,16 @@ class Retry:
 
 
 @dataclass(frozen=True)
+class Call:
+    """A state-changing call: who makes it and which call it is, for the audit log (SPEC §13), and its
+    request_id, if it has one (SPEC §9)."""
+
+    actor: Actor
+    method: str
+    retry: Retry | None = None
+
+
+@dataclass(frozen=True)
 class Replay:
     """The stored first answer to a repeated request_id."""
 
@@ -78,6 +90,13 @@ class UnitOfWork(Protocol):
     def doctors(self, offset: int, limit: int) -> list[Doctor]: ...
     def slots(self, doctor_id: str, date: dt.date | None, offset: int, limit: int) -> list[Slot]: ...
     def doctors_on(self, date: dt.date) -> list[str]: ...
+    def add_audit_entry(self, entry: AuditEntry) -> None: ...
+    def audit_entries(self, token_id: str, start: dt.datetime | None, end: dt.datetime | None, offset: int,
+                      limit: int) -> list[AuditEntry]: ...
+    def api_keys(self) -> list[ApiKey]: ...
+    def add_api_key(self, key: ApiKey) -> None: ...
+    def revoke_api_key(self, key_id: str, now: dt.datetime) -> bool: ...
+    def waitlist_lengths(self, date: dt.date) -> dict[str, int]: ...
 
 
 class Store(Protocol):
@@ -110,6 +129,14 @@ class Page:
 
 
 MAX_PAGE_SIZE = 1000
+MAX_PAGE_OFFSET = 2 ** 31 - 1  # an offset that every database takes
+# Bounds that keep a day's total capacity within GetStats' int32 (at most 1440 slots a day); and the last
+# estimated time of a slot (seats x consultation minutes on) within 1000 days, so within the years a Timestamp
+# holds (with parse.LAST_DATE).
+MAX_SLOT_CAPACITY = 1_000_000
+MAX_CONSULTATION_MINUTES = 24 * 60
+MAX_SLOT_SPAN_MINUTES = 1000 * 24 * 60
+MAX_IDENTITY = 300  # the width of tokens.patient_identity
 PRUNE_BATCH_ROWS = 1000
 PRUNE_PAUSE_SECONDS = 0.01  # between two batches of pruning: the changes waiting for the database go first
 MAX_WATCHED_DOCTORS = 50
@@ -151,16 +178,16 @@ class OPDService:
     # ---- doctors and slots --------------------------------------------------------------------
 
     @_retried
-    def create_doctor(self, name: str, specialization: str, retry: Retry | None) -> Doctor | Replay:
+    def create_doctor(self, name: str, specialization: str, call: Call) -> Doctor | Replay:
         v = Violations()
         name = v.text("name", name)
         specialization = v.text("specialization", specialization)
-        self._check(v, retry)
+        self._check(v, call)
         with self._doctor_lock, self.store.unit_of_work(write=True) as uow:
-            if (replay := self._replay(uow, retry)) is not None:
+            if (replay := self._replay(uow, call.retry)) is not None:
                 return replay
             doctor = uow.add_doctor(name, specialization)
-            self._finish(uow, retry, doctor)
+            self._finish(uow, call, doctor, ())
         return doctor
 
     @_retried
@@ -180,7 +207,7 @@ class OPDService:
             return _paged(uow.doctors(offset, limit + 1), offset, limit)
 
     @_retried
-    def create_slots(self, doctor_id: str, requests: list[SlotRequest], retry: Retry | None) -> list[Slot] | Replay:
+    def create_slots(self, doctor_id: str, requests: list[SlotRequest], call: Call) -> list[Slot] | Replay:
         """SPEC §11: a batch on any dates, all or nothing."""
         v = Violations()
         v.doctor_id("doctor_id", doctor_id)
@@ -195,19 +222,22 @@ class OPDService:
             if len(v.items) == known and end <= start:
                 v.add(f"{f}.end_time", f"{r.end_time} is not after start_time {r.start_time}")
             capacity = self.rules.default_slot_capacity if r.max_capacity is None else r.max_capacity
-            if capacity <= 0:
-                v.add(f"{f}.max_capacity", f"{capacity} is not a positive number of seats")
+            if not 0 < capacity <= MAX_SLOT_CAPACITY:
+                v.add(f"{f}.max_capacity", f"{capacity} is not a number of seats from 1 to {MAX_SLOT_CAPACITY}")
             minutes = self.rules.average_consultation_minutes if r.consultation_minutes is None \
                 else r.consultation_minutes
-            if minutes <= 0:
-                v.add(f"{f}.consultation_minutes", f"{minutes} is not a positive number of minutes")
+            if not 0 < minutes <= MAX_CONSULTATION_MINUTES:
+                v.add(f"{f}.consultation_minutes",
+                      f"{minutes} is not a number of minutes from 1 to {MAX_CONSULTATION_MINUTES}")
+            elif 0 < capacity <= MAX_SLOT_CAPACITY and capacity * minutes > MAX_SLOT_SPAN_MINUTES:
+                v.add(f"{f}.max_capacity", f"{capacity} seats of {minutes} minutes would take more than 1000 days")
             parsed.append((date, start, end, capacity, minutes))
-        self._check(v, retry)
+        self._check(v, call)
         keys = sorted({(doctor_id, p[0]) for p in parsed})
         now = self.clock.now()
         with self._locked(keys) as uow:
             versions = {key: uow.day_version(key) for key in keys}  # the days' rows, locked before the replay check
-            if (replay := self._replay(uow, retry)) is not None:
+            if (replay := self._replay(uow, call.retry)) is not None:
                 return replay
             self._doctor(uow, doctor_id)
             days = {key: self._day(uow, key, versions[key], create=True) for key in keys}
@@ -216,10 +246,10 @@ class OPDService:
                            for date, start, end, cap, minutes in parsed]
                 for day in days.values():
                     uow.save_day(day)
-                self._finish(uow, retry, created)
+                self._finish(uow, call, created, [e for d in days.values() for e in d.pending_events])
             except EngineError as refusal:
                 self._forget(keys)
-                self._refused(uow, retry, refusal)
+                self._refused(uow, call.retry, refusal)
                 raise
             except BaseException:
                 self._forget(keys)
@@ -241,14 +271,15 @@ class OPDService:
             return _paged(uow.slots(doctor_id, day, offset, limit + 1), offset, limit)
 
     @_retried
-    def update_slot_capacity(self, slot_id: str, max_capacity: int, retry: Retry | None) -> CapacityChange | Replay:
+    def update_slot_capacity(self, slot_id: str, max_capacity: int, call: Call) -> CapacityChange | Replay:
         v = Violations()
         v.text("slot_id", slot_id)
-        if max_capacity <= 0:
-            v.add("max_capacity", f"{max_capacity} is not a positive number of seats")
-        self._check(v, retry)
-        return self._change(day_of_slot_id(slot_id), retry,
-                            lambda day, now: day.set_capacity(slot_id, max_capacity, now), missing_ok=True)
+        if not 0 < max_capacity <= MAX_SLOT_CAPACITY:
+            v.add("max_capacity", f"{max_capacity} is not a number of seats from 1 to {MAX_SLOT_CAPACITY}")
+        self._check(v, call)
+        return self._change(day_of_slot_id(slot_id), call,
+                            lambda day, now: day.set_capacity(slot_id, max_capacity, now, MAX_SLOT_SPAN_MINUTES),
+                            missing_ok=True)
 
     @_retried
     def get_slot_status(self, slot_id: str) -> SlotStatus:
@@ -260,7 +291,7 @@ class OPDService:
     # ---- tokens -------------------------------------------------------------------------------
 
     @_retried
-    def allocate(self, cmd: AllocateCommand, retry: Retry | None) -> Allocation | Replay:
+    def allocate(self, cmd: AllocateCommand, call: Call) -> Allocation | Replay:
         """SPEC §4 (and §5 for SOURCE_EMERGENCY)."""
         v = Violations()
         p = cmd.patient
@@ -268,6 +299,8 @@ class OPDService:
                           p.age, p.gender, v.text("patient.mrn", p.mrn, 64, required=False))
         if not patient.mrn and not any(ch.isdigit() for ch in patient.phone):
             v.add("patient.phone", "is required when patient.mrn is not given")
+        if len(patient.identity) > MAX_IDENTITY:
+            v.add("patient.name", f"is longer than {MAX_IDENTITY} characters once its case is folded")
         if not 0 <= p.age <= 150:
             v.add("patient.age", f"{p.age} is not an age in years (0 to 150)")
         v.doctor_id("doctor_id", cmd.doctor_id)
@@ -276,35 +309,35 @@ class OPDService:
         if cmd.source is None:
             v.add("source", "is required: one of SOURCE_EMERGENCY, SOURCE_PAID_PRIORITY, SOURCE_FOLLOW_UP, "
                             "SOURCE_ONLINE_BOOKING, SOURCE_WALK_IN")
-        self._check(v, retry)
+        self._check(v, call)
         assert cmd.source is not None
         source = cmd.source
-        return self._change((cmd.doctor_id, date), retry,
+        return self._change((cmd.doctor_id, date), call,
                             lambda day, now: day.allocate(patient, source, preferred, cmd.flexible, now))
 
     @_retried
-    def cancel(self, token_id: str, retry: Retry | None) -> Release | Replay:
-        return self._token_change(token_id, retry, lambda day, now: day.cancel(token_id, now))
+    def cancel(self, token_id: str, call: Call) -> Release | Replay:
+        return self._token_change(token_id, call, lambda day, now: day.cancel(token_id, now))
 
     @_retried
-    def mark_no_show(self, token_id: str, retry: Retry | None) -> Release | Replay:
-        return self._token_change(token_id, retry, lambda day, now: day.mark_no_show(token_id, now))
+    def mark_no_show(self, token_id: str, call: Call) -> Release | Replay:
+        return self._token_change(token_id, call, lambda day, now: day.mark_no_show(token_id, now))
 
     @_retried
-    def check_in(self, token_id: str, retry: Retry | None) -> TokenView | Replay:
-        return self._token_change(token_id, retry, lambda day, now: day.check_in(token_id, now))
+    def check_in(self, token_id: str, call: Call) -> TokenView | Replay:
+        return self._token_change(token_id, call, lambda day, now: day.check_in(token_id, now))
 
     @_retried
-    def complete(self, token_id: str, retry: Retry | None) -> TokenView | Replay:
-        return self._token_change(token_id, retry, lambda day, now: day.complete(token_id, now))
+    def complete(self, token_id: str, call: Call) -> TokenView | Replay:
+        return self._token_change(token_id, call, lambda day, now: day.complete(token_id, now))
 
     @_retried
-    def call_next(self, doctor_id: str, date: str, retry: Retry | None) -> CallResult | Replay:
+    def call_next(self, doctor_id: str, date: str, call: Call) -> CallResult | Replay:
         v = Violations()
         v.doctor_id("doctor_id", doctor_id)
         day = v.date("date", date)
-        self._check(v, retry)
-        return self._change((doctor_id, day), retry, lambda d, now: d.call_next(now))
+        self._check(v, call)
+        return self._change((doctor_id, day), call, lambda d, now: d.call_next(now))
 
     @_retried
     def get_token(self, token_id: str) -> TokenView:
@@ -406,10 +439,76 @@ class OPDService:
             with self.store.unit_of_work(write=False) as uow:
                 doctors = uow.doctors_on(date)
             for doctor_id in doctors:
-                released = self._change((doctor_id, date), None, lambda day, now: day.mark_overdue_no_shows(now))
+                released = self._change((doctor_id, date), Call(SYSTEM, "AutoNoShow"), lambda day, now: day.mark_overdue_no_shows(now))
                 assert not isinstance(released, Replay)
                 marked += len(released)
         return marked
+
+    # ---- who may do what, and what they did (SPEC §13) ------------------------------------------------
+
+    @_retried
+    def key_ring(self) -> KeyRing:
+        """The keys as they are stored now (a server reloads them every API_KEYS_REFRESH_SECONDS)."""
+        with self.store.unit_of_work(write=False) as uow:
+            return KeyRing(uow.api_keys())
+
+    def add_key(self, name: str, role: str, actor: Actor) -> tuple[ApiKey, str]:
+        """A new key with one role; answers it and its text, which is shown once and stored only hashed."""
+        v = Violations()
+        name = v.text("name", name)
+        if role not in ROLES:
+            v.add("role", f"{role!r} is not a role; one of {', '.join(ROLES)}")
+        v.check()
+        now = self.clock.now()
+        key, text = new_key(name, role, now)
+        with self.store.unit_of_work(write=True) as uow:
+            uow.add_api_key(key)
+            uow.add_audit_entry(AuditEntry(now, CHANGED, actor.key_id, actor.role, "AddApiKey",
+                                           reason=f"key {key.key_id} ({role}, {name!r}) added"))
+            uow.commit()
+        return key, text
+
+    def list_keys(self) -> list[ApiKey]:
+        with self.store.unit_of_work(write=False) as uow:
+            return uow.api_keys()
+
+    def revoke_key(self, key_id: str, actor: Actor) -> None:
+        now = self.clock.now()
+        with self.store.unit_of_work(write=True) as uow:
+            if not uow.revoke_api_key(key_id, now):
+                raise NotFound(f"No key that is not already revoked has the id {key_id!r}.", "API_KEY_NOT_FOUND")
+            uow.add_audit_entry(AuditEntry(now, CHANGED, actor.key_id, actor.role, "RevokeApiKey",
+                                           reason=f"key {key_id} revoked"))
+            uow.commit()
+
+    @_retried
+    def record_denied(self, actor: Actor, method: str, request_id: str, refusal: EngineError) -> None:
+        """A call refused for its key or role leaves a trace of its own (it changed nothing else)."""
+        with self.store.unit_of_work(write=True) as uow:
+            uow.add_audit_entry(denied_entry(actor, method, request_id, self.clock.now(), refusal.reason,
+                                             refusal.message))
+            uow.commit()
+
+    @_retried
+    def audit_entries(self, token_id: str, start_time: tuple[int, int] | None, end_time: tuple[int, int] | None,
+                      page_size: int, page_token: str) -> Page:
+        """The audit log for one token, or a time range [start, end) given as (seconds, nanos) since the epoch,
+        or both; oldest first."""
+        v = Violations()
+        v.text("token_id", token_id, 40, required=False)
+        start, end = v.instant("start_time", start_time), v.instant("end_time", end_time)
+        if start is not None and end is not None and end <= start:
+            v.add("end_time", "is not after start_time")
+        v.check()
+        offset, limit = _page(page_size, page_token)
+        with self.store.unit_of_work(write=False) as uow:
+            return _paged(uow.audit_entries(token_id, start, end, offset, limit + 1), offset, limit)
+
+    @_retried
+    def waitlist_lengths(self) -> dict[str, int]:
+        """Today's WAITLISTED tokens per doctor (a metric), from the database: every replica's, not this one's."""
+        with self.store.unit_of_work(write=False) as uow:
+            return uow.waitlist_lengths(self.clock.now().astimezone(self.rules.timezone).date())
 
     # ---- history pruned by age (Rules.event_retention_days, request_retention_hours) ------------------
 
@@ -450,12 +549,12 @@ class OPDService:
 
     # ---- the unit of work -----------------------------------------------------------------------
 
-    def _check(self, v: Violations, retry: Retry | None) -> None:
-        if retry is not None:
-            v.request_id(retry.request_id)
+    def _check(self, v: Violations, call: Call) -> None:
+        if call.retry is not None:
+            v.request_id(call.retry.request_id)
         v.check()
 
-    def _change(self, key: DayKey, retry: Retry | None, rule: Callable[[DoctorDay, dt.datetime], T],
+    def _change(self, key: DayKey, call: Call, rule: Callable[[DoctorDay, dt.datetime], T],
                 missing_ok: bool = False) -> T | Replay:
         """Runs one rule on one doctor-day and commits its changes, events and idempotency record.
         With `missing_ok`, a day without slots is handed to the rule empty (it names what is missing)."""
@@ -463,16 +562,16 @@ class OPDService:
             # The day's row is locked first (PostgreSQL): a copy of this request that another replica committed
             # meanwhile is then visible to the replay check, instead of being run a second time.
             version = uow.day_version(key)
-            if (replay := self._replay(uow, retry)) is not None:
+            if (replay := self._replay(uow, call.retry)) is not None:
                 return replay
             day = self._day(uow, key, version, create=missing_ok)
             try:
                 result = rule(day, self.clock.now())
                 uow.save_day(day)
-                self._finish(uow, retry, result)
+                self._finish(uow, call, result, day.pending_events)
             except EngineError as refusal:
                 self._forget([key])
-                self._refused(uow, retry, refusal)
+                self._refused(uow, call.retry, refusal)
                 raise
             except BaseException:
                 self._forget([key])
@@ -481,12 +580,12 @@ class OPDService:
             day.clear_pending()
         return result
 
-    def _token_change(self, token_id: str, retry: Retry | None,
+    def _token_change(self, token_id: str, call: Call,
                       rule: Callable[[DoctorDay, dt.datetime], T]) -> T | Replay:
         v = Violations()
         v.text("token_id", token_id)
-        self._check(v, retry)
-        return self._change(day_of_token_id(token_id), retry, rule, missing_ok=True)
+        self._check(v, call)
+        return self._change(day_of_token_id(token_id), call, rule, missing_ok=True)
 
     def _read(self, key: DayKey, query: Callable[[DoctorDay], T], missing_ok: bool = False) -> T:
         with self._locked([key], write=False) as uow:
@@ -557,10 +656,15 @@ class OPDService:
                                                               encode_refusal(refusal)), self.clock.now())
             uow.commit()
 
-    def _finish(self, uow: UnitOfWork, retry: Retry | None, result: Any) -> None:
+    def _finish(self, uow: UnitOfWork, call: Call, result: Any, events: Sequence[QueueEvent]) -> None:
+        """Stores the answer for its request_id (SPEC §9) and the change's audit entry (SPEC §13), then commits:
+        all in the change's own transaction."""
+        now, retry = self.clock.now(), call.retry
         if retry is not None:
-            uow.store_request(retry.request_id, StoredRequest(retry.method, retry.fingerprint,
-                                                              retry.encode(result)), self.clock.now())
+            uow.store_request(retry.request_id, StoredRequest(retry.method, retry.fingerprint, retry.encode(result)),
+                              now)
+        uow.add_audit_entry(change_entry(call.actor, call.method, retry.request_id if retry else "", now, result,
+                                         events))
         uow.commit()
 
 
@@ -598,7 +702,7 @@ def _page(page_size: int, page_token: str) -> tuple[int, int]:
             offset = int(base64.urlsafe_b64decode(page_token.encode()).decode().removeprefix("o:"))
         except ValueError:
             raise invalid("page_token", "is not a token from a previous page; start again without it") from None
-        if offset < 0:
+        if not 0 <= offset <= MAX_PAGE_OFFSET:
             raise invalid("page_token", "is not a token from a previous page; start again without it")
     return offset, min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 

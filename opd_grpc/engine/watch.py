@@ -116,6 +116,8 @@ class EventHub:
         self._catch_up_now = asyncio.Event()
         # Tells other processes that a day reached a sequence (on PostgreSQL: storage.notify's NOTIFY).
         self.announce: Callable[[DayKey, int], None] | None = None
+        # Called with each batch that this process commits, in the committing thread (e.g. Metrics.queue_events).
+        self.listeners: list[Callable[[list[QueueEvent]], None]] = []
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -155,6 +157,11 @@ class EventHub:
             return
         if self.announce is not None:
             self.announce((events[0].doctor_id, events[0].date), events[-1].sequence)
+        for listener in self.listeners:
+            try:
+                listener(events)
+            except Exception:  # the change is committed: a listener's failure must not fail the call
+                log.exception("an event listener failed")
         if self._loop is None or self._loop.is_closed():
             return
         batch = list(events)  # the day clears its pending list once this returns

@@ -20,24 +20,27 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
+from opd_grpc.engine.access import ApiKey
+from opd_grpc.engine.audit import AuditEntry
 from opd_grpc.engine.model import (
     Doctor, DoctorDay, EventKind, Patient, QueueEvent, Rules, Slot, Source, Status, Token,
 )
 from opd_grpc.engine.errors import Conflict, Unavailable
 from opd_grpc.engine.service import DayKey, StoredRequest
 from opd_grpc.storage.tables import (
-    DoctorDayRow, DoctorRow, QueueEventRow, SlotRow, StoredRequestRow, TokenRow,
+    ApiKeyRow, AuditRow, DoctorDayRow, DoctorRow, QueueEventRow, SlotRow, StoredRequestRow, TokenRow,
 )
 
 log = logging.getLogger(__name__)
 
-doctors, days, slots, tokens, events, requests = (
+doctors, days, slots, tokens, events, requests, api_keys, audit = (
     DoctorRow.__table__, DoctorDayRow.__table__, SlotRow.__table__, TokenRow.__table__,
-    QueueEventRow.__table__, StoredRequestRow.__table__)
+    QueueEventRow.__table__, StoredRequestRow.__table__, ApiKeyRow.__table__, AuditRow.__table__)
 
 
 def _insert(table: Any) -> Any:
-    return insert(table).values({c.name: bindparam(c.name) for c in table.c})
+    """All columns but an autoincrementing key, each from the parameter of its name."""
+    return insert(table).values({c.name: bindparam(c.name) for c in table.c if c is not table.autoincrement_column})
 
 
 def _update(table: Any, key: str, columns: tuple[str, ...]) -> Any:
@@ -71,6 +74,7 @@ class _HotStatements:
                                          requests.c.refusal)
                                   .where(requests.c.request_id == bindparam("request_id")))
         self.insert_request = sql(_insert(requests))
+        self.insert_audit = sql(_insert(audit))
 
 
 _DAY_ROW = select(days.c.last_token_number, days.c.last_sequence).where(*_of_day(days))
@@ -324,6 +328,47 @@ class SqlUnitOfWork:
                 "token_id": e.token_id, "token_number": e.token_number, "slot_id": e.slot_id,
                 "status": e.status.value if e.status else "", "caused_by_token_id": e.caused_by_token_id,
                 "occurred_at": _iso(e.occurred_at)} for e in day.pending_events])
+
+    # ---- keys and the audit log (SPEC §13) ----
+
+    def add_audit_entry(self, entry: AuditEntry) -> None:
+        self.cursor.execute(self.hot.insert_audit, {
+            "occurred_at": _iso(entry.occurred_at), "outcome": entry.outcome, "key_id": entry.key_id,
+            "role": entry.role, "method": entry.method, "request_id": entry.request_id, "token_id": entry.token_id,
+            "from_status": entry.from_status, "to_status": entry.to_status, "reason": entry.reason})
+
+    def audit_entries(self, token_id: str, start: dt.datetime | None, end: dt.datetime | None, offset: int,
+                      limit: int) -> list[AuditEntry]:
+        query = select(audit)
+        if token_id:
+            query = query.where(audit.c.token_id == token_id)
+        if start is not None:
+            query = query.where(audit.c.occurred_at >= _iso(start))
+        if end is not None:
+            query = query.where(audit.c.occurred_at < _iso(end))
+        rows = self.conn.execute(query.order_by(audit.c.entry_id).offset(offset).limit(limit))
+        return [AuditEntry(_instant(r.occurred_at), r.outcome, r.key_id, r.role, r.method, r.request_id, r.token_id,
+                           r.from_status, r.to_status, r.reason, r.entry_id) for r in rows]
+
+    def api_keys(self) -> list[ApiKey]:
+        rows = self.conn.execute(select(api_keys).order_by(api_keys.c.created_at, api_keys.c.key_id))
+        return [ApiKey(r.key_id, r.name, r.role, bytes(r.secret_sha256), _instant(r.created_at),
+                       _instant(r.revoked_at)) for r in rows]
+
+    def add_api_key(self, key: ApiKey) -> None:
+        self.conn.execute(insert(api_keys).values(key_id=key.key_id, name=key.name, role=key.role,
+                                                  secret_sha256=key.secret_sha256, created_at=_iso(key.created_at)))
+
+    def revoke_api_key(self, key_id: str, now: dt.datetime) -> bool:
+        """Answers whether a key that was not revoked yet is now."""
+        return self.conn.execute(update(api_keys).where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
+                                 .values(revoked_at=_iso(now))).rowcount == 1
+
+    def waitlist_lengths(self, date: dt.date) -> dict[str, int]:
+        rows = self.conn.execute(select(tokens.c.doctor_id, func.count())
+                                 .where(tokens.c.date == date.isoformat(), tokens.c.status == Status.WAITLISTED.value)
+                                 .group_by(tokens.c.doctor_id))
+        return dict(rows.tuples().all())
 
     # ---- history pruned by age (OPDService.prune_history) ----
 

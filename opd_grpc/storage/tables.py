@@ -10,7 +10,8 @@ read it): tests/unit/test_migrations.py fails while the two differ."""
 from __future__ import annotations
 
 from sqlalchemy import (
-    BigInteger, CheckConstraint, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint, text,
+    DDL, BigInteger, CheckConstraint, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint, event,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -122,3 +123,55 @@ class StoredRequestRow(Base):
     created_at: Mapped[str] = mapped_column(Instant)
     refusal: Mapped[str | None] = mapped_column(Text)  # a refusal that was the first answer, as JSON
     __table_args__ = (Index("stored_requests_by_age", "created_at"),)  # pruning reads only the old ones
+
+
+class ApiKeyRow(Base):
+    """SPEC §13: a bearer key with one role. Only the SHA-256 of its secret is kept (the secret is 256 random
+    bits, so a plain hash is as strong as a slow one and costs a microsecond per call)."""
+
+    __tablename__ = "api_keys"
+    key_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(20))
+    secret_sha256: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[str] = mapped_column(Instant)
+    revoked_at: Mapped[str | None] = mapped_column(Instant)
+
+
+class AuditRow(Base):
+    """SPEC §13: the append-only audit log: one row per committed change (written in its transaction) and one
+    per denied attempt. No patient details: the token id says which patient, to those who may look it up."""
+
+    __tablename__ = "audit_log"
+    entry_id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                          autoincrement=True)
+    occurred_at: Mapped[str] = mapped_column(Instant)
+    outcome: Mapped[str] = mapped_column(String(10))  # CHANGED or DENIED
+    key_id: Mapped[str] = mapped_column(String(16))
+    role: Mapped[str] = mapped_column(String(20))
+    method: Mapped[str] = mapped_column(String(40))
+    request_id: Mapped[str] = mapped_column(String(36))
+    token_id: Mapped[str] = mapped_column(String(40))
+    from_status: Mapped[str] = mapped_column(String(20))
+    to_status: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str] = mapped_column(Text)
+    __table_args__ = (Index("audit_by_time", "occurred_at"), Index("audit_by_token", "token_id"))
+
+
+# Append-only in the database itself, not only by the code's good manners: an UPDATE or DELETE of a row fails.
+# (Revision 0004 makes the same triggers; tests/unit/test_migrations.py checks that the two agree.)
+for _action in ("UPDATE", "DELETE"):
+    event.listen(AuditRow.__table__, "after_create", DDL(
+        f"CREATE TRIGGER audit_log_no_{_action.lower()} BEFORE {_action} ON audit_log "
+        "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END").execute_if(dialect="sqlite"))
+event.listen(AuditRow.__table__, "after_create", DDL(
+    "CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$ BEGIN RAISE EXCEPTION 'audit_log is append-only'; END $$").execute_if(dialect="postgresql"))
+event.listen(AuditRow.__table__, "after_create", DDL(
+    "CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log "
+    "FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()").execute_if(dialect="postgresql"))
+event.listen(AuditRow.__table__, "after_create", DDL(
+    "CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log "
+    "FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only()").execute_if(dialect="postgresql"))
+event.listen(AuditRow.__table__, "after_drop", DDL(
+    "DROP FUNCTION IF EXISTS audit_log_append_only()").execute_if(dialect="postgresql"))

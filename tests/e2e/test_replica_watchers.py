@@ -25,7 +25,8 @@ from opd_grpc._gen.opd.v1 import opd_pb2_grpc, test_clock_pb2, test_clock_pb2_gr
 from opd_grpc.api.convert import timestamp
 from opd_grpc.engine.clock import TestClock
 from opd_grpc.engine.model import Patient, Source
-from opd_grpc.engine.service import AllocateCommand, OPDService
+from opd_grpc.engine.access import ANONYMOUS
+from opd_grpc.engine.service import AllocateCommand, Call, OPDService
 from opd_grpc.process import ServerProcess
 from opd_grpc.settings import Settings
 from opd_grpc.storage.store import SqlStore
@@ -224,7 +225,7 @@ def test_changes_whose_notifications_never_came_are_caught_up_within_seconds(rep
     def changes() -> None:
         for n in range(20):
             service.allocate(AllocateCommand(Patient(f"Patient {n}", f"+91-98450-{n:05d}", 40, "FEMALE"),
-                                             doctors[n % 2], DAY, "", Source.WALK_IN, False), None)
+                                             doctors[n % 2], DAY, "", Source.WALK_IN, False), Call(ANONYMOUS, "AllocateToken"))
 
     try:
         seen, table, caught_up_after = _watch_while(replicas, doctors, changes)

@@ -494,7 +494,7 @@ def test_reflection_lists_the_service_and_describes_it(live):
 @contextmanager
 def server_without_test_clock(tmp_path: Path) -> Iterator[grpc.Channel]:
     """An OPDServer started from settings as production would be: no OPD_TEST_CLOCK."""
-    settings = Settings.load(env={"OPD_DATABASE_URL": f"sqlite:///{tmp_path / 'plain.db'}",
+    settings = Settings.load(env={"OPD_DATABASE_URL": f"sqlite:///{tmp_path / 'plain.db'}", "OPD_METRICS_LISTEN": "",
                                   "OPD_LISTEN": "127.0.0.1:0"})
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

@@ -30,7 +30,8 @@ from sqlalchemy import select
 from opd_grpc.engine.clock import TestClock
 from opd_grpc.engine.errors import AlreadyExists, EngineError, FailedPrecondition, NotFound, ResourceExhausted
 from opd_grpc.engine.model import Allocation, Patient, Rules, Source, Status, TokenView
-from opd_grpc.engine.service import AllocateCommand, OPDService, Replay, Retry, SlotRequest
+from opd_grpc.engine.access import ANONYMOUS
+from opd_grpc.engine.service import AllocateCommand, Call, OPDService, Replay, Retry, SlotRequest
 from opd_grpc.storage import schema
 from opd_grpc.storage.store import SqlStore
 from opd_grpc.storage.tables import DoctorDayRow, QueueEventRow, SlotRow, TokenRow
@@ -291,10 +292,10 @@ class EngineMachine(RuleBasedStateMachine):
         self.clock = TestClock(dt.datetime.combine(DATE, dt.time(8, 50), self.tz))
         self.service = OPDService(self.store, self.clock, self.rules)
         for n, doctor_capacities in enumerate(capacities, 1):
-            doctor = self.service.create_doctor(f"Dr Number {n}", "General Medicine", None)
+            doctor = self.service.create_doctor(f"Dr Number {n}", "General Medicine", Call(ANONYMOUS, "CreateDoctor"))
             requests = [SlotRequest(DAY, start, end, capacity, CONSULTATION_MINUTES)
                         for (start, end), capacity in zip(SLOT_TIMES, doctor_capacities)]
-            created = self.service.create_slots(doctor.doctor_id, requests, None)
+            created = self.service.create_slots(doctor.doctor_id, requests, Call(ANONYMOUS, "CreateSlots"))
             assert not isinstance(created, Replay)
             self.days[doctor.doctor_id] = ModelDay(doctor.doctor_id, [
                 ModelSlot(s.slot_id, self.local(s.start_time), self.local(s.end_time), s.max_capacity)
@@ -340,7 +341,7 @@ class EngineMachine(RuleBasedStateMachine):
         with a different request it is refused."""
         first = data.draw(st.sampled_from(self.answered))
         if change == "nothing":
-            reply = self.service.allocate(self.command(first.args), self.retry(first.request_id, first.args))
+            reply = self.service.allocate(self.command(first.args), self.call(self.retry(first.request_id, first.args)))
             assert isinstance(reply, Replay), f"a repeated request_id ran again: {reply}"
             assert reply.response == first.response
             note("replayed a request_id")
@@ -348,16 +349,20 @@ class EngineMachine(RuleBasedStateMachine):
         try:
             if change == "the call":
                 token_id = data.draw(st.sampled_from(sorted(self.all_tokens())))
-                self.service.cancel(token_id, Retry(first.request_id, "CancelTokenRequest", token_id.encode(),
-                                                    lambda result: b""))
+                self.service.cancel(token_id, Call(ANONYMOUS, "CancelToken", Retry(
+                    first.request_id, "CancelTokenRequest", token_id.encode(), lambda result: b"")))
             else:
                 other = AllocationArgs(first.args.doctor, (first.args.patient + 1) % len(PATIENTS),
                                        first.args.source, first.args.preferred, first.args.flexible)
-                self.service.allocate(self.command(other), self.retry(first.request_id, other))
+                self.service.allocate(self.command(other), self.call(self.retry(first.request_id, other)))
         except FailedPrecondition as error:
             assert error.reason == "REQUEST_ID_REUSED", error
         else:
             raise AssertionError(f"request_id {first.request_id} was accepted for a different request")
+
+    @staticmethod
+    def call(retry: Retry | None) -> Call:
+        return Call(ANONYMOUS, "AllocateToken", retry)
 
     def retry(self, request_id: str, args: AllocationArgs) -> Retry:
         return Retry(request_id, "AllocateTokenRequest", repr(self.command(args)).encode(), encode_allocation)
@@ -376,7 +381,7 @@ class EngineMachine(RuleBasedStateMachine):
         now = self.clock.now()
         expect = day.expect_allocation(person, args.source, command.preferred_slot_time, command.flexible, now)
         try:
-            result = self.service.allocate(command, retry)
+            result = self.service.allocate(command, self.call(retry))
         except EngineError as error:
             self.check_refusal(error, expect.refusals)
             return None
@@ -419,9 +424,9 @@ class EngineMachine(RuleBasedStateMachine):
             assert eta is not None
             if self.clock.now() < eta + dt.timedelta(minutes=GRACE_MINUTES):
                 refusals.append((FailedPrecondition, "GRACE_PERIOD_NOT_ELAPSED"))
-        call = self.service.cancel if to is Status.CANCELLED else self.service.mark_no_show
+        move = self.service.cancel if to is Status.CANCELLED else self.service.mark_no_show
         try:
-            result = call(token_id, None)
+            result = move(token_id, Call(ANONYMOUS, "CancelToken" if to is Status.CANCELLED else "MarkNoShow"))
         except EngineError as error:
             self.check_refusal(error, refusals)
             return
@@ -470,7 +475,7 @@ class EngineMachine(RuleBasedStateMachine):
                          self.service.complete)
 
     def simple_move(self, token_id: str, allowed_from: set[Status], to: Status, kind: str,
-                    call: Callable[[str, None], TokenView | Replay]) -> None:
+                    move: Callable[[str, Call], TokenView | Replay]) -> None:
         day, token = self.find(token_id)
         refusals: list[Refusal] = []
         if token is None:
@@ -478,7 +483,7 @@ class EngineMachine(RuleBasedStateMachine):
         elif token.status not in allowed_from:
             refusals.append((FailedPrecondition, None))
         try:
-            result = call(token_id, None)
+            result = move(token_id, Call(ANONYMOUS, kind))
         except EngineError as error:
             self.check_refusal(error, refusals)
             return
@@ -497,7 +502,7 @@ class EngineMachine(RuleBasedStateMachine):
                 nxt = min(waiting, key=ModelToken.order)
                 break
         try:
-            result = self.service.call_next(day.doctor_id, DAY, None)
+            result = self.service.call_next(day.doctor_id, DAY, Call(ANONYMOUS, "CallNext"))
         except EngineError as error:
             self.check_refusal(error, [(NotFound, "QUEUE_EMPTY")] if nxt is None else [])
             return
@@ -549,7 +554,7 @@ class EngineMachine(RuleBasedStateMachine):
         """SPEC §6: a raise promotes at once; a cut below the seat holders is refused."""
         holders = slot.capacity - day.free_seats(slot.slot_id)
         try:
-            result = self.service.update_slot_capacity(slot.slot_id, capacity, None)
+            result = self.service.update_slot_capacity(slot.slot_id, capacity, Call(ANONYMOUS, "UpdateSlotCapacity"))
         except EngineError as error:
             self.check_refusal(error, [(FailedPrecondition, "CAPACITY_BELOW_SEAT_HOLDERS")] if capacity < holders
                                else [])

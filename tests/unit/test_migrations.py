@@ -36,7 +36,8 @@ def database(tmp_path: Path) -> Iterator[tuple[str, sqlalchemy.Engine]]:
 def start_and_stop(url: str, migrate: bool = False) -> None:
     """Starts a server on the database (or raises what refused it) and stops it again."""
     async def run() -> None:
-        server = OPDServer(Settings.load(env={"OPD_DATABASE_URL": url, "OPD_LISTEN": "127.0.0.1:0"}), migrate)
+        server = OPDServer(Settings.load(env={"OPD_DATABASE_URL": url, "OPD_LISTEN": "127.0.0.1:0",
+                                                "OPD_METRICS_LISTEN": ""}), migrate)
         await server.start()
         await server.stop(grace=0)
 
@@ -83,7 +84,11 @@ def catalog(conn: sqlalchemy.Connection) -> list[tuple[Any, ...]]:
               FROM pg_constraint WHERE connamespace = current_schema()::regnamespace
             UNION ALL
             SELECT 'index', tablename, indexname, indexdef, NULL, NULL, NULL
-              FROM pg_indexes WHERE schemaname = current_schema()""")
+              FROM pg_indexes WHERE schemaname = current_schema()
+            UNION ALL
+            SELECT 'trigger', event_object_table, trigger_name,
+                   action_timing || ' ' || event_manipulation || ' ' || action_statement, NULL, NULL, NULL
+              FROM information_schema.triggers WHERE trigger_schema = current_schema()""")
     return sorted((tuple(row) for row in rows if schema.VERSION_TABLE not in str(row)), key=repr)
 
 

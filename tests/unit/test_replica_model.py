@@ -95,7 +95,7 @@ def test_refusals_change_nothing() -> None:
     for call, reason in ((lambda: book(day, "a", "FOLLOW_UP"), "PATIENT_ALREADY_HAS_TOKEN"),
                          (lambda: book(day, "c", "WALK_IN"), "WAITLIST_FULL"),
                          (lambda: day.check_in(f"{DAY}-T2", at("08:00")), "ILLEGAL_STATE_TRANSITION"),
-                         (lambda: day.set_capacity(f"{DAY}-0900", 0, at("08:00")), "CAPACITY_BELOW_SEAT_HOLDERS"),
+                         (lambda: day.set_capacity(f"{DAY}-0900", 0, at("08:00"), 1440), "CAPACITY_BELOW_SEAT_HOLDERS"),
                          (lambda: day.cancel(f"{DAY}-T9", at("08:00")), "TOKEN_NOT_FOUND")):
         with pytest.raises(Refused, match=reason):
             call()

@@ -51,6 +51,12 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_CANCELLED: _ClassVar[EventKind]
     EVENT_KIND_NO_SHOW: _ClassVar[EventKind]
     EVENT_KIND_SLOT_CHANGED: _ClassVar[EventKind]
+
+class AuditOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AUDIT_OUTCOME_UNSPECIFIED: _ClassVar[AuditOutcome]
+    AUDIT_OUTCOME_CHANGED: _ClassVar[AuditOutcome]
+    AUDIT_OUTCOME_DENIED: _ClassVar[AuditOutcome]
 SOURCE_UNSPECIFIED: Source
 SOURCE_EMERGENCY: Source
 SOURCE_PAID_PRIORITY: Source
@@ -80,6 +86,9 @@ EVENT_KIND_COMPLETED: EventKind
 EVENT_KIND_CANCELLED: EventKind
 EVENT_KIND_NO_SHOW: EventKind
 EVENT_KIND_SLOT_CHANGED: EventKind
+AUDIT_OUTCOME_UNSPECIFIED: AuditOutcome
+AUDIT_OUTCOME_CHANGED: AuditOutcome
+AUDIT_OUTCOME_DENIED: AuditOutcome
 
 class Doctor(_message.Message):
     __slots__ = ("doctor_id", "name", "specialization")
@@ -588,3 +597,51 @@ class Heartbeat(_message.Message):
     time: _timestamp_pb2.Timestamp
     latest_sequences: _containers.ScalarMap[str, int]
     def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., latest_sequences: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("entry_id", "occurred_at", "outcome", "key_id", "role", "method", "request_id", "token_id", "from_status", "to_status", "reason")
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_STATUS_FIELD_NUMBER: _ClassVar[int]
+    TO_STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    entry_id: int
+    occurred_at: _timestamp_pb2.Timestamp
+    outcome: AuditOutcome
+    key_id: str
+    role: str
+    method: str
+    request_id: str
+    token_id: str
+    from_status: Status
+    to_status: Status
+    reason: str
+    def __init__(self, entry_id: _Optional[int] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., outcome: _Optional[_Union[AuditOutcome, str]] = ..., key_id: _Optional[str] = ..., role: _Optional[str] = ..., method: _Optional[str] = ..., request_id: _Optional[str] = ..., token_id: _Optional[str] = ..., from_status: _Optional[_Union[Status, str]] = ..., to_status: _Optional[_Union[Status, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ListAuditEntriesRequest(_message.Message):
+    __slots__ = ("token_id", "start_time", "end_time", "page_size", "page_token")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    page_size: int
+    page_token: str
+    def __init__(self, token_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListAuditEntriesResponse(_message.Message):
+    __slots__ = ("entries", "next_page_token")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    next_page_token: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

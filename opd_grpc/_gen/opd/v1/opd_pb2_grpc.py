@@ -126,6 +126,11 @@ class OPDTokenServiceStub:
                 request_serializer=opd_dot_v1_dot_opd__pb2.WatchQueueRequest.SerializeToString,
                 response_deserializer=opd_dot_v1_dot_opd__pb2.WatchQueueResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEntries = channel.unary_unary(
+                '/opd.v1.OPDTokenService/ListAuditEntries',
+                request_serializer=opd_dot_v1_dot_opd__pb2.ListAuditEntriesRequest.SerializeToString,
+                response_deserializer=opd_dot_v1_dot_opd__pb2.ListAuditEntriesResponse.FromString,
+                _registered_method=True)
 
 
 class OPDTokenServiceServicer:
@@ -260,6 +265,14 @@ class OPDTokenServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEntries(self, request, context):
+        """ListAuditEntries pages through the audit log (who changed what, and the attempts that were denied), for one
+        token, a time range, or both, oldest first. Only the admin role may read it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OPDTokenServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -352,6 +365,11 @@ def add_OPDTokenServiceServicer_to_server(servicer, server):
                     servicer.WatchQueue,
                     request_deserializer=opd_dot_v1_dot_opd__pb2.WatchQueueRequest.FromString,
                     response_serializer=opd_dot_v1_dot_opd__pb2.WatchQueueResponse.SerializeToString,
+            ),
+            'ListAuditEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEntries,
+                    request_deserializer=opd_dot_v1_dot_opd__pb2.ListAuditEntriesRequest.FromString,
+                    response_serializer=opd_dot_v1_dot_opd__pb2.ListAuditEntriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -841,6 +859,33 @@ class OPDTokenService:
             '/opd.v1.OPDTokenService/WatchQueue',
             opd_dot_v1_dot_opd__pb2.WatchQueueRequest.SerializeToString,
             opd_dot_v1_dot_opd__pb2.WatchQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opd.v1.OPDTokenService/ListAuditEntries',
+            opd_dot_v1_dot_opd__pb2.ListAuditEntriesRequest.SerializeToString,
+            opd_dot_v1_dot_opd__pb2.ListAuditEntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

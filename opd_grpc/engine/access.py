@@ -1,0 +1,84 @@
+"""Who may call (SPEC §13): bearer API keys, each with one role, and the actor that a change is audited under.
+
+A key reads `opd_<key id>_<secret>`: the key id (public, 8 hex digits) finds the stored key, and the secret
+(256 random bits) is checked against its SHA-256 in constant time. The secret is shown once, when the key is
+made, and never stored."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+from opd_grpc.engine.errors import Unauthenticated
+
+ROLES = ("admin", "reception", "triage", "doctor", "display")
+_KEY_TEXT = re.compile(r"opd_([0-9a-f]{8})_([A-Za-z0-9_-]{43})")
+_NO_SECRET = hashlib.sha256(b"").digest()
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who made a change: a key and its role; `ANONYMOUS` on a keyless development server, `SYSTEM` for the
+    server's own changes (AUTO_NO_SHOW)."""
+
+    key_id: str
+    role: str
+
+
+ANONYMOUS = Actor("", "")
+SYSTEM = Actor("system", "system")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    key_id: str
+    name: str
+    role: str
+    secret_sha256: bytes
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None = None
+
+    @property
+    def actor(self) -> Actor:
+        return Actor(self.key_id, self.role)
+
+
+def new_key(name: str, role: str, now: dt.datetime) -> tuple[ApiKey, str]:
+    """A fresh key and its text, which the caller shows once."""
+    key_id, secret = secrets.token_hex(4), secrets.token_urlsafe(32)
+    return ApiKey(key_id, name, role, _digest(secret), now), f"opd_{key_id}_{secret}"
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class KeyRing:
+    """The keys a server accepts, reloaded from storage every API_KEYS_REFRESH_SECONDS. `required` once the
+    database holds any key, revoked or not: revoking the last key must not open the server."""
+
+    def __init__(self, keys: list[ApiKey] = ()):
+        self.required = bool(keys)
+        self._active = {k.key_id: k for k in keys if k.revoked_at is None}
+
+    def authenticate(self, authorization: str | None) -> Actor:
+        """The actor of an `authorization` metadata value, or `Unauthenticated` saying why not."""
+        if not self.required:
+            return ANONYMOUS
+        if authorization is None:
+            raise Unauthenticated("This call needs an API key: send the metadata `authorization: Bearer <key>`.",
+                                  "API_KEY_MISSING")
+        scheme, _, text = authorization.strip().partition(" ")
+        match = _KEY_TEXT.fullmatch(text.strip()) if scheme.lower() == "bearer" else None
+        key = self._active.get(match[1]) if match else None
+        # Compared even for an unknown key, so that the answer takes as long whether the key id exists or not.
+        matches = hmac.compare_digest(_digest(match[2]) if match else _NO_SECRET,
+                                      key.secret_sha256 if key else _NO_SECRET)
+        if key is None or not matches:
+            raise Unauthenticated("The API key is unknown, revoked or malformed; ask an administrator for a key "
+                                  "(`opd-grpc keys add`).", "API_KEY_INVALID")
+        return key.actor
