@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     fanout = [(watchers, rate) for watchers, rate in fanout if watchers]
 
     started, load_before = time.perf_counter(), os.getloadavg()[0]
-    # The wall clock, not the test clock: an event's occurred_at is then the moment of the change. Each open
-    # stream holds one of MAX_CONCURRENT_CALLS (1000 watchers would take all of the default), hence the room.
-    settings = {"MAX_CONCURRENT_CALLS": Settings.MAX_CONCURRENT_CALLS + max((w for w, _ in fanout), default=0)}
+    # The wall clock, not the test clock: an event's occurred_at is then the moment of the change. The fan-out
+    # watchers, and the few streams it opens beside them, need room among MAX_WATCHERS.
+    settings = {"MAX_WATCHERS": Settings.MAX_WATCHERS + max((w for w, _ in fanout), default=0)}
     program = ("-m", "bench.profile_server", str(args.profile)) if args.profile else ("-m", "opd_grpc")
     server = ServerProcess(test_clock=False, settings=settings, program=program)
     server.start()
