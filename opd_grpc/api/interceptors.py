@@ -184,8 +184,9 @@ class _Call:
 
 def _code(context: grpc.aio.ServicerContext, error: BaseException) -> grpc.StatusCode:
     """The status a call ended with when it did not return: the one it aborted with, or CANCELLED when the
-    caller went away or the server stopped (its task was cancelled)."""
-    if isinstance(error, asyncio.CancelledError):
+    caller went away or the server stopped (its task was cancelled, or its stream closed: then its context is
+    not to be touched)."""
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
         return grpc.StatusCode.CANCELLED
     code = context.code()
     if isinstance(code, grpc.StatusCode):
