@@ -10,10 +10,10 @@ Each method's handler is wrapped once, on its first call."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import re
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -23,6 +23,7 @@ from opd_grpc.api.limits import InFlight, RateLimiter
 from opd_grpc.api.status import from_engine_error, rich_status
 from opd_grpc.engine.access import ANONYMOUS, Actor
 from opd_grpc.engine.errors import EngineError, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
+from opd_grpc.engine.parse import is_uuid
 
 # method (short name), code, seconds, actor, request_id, peer
 Finished = Callable[[str, grpc.StatusCode, float, Actor, str, str], None]
@@ -92,7 +93,7 @@ class CallPipeline(grpc.aio.ServerInterceptor):
                 request_id = getattr(request, "request_id", "")
                 # Logged and audited only in the form a UUID has: whatever else a caller put there (a phone
                 # number, say) stays out of the logs.
-                call.request_id = request_id if _UUID.fullmatch(request_id) else ""
+                call.request_id = request_id if is_uuid(request_id) else ""
                 self.gate.authorize(call.actor, method, request)
             except (Unauthenticated, PermissionDenied) as refusal:
                 await self.denied(call.actor, name, call.request_id, refusal)
@@ -111,53 +112,39 @@ class CallPipeline(grpc.aio.ServerInterceptor):
 
             async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
                 call = _Call(self, name, context)
-                try:
+                with call.recorded(context):
                     request = await admitted(raw, context, call)
                     try:
                         with self.calls:
-                            response = await inner(request, context)
-                    except ResourceExhausted as refusal:  # the servicer itself answers refusals with a status
-                        await context.abort_with_status(from_engine_error(refusal))
+                            return await inner(request, context)
                     except Exception as error:
-                        await _internal(context, error, name)
-                    call.code = grpc.StatusCode.OK
-                    return response
-                except BaseException as error:
-                    call.code = _code(context, error)
-                    raise
-                finally:
-                    call.done()
+                        await _failed(context, error, name)
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=handler.response_serializer)
         inner_stream = handler.unary_stream
 
         async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             call = _Call(self, name, context)
-            try:
+            with call.recorded(context):
                 request = await admitted(raw, context, call)
                 try:
                     with self.watchers:
                         async for item in inner_stream(request, context):
                             yield item
-                except ResourceExhausted as refusal:
-                    await context.abort_with_status(from_engine_error(refusal))
                 except Exception as error:
-                    await _internal(context, error, name)
-                call.code = grpc.StatusCode.OK
-            except BaseException as error:
-                call.code = _code(context, error)
-                raise
-            finally:
-                call.done()
+                    await _failed(context, error, name)
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=handler.response_serializer)
 
 
-async def _internal(context: grpc.aio.ServicerContext, error: Exception, name: str) -> None:
-    """A status the servicer chose passes on; anything else is a bug (never bad input, SPEC §12): logged, and
-    answered INTERNAL with no internals instead of gRPC's UNKNOWN with the exception's text."""
+async def _failed(context: grpc.aio.ServicerContext, error: Exception, name: str) -> None:
+    """A status the servicer chose passes on; a limit in flight is refused with its reason (the servicer itself
+    answers the engine's refusals); anything else is a bug (never bad input, SPEC §12): logged, and answered
+    INTERNAL with no internals instead of gRPC's UNKNOWN with the exception's text."""
     if isinstance(error, grpc.aio.AbortError):
         raise error
+    if isinstance(error, ResourceExhausted):
+        await context.abort_with_status(from_engine_error(error))
     log.error("unexpected failure in %s", name, exc_info=error)
     await context.abort_with_status(rich_status(
         grpc.StatusCode.INTERNAL.value[0], "The server failed to handle this request; it changed nothing that was "
@@ -175,11 +162,20 @@ class _Call:
         self.started = time.perf_counter()
         self.actor: Actor = ANONYMOUS
         self.request_id = ""
-        self.code = grpc.StatusCode.UNKNOWN
+        self.code = grpc.StatusCode.UNKNOWN  # set by recorded() as the call ends
 
-    def done(self) -> None:
-        self.pipeline.finished(self.name, self.code, time.perf_counter() - self.started, self.actor,
-                               self.request_id, self.peer)
+    @contextlib.contextmanager
+    def recorded(self, context: grpc.aio.ServicerContext) -> Iterator[None]:
+        """Around the whole call: its status, however it ends, then its access-log line and metrics."""
+        try:
+            yield
+            self.code = grpc.StatusCode.OK
+        except BaseException as error:
+            self.code = _code(context, error)
+            raise
+        finally:
+            self.pipeline.finished(self.name, self.code, time.perf_counter() - self.started, self.actor,
+                                   self.request_id, self.peer)
 
 
 def _code(context: grpc.aio.ServicerContext, error: BaseException) -> grpc.StatusCode:
@@ -198,4 +194,3 @@ def _code(context: grpc.aio.ServicerContext, error: BaseException) -> grpc.Statu
 
 log = logging.getLogger(__name__)
 _BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
-_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")

@@ -103,7 +103,7 @@ class Violations:
         return text
 
     def request_id(self, text: str) -> str:
-        if text and not _is_uuid(text):
+        if text and not is_uuid(text):
             self.add("request_id", f"{shown(text)} is not a UUID (e.g. 123e4567-e89b-12d3-a456-426614174000)")
         return text
 
@@ -116,7 +116,7 @@ class Violations:
             raise InvalidArgument(self.items)
 
 
-def _is_uuid(text: str) -> bool:
+def is_uuid(text: str) -> bool:
     """A UUID in a form that fits the request_id columns: hex digits, with or without hyphens."""
     if len(text) > REQUEST_ID_MAX:
         return False
