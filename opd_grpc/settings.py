@@ -90,7 +90,8 @@ class Settings:
                      "EVENT_RETENTION_DAYS", "API_KEYS_REFRESH_SECONDS", "MAX_MESSAGE_BYTES", "MAX_WATCHERS"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, not {getattr(self, name)}")
-        for name in ("NO_SHOW_GRACE_PERIOD_MINUTES", "MAX_WAITLIST_SIZE", "RATE_LIMIT_PER_KEY", "SHUTDOWN_GRACE_SECONDS"):
+        for name in ("NO_SHOW_GRACE_PERIOD_MINUTES", "MAX_WAITLIST_SIZE", "RATE_LIMIT_PER_KEY",
+                     "SHUTDOWN_GRACE_SECONDS"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative, not {getattr(self, name)}")
         if self.REQUEST_RETENTION_HOURS < MIN_REQUEST_RETENTION_HOURS:

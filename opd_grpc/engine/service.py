@@ -439,7 +439,8 @@ class OPDService:
             with self.store.unit_of_work(write=False) as uow:
                 doctors = uow.doctors_on(date)
             for doctor_id in doctors:
-                released = self._change((doctor_id, date), Call(SYSTEM, "AutoNoShow"), lambda day, now: day.mark_overdue_no_shows(now))
+                released = self._change((doctor_id, date), Call(SYSTEM, "AutoNoShow"),
+                                        lambda day, now: day.mark_overdue_no_shows(now))
                 assert not isinstance(released, Replay)
                 marked += len(released)
         return marked

@@ -225,7 +225,8 @@ def test_changes_whose_notifications_never_came_are_caught_up_within_seconds(rep
     def changes() -> None:
         for n in range(20):
             service.allocate(AllocateCommand(Patient(f"Patient {n}", f"+91-98450-{n:05d}", 40, "FEMALE"),
-                                             doctors[n % 2], DAY, "", Source.WALK_IN, False), Call(ANONYMOUS, "AllocateToken"))
+                                             doctors[n % 2], DAY, "", Source.WALK_IN, False),
+                             Call(ANONYMOUS, "AllocateToken"))
 
     try:
         seen, table, caught_up_after = _watch_while(replicas, doctors, changes)
