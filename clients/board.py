@@ -19,6 +19,7 @@ import queue
 import sys
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
 from rich.align import Align
@@ -29,7 +30,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from clients.library import DEFAULT_ADDRESS, OPDClient, OPDError
+from clients.library import DEFAULT_ADDRESS, OPDClient, OPDError, tls_credentials
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 
 PANELS_PER_ROW = 3
@@ -283,6 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=DEFAULT_ADDRESS, help=f"HOST:PORT of the server (default {DEFAULT_ADDRESS})")
     parser.add_argument("--api-key", default=os.environ.get("OPD_API_KEY"),
                         help="a key of the display role (default: $OPD_API_KEY; none for a loopback dev server)")
+    parser.add_argument("--ca-cert", default=os.environ.get("OPD_CA_CERT"), type=Path, metavar="FILE",
+                        help="speak TLS, trusting the server's certificate if this CA (PEM) signed it "
+                             "(default: $OPD_CA_CERT)")
+    parser.add_argument("--cert", default=os.environ.get("OPD_CLIENT_CERT"), type=Path, metavar="FILE",
+                        help="for mutual TLS: this client certificate (PEM) (default: $OPD_CLIENT_CERT)")
+    parser.add_argument("--key-file", default=os.environ.get("OPD_CLIENT_KEY"), type=Path, metavar="FILE",
+                        help="for mutual TLS: its private key (PEM) (default: $OPD_CLIENT_KEY)")
     parser.add_argument("--date", default=dt.date.today().isoformat(), help="YYYY-MM-DD (default: today)")
     parser.add_argument("--next", type=int, default=5, dest="next_count", help="how many next tokens to show")
     parser.add_argument("--once", action="store_true", help="draw the current queues once and exit")
@@ -293,9 +301,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.doctor_ids:
         parser.error("name at least one doctor, e.g. DOC001")
+    try:
+        credentials = (tls_credentials(args.ca_cert, args.cert, args.key_file)
+                       if args.ca_cert or args.cert or args.key_file else None)
+    except (OSError, ValueError) as error:
+        parser.error(f"cannot use the TLS files: {error}")
     console = Console()
     try:
-        with OPDClient(args.address, api_key=args.api_key) as client:
+        with OPDClient(args.address, api_key=args.api_key, credentials=credentials) as client:
             names = {d: client.get_doctor(d).doctor.name for d in args.doctor_ids}
             with client.watch(args.doctor_ids, args.date) as watch:
                 follow(watch, BoardState(args.doctor_ids, args.date), console, names, args.next_count, args.once)

@@ -1,4 +1,4 @@
-"""A thin typed client of opd.v1.OPDTokenService for hospital systems, the display board and the simulation.
+"""A thin typed client of opd.v1.OPDTokenService for hospital systems, the display board, opdctl and the simulation.
 
 Each call has its own deadline; a call that changes state always carries a `request_id` (SPEC §9), so it can be
 replayed safely: UNAVAILABLE (and, for those calls, DEADLINE_EXCEEDED) is retried with the same `request_id`.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import grpc
@@ -116,14 +117,31 @@ _ERROR_BY_CODE: dict[grpc.StatusCode, type[OPDError]] = {
 }
 
 
+def tls_credentials(ca_cert: Path | None = None, cert: Path | None = None,
+                    key: Path | None = None) -> grpc.ChannelCredentials:
+    """TLS from PEM files: `ca_cert` to trust a server whose CA the system does not know, `cert` and `key` to present
+    a client certificate to a server that asks for one (TLS_CLIENT_CA_FILE, mutual TLS). Reading a file may raise
+    OSError."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs its private key, and a key its certificate: give both")
+    return grpc.ssl_channel_credentials(root_certificates=ca_cert.read_bytes() if ca_cert else None,
+                                        private_key=key.read_bytes() if key else None,
+                                        certificate_chain=cert.read_bytes() if cert else None)
+
+
 class OPDClient:
-    """One connection to the OPD token service; a context manager that closes the channel it opened."""
+    """One connection to the OPD token service; a context manager that closes the channel it opened.
+
+    With `credentials` (see `tls_credentials`) the channel it opens speaks TLS; without, plaintext."""
 
     def __init__(self, address: str | None = None, *, channel: grpc.Channel | None = None, timeout: float = 5.0,
-                 attempts: int = 4, backoff: float = 0.1, api_key: str | None = None):
-        if channel is not None and address is not None:
-            raise ValueError("give an address or a channel, not both")
-        self._owned_channel = None if channel is not None else grpc.insecure_channel(address or DEFAULT_ADDRESS)
+                 attempts: int = 4, backoff: float = 0.1, api_key: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None):
+        if channel is not None and (address is not None or credentials is not None):
+            raise ValueError("give an address (and credentials) or a channel, not both")
+        target = address or DEFAULT_ADDRESS
+        self._owned_channel = None if channel is not None else (
+            grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target))
         self._stub = opd_pb2_grpc.OPDTokenServiceStub(channel or self._owned_channel)
         self.timeout = timeout
         self.attempts = max(1, attempts)
@@ -230,6 +248,38 @@ class OPDClient:
     def get_stats(self, date: str, doctor_id: str = "") -> pb.GetStatsResponse:
         return self._call("GetStats", pb.GetStatsRequest(date=date, doctor_id=doctor_id))
 
+    def list_queue_events(self, doctor_id: str, date: str, *, after_sequence: int = 0, page_size: int = 0,
+                          page_token: str = "") -> pb.ListQueueEventsResponse:
+        return self._call("ListQueueEvents", pb.ListQueueEventsRequest(
+            doctor_id=doctor_id, date=date, after_sequence=after_sequence, page_size=page_size,
+            page_token=page_token))
+
+    # Weekly templates and holidays
+
+    def set_slot_template(self, doctor_id: str, slots: Iterable[pb.TemplateSlot], *,
+                          request_id: str = "") -> pb.SetSlotTemplateResponse:
+        return self._call("SetSlotTemplate", pb.SetSlotTemplateRequest(doctor_id=doctor_id, slots=slots,
+                                                                       request_id=request_id))
+
+    def get_slot_template(self, doctor_id: str) -> pb.GetSlotTemplateResponse:
+        return self._call("GetSlotTemplate", pb.GetSlotTemplateRequest(doctor_id=doctor_id))
+
+    def apply_slot_template(self, doctor_id: str, start_date: str, end_date: str, *,
+                            request_id: str = "") -> pb.ApplySlotTemplateResponse:
+        return self._call("ApplySlotTemplate", pb.ApplySlotTemplateRequest(
+            doctor_id=doctor_id, start_date=start_date, end_date=end_date, request_id=request_id))
+
+    def create_holiday(self, date: str, name: str, *, request_id: str = "") -> pb.CreateHolidayResponse:
+        return self._call("CreateHoliday", pb.CreateHolidayRequest(date=date, name=name, request_id=request_id))
+
+    def list_holidays(self, start_date: str = "", end_date: str = "", *, page_size: int = 0,
+                      page_token: str = "") -> pb.ListHolidaysResponse:
+        return self._call("ListHolidays", pb.ListHolidaysRequest(start_date=start_date, end_date=end_date,
+                                                                 page_size=page_size, page_token=page_token))
+
+    def delete_holiday(self, date: str, *, request_id: str = "") -> pb.DeleteHolidayResponse:
+        return self._call("DeleteHoliday", pb.DeleteHolidayRequest(date=date, request_id=request_id))
+
     # Every page of a List call
 
     def iter_doctors(self) -> Iterator[pb.Doctor]:
@@ -240,6 +290,12 @@ class OPDClient:
 
     def iter_tokens(self, doctor_id: str, date: str) -> Iterator[pb.Token]:
         return self._every_page(self.list_tokens, "tokens", doctor_id, date)
+
+    def iter_queue_events(self, doctor_id: str, date: str) -> Iterator[pb.QueueEvent]:
+        return self._every_page(self.list_queue_events, "events", doctor_id, date)
+
+    def iter_holidays(self, start_date: str = "", end_date: str = "") -> Iterator[pb.Holiday]:
+        return self._every_page(self.list_holidays, "holidays", start_date, end_date)
 
     @staticmethod
     def _every_page(list_call: Callable[..., Any], items: str, *args: str) -> Iterator[Any]:

@@ -1,5 +1,7 @@
-"""`python -m simulation [--seed N] [--large] [--boards N] [--address HOST:PORT]`: play an OPD day against a server
-over gRPC, check SPEC §3 through the API as it goes, print a summary, and exit 1 if anything was violated.
+"""`python -m simulation [--seed N] [--large] [--boards N] [--address HOST:PORT] [--report PATH]`: play an OPD day
+against a server over gRPC, check SPEC §3 through the API as it goes, write the end-of-day report (an HTML page, see
+`clients.report`), print a summary, and exit 1 if anything was violated (2 if the day could not be played or its
+report not written).
 
 With `--boards N`, N display boards watch the queues beside the day (see `simulation.boards`); at the end each
 board's picture must equal the server's state, and any difference is a violation.
@@ -15,12 +17,14 @@ import argparse
 import contextlib
 import datetime as dt
 import sys
+from pathlib import Path
 
 import grpc
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from clients.library import OPDClient
+from clients.library import OPDClient, OPDError
+from clients.report import write_report
 from opd_grpc._gen.opd.v1 import test_clock_pb2, test_clock_pb2_grpc
 from opd_grpc.process import ServerFailed, ServerProcess
 from simulation import report
@@ -31,6 +35,7 @@ from simulation.scenario import LARGE, OPENS_AT, SMALL, DayPlan, build_day
 CONNECT_SECONDS = 10.0
 LARGE_CHECK_EVERY_MINUTES = 10  # in large mode SPEC §3 is checked after each batch of simulated minutes
 WIDTH_WHEN_NOT_A_TERMINAL = 150
+DEFAULT_REPORT = Path("opd-day-report.html")  # in the current directory (.gitignore names it)
 # The settings the simulation assumes (SPEC §14 defaults, UTC, no automatic no-shows); the test clock is on.
 SERVER_SETTINGS = {"TIMEZONE": "UTC", "NO_SHOW_GRACE_PERIOD_MINUTES": 15, "AUTO_NO_SHOW": "false",
                    "MAX_WAITLIST_SIZE": 50}
@@ -44,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--boards", type=int, default=0, metavar="N",
                         help="run N display boards beside the day and check their pictures at the end (default 0)")
     parser.add_argument("--address", help="HOST:PORT of a running server started with OPD_TEST_CLOCK=1")
+    parser.add_argument("--report", type=Path, default=DEFAULT_REPORT, metavar="PATH",
+                        help=f"where to write the end-of-day report (default {DEFAULT_REPORT})")
     args = parser.parse_args(argv)
     if args.boards < 0:
         parser.error("--boards must be 0 or more")
@@ -53,18 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     plan = build_day(args.seed, LARGE if args.large else SMALL)
     try:
         if args.address:
-            outcome = play(plan, args.address, console, args.boards)
+            outcome = play(plan, args.address, console, args.boards, args.report)
         else:
             with ServerProcess(settings=SERVER_SETTINGS) as server:
-                outcome = play(plan, server.address, console, args.boards)
+                outcome = play(plan, server.address, console, args.boards, args.report)
     except (CannotRun, ServerFailed) as error:
         console.print(f"[red]simulation: {error}[/red]")
         return 2
     report.render(outcome, console)
-    return 1 if outcome.violations else 0
+    return 1 if outcome.violations else 2 if outcome.report_error else 0
 
 
-def play(plan: DayPlan, address: str, console: Console, board_count: int = 0) -> Outcome:
+def play(plan: DayPlan, address: str, console: Console, board_count: int = 0,
+         report_path: Path | None = None) -> Outcome:
+    """Plays the day; with `report_path`, then writes the end-of-day report there."""
     with grpc.insecure_channel(address) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=CONNECT_SECONDS)
@@ -87,6 +96,12 @@ def play(plan: DayPlan, address: str, console: Console, board_count: int = 0) ->
                 outcome.boards = boards.finish()
                 for mismatch in outcome.boards.mismatches:
                     outcome.violations.setdefault(mismatch, "end of the day")
+        if report_path is not None:
+            outcome.report_path = report_path
+            try:
+                outcome.report = write_report(client, day.date, outcome.doctors, report_path)
+            except (OPDError, OSError) as error:
+                outcome.report_error = str(error)
         return outcome
 
 

@@ -18,11 +18,13 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 from google.protobuf import timestamp_pb2
 
 from clients.library import OPDClient, OPDError
+from clients.report.figures import DayReport
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from opd_grpc._gen.opd.v1 import test_clock_pb2, test_clock_pb2_grpc
 from simulation import checks
@@ -126,6 +128,9 @@ class Outcome:
     ended_at: dt.datetime = OPENS_AT
     seconds: float = 0.0
     boards: BoardsOutcome | None = None  # when boards ran beside the day
+    report: DayReport | None = None  # the end-of-day report's figures, once written to report_path
+    report_path: Path | None = None
+    report_error: str = ""  # why the report could not be written
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The summary of a simulated day: a rich table per doctor, the day's events, and the violations found.
 
-With boards, a line before the violations says what they received and how many mismatches they showed. The last
-line is always `violations: N`.
+A line names the end-of-day report's file (or why it was not written). With boards, a line before the violations
+says what they received and how many mismatches they showed. The last line is always `violations: N`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ def render(outcome: Outcome, console: Console) -> None:
     console.print("sources: " + ", ".join(f"{name} {n}" for name, n in sources.most_common()))
     console.print(f"simulated {OPENS_AT:%H:%M}–{outcome.ended_at:%H:%M}; {outcome.steps} steps, "
                   f"{outcome.checks} checks of SPEC §3, {outcome.calls} gRPC calls, {outcome.seconds:.1f} s")
+    if outcome.report_error:
+        console.print(f"[red]day report not written to {escape(str(outcome.report_path))}: "
+                      f"{escape(outcome.report_error)}[/red]", highlight=False)
+    elif outcome.report_path is not None:
+        console.print(f"day report: {escape(str(outcome.report_path.resolve()))}", highlight=False)
     if outcome.boards is not None:
         console.print(_boards_line(outcome.boards), highlight=False)
     for problem, seen in list(outcome.violations.items())[:MAX_VIOLATIONS_SHOWN]:

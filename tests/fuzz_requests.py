@@ -122,6 +122,7 @@ _DOCTOR_IDS = mostly(DOCTORS, ["DOC003", "DOC0", "doc001", "DOC1", "DOC001 ", "D
 _DATES = mostly([DAY, DAY, DAY, NEXT_DAY], ["2030-01-06", "2031-01-07", "1900-01-01", "9998-12-31", "1899-12-31",
                                             "9999-12-31", "0001-01-01", "2030-02-30", "2030-1-7", "07-01-2030"])
 _BAD_TIMES = ["00:00", "23:59", "24:00", "9:00", "09:60", "09:00:00", "-1:00"]
+_HOLIDAYS = ["2030-02-05", "2030-02-06", "2030-02-12", "2030-02-26", DAY]
 _ID_DATES = mostly(["20300107", "20300107", "20300108"], ["20301307", "20300230", "00000107", "99991231"])
 
 
@@ -141,6 +142,18 @@ PLAUSIBLE_TEXT: dict[str, st.SearchStrategy[str]] = {
     "start_time": mostly(["09:00", "10:00", "11:00", "12:00", "09:30"], _BAD_TIMES),
     "end_time": mostly(["10:00", "11:00", "12:00", "13:00"], _BAD_TIMES),
     "preferred_slot_time": mostly(["", "", "09:00", "10:00"], ["11:00", "12:00", *_BAD_TIMES]),
+    # A weekly pattern, and the weeks of February it is applied to: days without slots, but those that earlier
+    # applications made; now and then from DAY, where the seeded slots are in the way. Holidays fall in them.
+    "templateslot.start_time": mostly(["08:00", "09:00", "13:00", "16:00"], _BAD_TIMES),
+    "templateslot.end_time": mostly(["09:00", "12:00", "14:00", "17:00"], _BAD_TIMES),
+    "applyslottemplaterequest.start_date": mostly(["2030-02-04", "2030-02-04", "2030-02-11", DAY],
+                                                  ["", "2030-02-30", "2031-02-04", "1899-12-31"]),
+    "applyslottemplaterequest.end_date": mostly(["2030-02-10", "2030-02-17", "2030-02-17", "2030-02-28"],
+                                                ["2030-02-03", "2031-03-01", "9999-12-31", "2030-1-7"]),
+    "createholidayrequest.date": mostly(_HOLIDAYS, ["2030-02-30", "", "2030-2-5"]),
+    "deleteholidayrequest.date": mostly(_HOLIDAYS, ["2030-02-30", "", "2030-2-5"]),
+    "listholidaysrequest.start_date": mostly(["", "2030-01-01", "2030-02-06"], ["2030-02-30", "2030-2-1"]),
+    "listholidaysrequest.end_date": mostly(["", "2030-12-31", "2030-02-10"], ["2030-01-01", "2030-13-01"]),
     "token_id": st.builds("{}-{}-T{}".format, _DOCTOR_IDS, _ID_DATES, st.integers(0, 16)),
     "slot_id": st.builds("{}-{}-{}".format, _DOCTOR_IDS, _ID_DATES,
                          mostly(["0900", "1000", "1100", "1200"], ["0930", "2400", "09:00"])),

@@ -20,7 +20,8 @@ _ALLOCATE_TOKEN = OPD + "AllocateToken"
 
 # Every method and the roles that may call it. A method missing here is denied to every caller.
 METHOD_ROLES: dict[str, frozenset[str]] = {
-    **{OPD + m: _ADMIN for m in ("CreateDoctor", "CreateSlots", "UpdateSlotCapacity", "ListAuditEntries")},
+    **{OPD + m: _ADMIN for m in ("CreateDoctor", "CreateSlots", "UpdateSlotCapacity", "ListAuditEntries",
+                                 "SetSlotTemplate", "ApplySlotTemplate", "CreateHoliday", "DeleteHoliday")},
     # reception books every source but SOURCE_EMERGENCY, which is triage's (AllocateToken with it behaves as
     # AllocateEmergency, SPEC §4): `Gate.authorize` gives such a request triage's row.
     _ALLOCATE_TOKEN: _RECEPTION,
@@ -28,7 +29,8 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     **{OPD + m: _RECEPTION for m in ("CheckInToken", "CancelToken")},
     **{OPD + m: _DOCTOR for m in ("CallNext", "CompleteToken", "MarkNoShow")},
     **{OPD + m: _EVERYONE for m in ("GetDoctor", "ListDoctors", "ListSlots", "GetSlotStatus", "GetToken",
-                                    "ListTokens", "GetStats", "WatchQueue")},
+                                    "ListTokens", "GetStats", "WatchQueue", "ListQueueEvents", "GetSlotTemplate",
+                                    "ListHolidays")},
     # The test clock exists only on servers started with TEST_CLOCK; moving it changes every clinic's day.
     **{TEST_CLOCK + m: _ADMIN for m in ("SetTime", "AdvanceTime")},
     TEST_CLOCK + "GetTime": _EVERYONE,

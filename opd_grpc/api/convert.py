@@ -12,7 +12,8 @@ from opd_grpc.engine.model import (
     Slot, SlotStatus, Source, Status, TokenView,
 )
 from opd_grpc.engine.audit import AuditEntry
-from opd_grpc.engine.service import AllocateCommand, SlotRequest
+from opd_grpc.engine.schedule import Application, Holiday, SlotRequest, SlotTemplate, TemplateSlot
+from opd_grpc.engine.service import AllocateCommand
 from opd_grpc.engine.watch import Heartbeat, Snapshot
 
 SOURCE_FROM_PB = {pb.SOURCE_EMERGENCY: Source.EMERGENCY, pb.SOURCE_PAID_PRIORITY: Source.PAID_PRIORITY,
@@ -42,6 +43,30 @@ def slot_requests(r: pb.CreateSlotsRequest) -> list[SlotRequest]:
                         s.max_capacity if s.HasField("max_capacity") else None,
                         s.consultation_minutes if s.HasField("consultation_minutes") else None)
             for s in r.slots]
+
+
+def template_slots(r: pb.SetSlotTemplateRequest) -> list[TemplateSlot]:
+    """The Weekday enum's numbers are ISO weekdays (1 Monday … 7 Sunday), as the engine's; any other number is
+    handed on for the engine to refuse."""
+    return [TemplateSlot(s.weekday, s.start_time, s.end_time,
+                         s.max_capacity if s.HasField("max_capacity") else None,
+                         s.consultation_minutes if s.HasField("consultation_minutes") else None)
+            for s in r.slots]
+
+
+def slot_template(t: SlotTemplate) -> pb.SlotTemplate:
+    return pb.SlotTemplate(doctor_id=t.doctor_id, slots=[
+        pb.TemplateSlot(weekday=s.weekday, start_time=s.start_time, end_time=s.end_time, max_capacity=s.max_capacity,
+                        consultation_minutes=s.consultation_minutes) for s in t.slots])
+
+
+def holiday(h: Holiday) -> pb.Holiday:
+    return pb.Holiday(date=h.date.isoformat(), name=h.name)
+
+
+def application(a: Application) -> pb.ApplySlotTemplateResponse:
+    return pb.ApplySlotTemplateResponse(created=[slot(s) for s in a.created], existing=[slot(s) for s in a.existing],
+                                        skipped_holidays=[holiday(h) for h in a.skipped_holidays])
 
 
 def doctor(d: Doctor) -> pb.Doctor:

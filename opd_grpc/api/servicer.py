@@ -88,6 +88,39 @@ class OPDTokenServicer(opd_pb2_grpc.OPDTokenServiceServicer):
     async def GetSlotStatus(self, request: pb.GetSlotStatusRequest, context: Any) -> pb.GetSlotStatusResponse:
         return convert.slot_status(await self._call(context, self.service.get_slot_status, request.slot_id))
 
+    # ---- weekly patterns of slots, and holidays ----
+
+    async def SetSlotTemplate(self, request: pb.SetSlotTemplateRequest, context: Any) -> pb.SetSlotTemplateResponse:
+        return await self._change(context, request, pb.SetSlotTemplateResponse,
+                                  lambda t: pb.SetSlotTemplateResponse(template=convert.slot_template(t)),
+                                  self.service.set_slot_template, request.doctor_id, convert.template_slots(request))
+
+    async def GetSlotTemplate(self, request: pb.GetSlotTemplateRequest, context: Any) -> pb.GetSlotTemplateResponse:
+        template = await self._call(context, self.service.slot_template, request.doctor_id)
+        return pb.GetSlotTemplateResponse(template=convert.slot_template(template))
+
+    async def ApplySlotTemplate(self, request: pb.ApplySlotTemplateRequest,
+                                context: Any) -> pb.ApplySlotTemplateResponse:
+        return await self._change(context, request, pb.ApplySlotTemplateResponse, convert.application,
+                                  self.service.apply_slot_template, request.doctor_id, request.start_date,
+                                  request.end_date)
+
+    async def CreateHoliday(self, request: pb.CreateHolidayRequest, context: Any) -> pb.CreateHolidayResponse:
+        return await self._change(context, request, pb.CreateHolidayResponse,
+                                  lambda h: pb.CreateHolidayResponse(holiday=convert.holiday(h)),
+                                  self.service.create_holiday, request.date, request.name)
+
+    async def ListHolidays(self, request: pb.ListHolidaysRequest, context: Any) -> pb.ListHolidaysResponse:
+        page = await self._call(context, self.service.list_holidays, request.start_date, request.end_date,
+                                request.page_size, request.page_token)
+        return pb.ListHolidaysResponse(holidays=[convert.holiday(h) for h in page.items],
+                                       next_page_token=page.next_page_token)
+
+    async def DeleteHoliday(self, request: pb.DeleteHolidayRequest, context: Any) -> pb.DeleteHolidayResponse:
+        return await self._change(context, request, pb.DeleteHolidayResponse,
+                                  lambda h: pb.DeleteHolidayResponse(holiday=convert.holiday(h)),
+                                  self.service.delete_holiday, request.date)
+
     # ---- tokens ----
 
     async def AllocateToken(self, request: pb.AllocateTokenRequest, context: Any) -> pb.AllocateTokenResponse:
@@ -149,6 +182,12 @@ class OPDTokenServicer(opd_pb2_grpc.OPDTokenServiceServicer):
                                 request.page_size, request.page_token)
         return pb.ListAuditEntriesResponse(entries=[convert.audit_entry(e) for e in page.items],
                                            next_page_token=page.next_page_token)
+
+    async def ListQueueEvents(self, request: pb.ListQueueEventsRequest, context: Any) -> pb.ListQueueEventsResponse:
+        page = await self._call(context, self.service.queue_events, request.doctor_id, request.date,
+                                request.after_sequence, request.page_size, request.page_token)
+        return pb.ListQueueEventsResponse(events=[convert.queue_event(e) for e in page.items],
+                                          next_page_token=page.next_page_token)
 
     # ---- watching ----
 

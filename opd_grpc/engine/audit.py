@@ -31,16 +31,16 @@ class AuditEntry:
 
 
 def change_entry(actor: Actor, method: str, request_id: str, now: dt.datetime, result: Any,
-                 events: Sequence[QueueEvent]) -> AuditEntry:
-    """The entry of a committed change: its token's move (the token the call answers with), and the other moves
-    it caused, or what it made, as the reason."""
+                 events: Sequence[QueueEvent], reason: str = "") -> AuditEntry:
+    """The entry of a committed change: its token's move (the token the call answers with), and as the reason the
+    `reason` given, else the other moves it caused, else what it made."""
     view = result if isinstance(result, TokenView) else getattr(result, "token", None)
     token_id = view.token.token_id if isinstance(view, TokenView) else ""
     own = [e for e in events if token_id and e.token_id == token_id]
     others = "; ".join(_move(e) for e in events if e not in own)
     return AuditEntry(now, CHANGED, actor.key_id, actor.role, method, request_id, token_id,
                       _status(own[0].previous_status) if own else "", _status(own[-1].status) if own else "",
-                      others or _made(result))
+                      reason or others or _made(result))
 
 
 def denied_entry(actor: Actor, method: str, request_id: str, now: dt.datetime, code: str,

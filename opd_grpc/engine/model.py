@@ -235,6 +235,11 @@ class DayStats:
 _BY_ORDER = operator.attrgetter("order")
 
 
+def overlap(start: dt.time, end: dt.time, other_start: dt.time, other_end: dt.time) -> bool:
+    """SPEC §1: two sittings of one doctor overlap when each starts before the other ends (touching is not)."""
+    return start < other_end and other_start < end
+
+
 def day_id(doctor_id: str, date: dt.date) -> str:
     """The prefix of the ids of a doctor-day's slots and tokens: DOC001-20300107."""
     return f"{doctor_id}-{date:%Y%m%d}"
@@ -340,6 +345,10 @@ class DoctorDay:
         except KeyError:
             raise NotFound(f"No token has the id {token_id!r}.", "TOKEN_NOT_FOUND") from None
 
+    def slot_spanning(self, start: dt.time, end: dt.time) -> Slot | None:
+        """The day's slot from `start` to `end` exactly, if it has one."""
+        return next((s for s in self.slots.values() if s.start_time == start and s.end_time == end), None)
+
     def seat_holders(self, slot_id: str) -> int:
         return self.holders[slot_id]
 
@@ -408,7 +417,7 @@ class DoctorDay:
                  now: dt.datetime) -> Slot:
         """Adds a slot; a doctor's slots never overlap (SPEC §1)."""
         for other in self.slots.values():
-            if start < other.end_time and other.start_time < end:
+            if overlap(start, end, other.start_time, other.end_time):
                 raise AlreadyExists(
                     f"{start:%H:%M}-{end:%H:%M} overlaps {self.doctor_id}'s slot {other.start_time:%H:%M}-"
                     f"{other.end_time:%H:%M} on {self.date.isoformat()}.", "SLOT_OVERLAP")

@@ -23,14 +23,17 @@ from opd_grpc.engine.access import ROLES, SYSTEM, Actor, ApiKey, KeyRing, new_ke
 from opd_grpc.engine.audit import CHANGED, AuditEntry, change_entry, denied_entry
 from opd_grpc.engine.clock import Clock
 from opd_grpc.engine.errors import (
-    Conflict, EngineError, FailedPrecondition, NotFound, OutOfRange, Unavailable, decode_refusal, encode_refusal,
-    invalid,
+    AlreadyExists, Conflict, EngineError, FailedPrecondition, NotFound, OutOfRange, Unavailable, decode_refusal,
+    encode_refusal, invalid,
 )
 from opd_grpc.engine.model import (
     Allocation, CallResult, CapacityChange, DayStats, Doctor, DoctorDay, Patient, QueueEvent, Release, Rules,
     Slot, SlotStatus, Source, TokenView, day_of_slot_id, day_of_token_id,
 )
 from opd_grpc.engine.parse import Violations
+from opd_grpc.engine.schedule import (
+    WEEKDAYS, Application, Holiday, SlotRequest, SlotTemplate, TemplateSlot, dates, expand, in_order, overlapping,
+)
 from opd_grpc.engine.watch import EventHub, Snapshot
 
 T = TypeVar("T")
@@ -97,6 +100,12 @@ class UnitOfWork(Protocol):
     def add_api_key(self, key: ApiKey) -> None: ...
     def revoke_api_key(self, key_id: str, now: dt.datetime) -> bool: ...
     def waitlist_lengths(self, date: dt.date) -> dict[str, int]: ...
+    def slot_template(self, doctor_id: str) -> tuple[TemplateSlot, ...]: ...
+    def set_slot_template(self, template: SlotTemplate) -> None: ...
+    def holiday(self, date: dt.date) -> Holiday | None: ...
+    def holidays(self, start: dt.date | None, end: dt.date | None, offset: int, limit: int) -> list[Holiday]: ...
+    def add_holiday(self, holiday: Holiday) -> None: ...
+    def delete_holiday(self, date: dt.date) -> Holiday | None: ...
 
 
 class Store(Protocol):
@@ -114,12 +123,14 @@ class AllocateCommand:
 
 
 @dataclass(frozen=True)
-class SlotRequest:
-    date: str
-    start_time: str
-    end_time: str
-    max_capacity: int | None
-    consultation_minutes: int | None
+class NewSlot:
+    """A checked SlotRequest, with the settings' defaults in place of what it left unset."""
+
+    date: dt.date
+    start: dt.time
+    end: dt.time
+    max_capacity: int
+    consultation_minutes: int
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,11 @@ MAX_SLOT_CAPACITY = 1_000_000
 MAX_CONSULTATION_MINUTES = 24 * 60
 MAX_SLOT_SPAN_MINUTES = 1000 * 24 * 60
 MAX_IDENTITY = 300  # the width of tokens.patient_identity
+MAX_APPLY_DAYS = 366  # the dates ApplySlotTemplate covers at once
+# A weekly pattern's slots: 14 a day on every day of the week. One ApplySlotTemplate then makes at most 5,300 slots
+# in one transaction (in about 0.2 s on SQLite, where other calls wait for it), and its answer stays far
+# under gRPC's 4 MiB.
+MAX_TEMPLATE_SLOTS = 100
 PRUNE_BATCH_ROWS = 1000
 PRUNE_PAUSE_SECONDS = 0.01  # between two batches of pruning: the changes waiting for the database go first
 MAX_WATCHED_DOCTORS = 50
@@ -208,32 +224,50 @@ class OPDService:
 
     @_retried
     def create_slots(self, doctor_id: str, requests: list[SlotRequest], call: Call) -> list[Slot] | Replay:
-        """SPEC §11: a batch on any dates, all or nothing."""
+        """SPEC §11: a batch on any dates, all or nothing. A holiday takes slots too (an OPD may open on one by
+        hand): holidays steer only ApplySlotTemplate."""
         v = Violations()
         v.doctor_id("doctor_id", doctor_id)
         if not requests:
             v.add("slots", "at least one slot is required")
-        parsed = []
-        for i, r in enumerate(requests):
-            f = f"slots[{i}]"
-            known = len(v.items)
-            date, start, end = v.date(f"{f}.date", r.date), v.time(f"{f}.start_time", r.start_time), \
-                v.time(f"{f}.end_time", r.end_time)
-            if len(v.items) == known and end <= start:
-                v.add(f"{f}.end_time", f"{r.end_time} is not after start_time {r.start_time}")
-            capacity = self.rules.default_slot_capacity if r.max_capacity is None else r.max_capacity
-            if not 0 < capacity <= MAX_SLOT_CAPACITY:
-                v.add(f"{f}.max_capacity", f"{capacity} is not a number of seats from 1 to {MAX_SLOT_CAPACITY}")
-            minutes = self.rules.average_consultation_minutes if r.consultation_minutes is None \
-                else r.consultation_minutes
-            if not 0 < minutes <= MAX_CONSULTATION_MINUTES:
-                v.add(f"{f}.consultation_minutes",
-                      f"{minutes} is not a number of minutes from 1 to {MAX_CONSULTATION_MINUTES}")
-            elif 0 < capacity <= MAX_SLOT_CAPACITY and capacity * minutes > MAX_SLOT_SPAN_MINUTES:
-                v.add(f"{f}.max_capacity", f"{capacity} seats of {minutes} minutes would take more than 1000 days")
-            parsed.append((date, start, end, capacity, minutes))
+        new = [self._new_slot(v, f"slots[{i}]", r) for i, r in enumerate(requests)]
         self._check(v, call)
-        keys = sorted({(doctor_id, p[0]) for p in parsed})
+
+        def add(_: UnitOfWork, days: dict[DayKey, DoctorDay], now: dt.datetime) -> list[Slot]:
+            return [days[(doctor_id, n.date)].add_slot(n.start, n.end, n.max_capacity, n.consultation_minutes, now)
+                    for n in new]
+
+        return self._add_slots(doctor_id, sorted({(doctor_id, n.date) for n in new}), call, add)
+
+    def _new_slot(self, v: Violations, field: str, r: SlotRequest) -> NewSlot:
+        return NewSlot(v.date(f"{field}.date", r.date),
+                       *self._slot_shape(v, field, r.start_time, r.end_time, r.max_capacity, r.consultation_minutes))
+
+    def _slot_shape(self, v: Violations, field: str, start_time: str, end_time: str, max_capacity: int | None,
+                    consultation_minutes: int | None) -> tuple[dt.time, dt.time, int, int]:
+        """SPEC §1: a slot's times (end after start), and its seats and minutes (the settings' defaults when unset)
+        within the bounds that keep its figures representable. For a slot of CreateSlots and of a pattern alike."""
+        known = len(v.items)
+        start, end = v.time(f"{field}.start_time", start_time), v.time(f"{field}.end_time", end_time)
+        if len(v.items) == known and end <= start:
+            v.add(f"{field}.end_time", f"{end_time} is not after start_time {start_time}")
+        capacity = self.rules.default_slot_capacity if max_capacity is None else max_capacity
+        if not 0 < capacity <= MAX_SLOT_CAPACITY:
+            v.add(f"{field}.max_capacity", f"{capacity} is not a number of seats from 1 to {MAX_SLOT_CAPACITY}")
+        minutes = self.rules.average_consultation_minutes if consultation_minutes is None else consultation_minutes
+        if not 0 < minutes <= MAX_CONSULTATION_MINUTES:
+            v.add(f"{field}.consultation_minutes",
+                  f"{minutes} is not a number of minutes from 1 to {MAX_CONSULTATION_MINUTES}")
+        elif 0 < capacity <= MAX_SLOT_CAPACITY and capacity * minutes > MAX_SLOT_SPAN_MINUTES:
+            v.add(f"{field}.max_capacity", f"{capacity} seats of {minutes} minutes would take more than 1000 days")
+        return start, end, capacity, minutes
+
+    def _add_slots(self, doctor_id: str, keys: list[DayKey], call: Call,
+                   add: Callable[[UnitOfWork, dict[DayKey, DoctorDay], dt.datetime], T],
+                   describe: Callable[[T], str] | None = None) -> T | Replay:
+        """Runs `add` on the doctor's days `keys` (new ones made empty) under their locks, and commits the slots it
+        added with their events, in one transaction: all of them, or none when it refuses. `describe` gives the
+        audit entry's reason (by default, the events)."""
         now = self.clock.now()
         with self._locked(keys) as uow:
             versions = {key: uow.day_version(key) for key in keys}  # the days' rows, locked before the replay check
@@ -242,11 +276,12 @@ class OPDService:
             self._doctor(uow, doctor_id)
             days = {key: self._day(uow, key, versions[key], create=True) for key in keys}
             try:
-                created = [days[(doctor_id, date)].add_slot(start, end, cap, minutes, now)
-                           for date, start, end, cap, minutes in parsed]
-                for day in days.values():
+                result = add(uow, days, now)
+                changed = [day for day in days.values() if day.pending_events]
+                for day in changed:
                     uow.save_day(day)
-                self._finish(uow, call, created, [e for d in days.values() for e in d.pending_events])
+                self._finish(uow, call, result, [e for d in changed for e in d.pending_events],
+                             describe(result) if describe else "")
             except EngineError as refusal:
                 self._forget(keys)
                 self._refused(uow, call.retry, refusal)
@@ -254,10 +289,10 @@ class OPDService:
             except BaseException:
                 self._forget(keys)
                 raise
-            for day in days.values():
+            for day in changed:
                 self.events.publish(day.pending_events)
                 day.clear_pending()
-        return created
+        return result
 
     @_retried
     def list_slots(self, doctor_id: str, date: str, page_size: int, page_token: str) -> Page:
@@ -287,6 +322,138 @@ class OPDService:
         v.text("slot_id", slot_id)
         v.check()
         return self._read(day_of_slot_id(slot_id), lambda day: day.slot_status(slot_id), missing_ok=True)
+
+    # ---- weekly patterns of slots, and holidays (schedule.py) ------------------------------------
+
+    @_retried
+    def set_slot_template(self, doctor_id: str, slots: list[TemplateSlot], call: Call) -> SlotTemplate | Replay:
+        """Replaces the doctor's weekly pattern (no slots: the doctor has none). Each slot is checked as CreateSlots
+        checks one, with the defaults of now for what it leaves unset; two slots of one weekday may not overlap."""
+        v = Violations()
+        v.doctor_id("doctor_id", doctor_id)
+        if len(slots) > MAX_TEMPLATE_SLOTS:
+            v.add("slots", f"{len(slots)} slots are more than a pattern holds ({MAX_TEMPLATE_SLOTS})")
+        for i, slot in enumerate(slots):
+            if slot.weekday not in WEEKDAYS:
+                given = "is required" if slot.weekday == 0 else f"{slot.weekday} is not a day of the week"
+                v.add(f"slots[{i}].weekday", f"{given}: one of {', '.join(f'WEEKDAY_{d}' for d in WEEKDAYS.values())}")
+            self._slot_shape(v, f"slots[{i}]", slot.start_time, slot.end_time, slot.max_capacity,
+                             slot.consultation_minutes)
+        if not v.items:
+            for i, j in overlapping(slots):
+                v.add(f"slots[{j}]", f"overlaps slots[{i}]: both are on {WEEKDAYS[slots[i].weekday].title()}s")
+        self._check(v, call)
+        template = SlotTemplate(doctor_id, in_order(slots))
+
+        def store(uow: UnitOfWork) -> SlotTemplate:
+            self._doctor(uow, doctor_id)
+            uow.set_slot_template(template)
+            return template
+
+        return self._write(call, store, lambda t: f"{t.doctor_id}'s slot template: {len(t.slots)} slots")
+
+    @_retried
+    def slot_template(self, doctor_id: str) -> SlotTemplate:
+        v = Violations()
+        v.doctor_id("doctor_id", doctor_id)
+        v.check()
+        with self.store.unit_of_work(write=False) as uow:
+            self._doctor(uow, doctor_id)
+            return SlotTemplate(doctor_id, uow.slot_template(doctor_id))
+
+    @_retried
+    def apply_slot_template(self, doctor_id: str, start_date: str, end_date: str,
+                            call: Call) -> Application | Replay:
+        """Creates the doctor's pattern's slots on every date from start_date to end_date (both included) but the
+        holidays, through CreateSlots' checks (with the defaults of now) and rule: a slot that overlaps another
+        refuses them all. A pattern slot that is there already (same date, start and end) is left as it is."""
+        v = Violations()
+        v.doctor_id("doctor_id", doctor_id)
+        known = len(v.items)
+        start, end = v.date("start_date", start_date), v.date("end_date", end_date)
+        if len(v.items) == known:
+            if end < start:
+                v.add("end_date", f"{end_date} is before start_date {start_date}")
+            elif (end - start).days >= MAX_APPLY_DAYS:
+                v.add("end_date", f"{start_date} to {end_date} is more than {MAX_APPLY_DAYS} days; apply the "
+                                  "template to one part of the range after another")
+        self._check(v, call)
+        with self.store.unit_of_work(write=False) as uow:  # the pattern says which days to lock
+            self._doctor(uow, doctor_id)
+            pattern = uow.slot_template(doctor_id)
+        weekdays = {slot.weekday for slot in pattern}
+        keys = [(doctor_id, date) for date in dates(start, end) if date.isoweekday() in weekdays]
+
+        def add(uow: UnitOfWork, days: dict[DayKey, DoctorDay], now: dt.datetime) -> Application:
+            if uow.slot_template(doctor_id) != pattern:
+                raise Conflict(f"{doctor_id}'s slot template changed meanwhile")  # run again with the new one
+            if not pattern:
+                raise FailedPrecondition(f"{doctor_id} has no slot template; set its weekly pattern with "
+                                         "SetSlotTemplate first.", "NO_SLOT_TEMPLATE")
+            expansion = expand(pattern, start, end, uow.holidays(start, end, 0, MAX_APPLY_DAYS))
+            checks = Violations()
+            new = [self._new_slot(checks, f"slot {r.date} {r.start_time}", r) for r in expansion.requests]
+            if checks.items:  # the settings' defaults changed since the pattern was set
+                first = checks.items[0]
+                raise FailedPrecondition(f"{doctor_id}'s slot template does not fit the settings any more "
+                                         f"({first.field}: {first.description}); set it again with SetSlotTemplate.",
+                                         "SLOT_TEMPLATE_OUT_OF_BOUNDS")
+            created, existing = [], []
+            for n in new:
+                day = days[(doctor_id, n.date)]
+                if (there := day.slot_spanning(n.start, n.end)) is not None:
+                    existing.append(there)
+                else:
+                    created.append(day.add_slot(n.start, n.end, n.max_capacity, n.consultation_minutes, now))
+            return Application(doctor_id, start, end, created, existing, expansion.skipped_holidays)
+
+        return self._add_slots(doctor_id, keys, call, add, _applied)
+
+    @_retried
+    def create_holiday(self, date: str, name: str, call: Call) -> Holiday | Replay:
+        """Marks a date on which the OPD is closed: ApplySlotTemplate creates no slot on it. Only patterns heed a
+        holiday: the slots already on its date stay, and CreateSlots still makes slots on it (an OPD may open on a
+        holiday by hand)."""
+        v = Violations()
+        holiday = Holiday(v.date("date", date), v.text("name", name))
+        self._check(v, call)
+
+        def add(uow: UnitOfWork) -> Holiday:
+            if (known := uow.holiday(holiday.date)) is not None:
+                raise AlreadyExists(f"{date} is already a holiday ({known.name!r}); delete it first to rename it.",
+                                    "HOLIDAY_EXISTS")
+            uow.add_holiday(holiday)
+            return holiday
+
+        return self._write(call, add, lambda h: f"holiday {h.date.isoformat()} ({h.name!r}) created")
+
+    @_retried
+    def list_holidays(self, start_date: str, end_date: str, page_size: int, page_token: str) -> Page:
+        """The holidays from start_date to end_date (both included; an end left empty is open), by date."""
+        v = Violations()
+        start = v.date("start_date", start_date) if start_date else None
+        end = v.date("end_date", end_date) if end_date else None
+        if not v.items and start is not None and end is not None and end < start:
+            v.add("end_date", f"{end_date} is before start_date {start_date}")
+        v.check()
+        offset, limit = _page(page_size, page_token)
+        with self.store.unit_of_work(write=False) as uow:
+            return _paged(uow.holidays(start, end, offset, limit + 1), offset, limit)
+
+    @_retried
+    def delete_holiday(self, date: str, call: Call) -> Holiday | Replay:
+        """Removes a holiday; the slots of its date, if any were made by hand, stay as they are."""
+        v = Violations()
+        day = v.date("date", date)
+        self._check(v, call)
+
+        def remove(uow: UnitOfWork) -> Holiday:
+            holiday = uow.delete_holiday(day)
+            if holiday is None:
+                raise NotFound(f"{date} is not a holiday.", "HOLIDAY_NOT_FOUND")
+            return holiday
+
+        return self._write(call, remove, lambda h: f"holiday {h.date.isoformat()} ({h.name!r}) deleted")
 
     # ---- tokens -------------------------------------------------------------------------------
 
@@ -401,18 +568,29 @@ class OPDService:
                 self._doctor(uow, doctor_id)
                 after = after_sequences.get(doctor_id, after_sequence)
                 if after is not None:
-                    first, last = uow.event_range((doctor_id, day))
-                    if after > last:
-                        raise OutOfRange(f"Sequence {after} is past {doctor_id}'s last event on {date} ({last}); "
-                                         "resume from a sequence this service sent, or omit after_sequence for "
-                                         "a snapshot.", "SEQUENCE_AHEAD")
-                    kept_from = last + 1 if first is None else first  # None: all pruned (the day keeps its last)
-                    if after < kept_from - 1:
-                        raise OutOfRange(f"{doctor_id}'s events on {date} before sequence {kept_from} are no longer "
-                                         "kept; omit after_sequence to start again from a snapshot.",
-                                         "HISTORY_NOT_KEPT")
+                    _check_kept(uow, (doctor_id, day), after,
+                                ahead="resume from a sequence this service sent, or omit after_sequence for a snapshot",
+                                pruned="omit after_sequence to start again from a snapshot")
                 plan.append(((doctor_id, day), after))
         return plan
+
+    @_retried
+    def queue_events(self, doctor_id: str, date: str, after_sequence: int, page_size: int, page_token: str) -> Page:
+        """A doctor-day's events after `after_sequence` (0: from the first), in sequence order, as WatchQueue sends
+        them: the day's history, for reports and for reading back what happened."""
+        v = Violations()
+        v.doctor_id("doctor_id", doctor_id)
+        day = v.date("date", date)
+        if after_sequence < 0:
+            v.add("after_sequence", f"{after_sequence} is negative; sequences count from 1 (0: from the first)")
+        v.check()
+        offset, limit = _page(page_size, page_token)
+        after = after_sequence + offset  # a day's sequences have no gaps (SPEC §3.6): the page starts there
+        with self.store.unit_of_work(write=False) as uow:
+            self._doctor(uow, doctor_id)
+            _check_kept(uow, (doctor_id, day), after, ahead="ask from a sequence this service sent (0: the first)",
+                        pruned="ask from a later after_sequence")
+            return _paged(uow.events_after((doctor_id, day), after, limit + 1), offset, limit)
 
     @_retried
     def queue_snapshot(self, key: DayKey) -> Snapshot:
@@ -581,6 +759,21 @@ class OPDService:
             day.clear_pending()
         return result
 
+    def _write(self, call: Call, change: Callable[[UnitOfWork], T], describe: Callable[[T], str]) -> T | Replay:
+        """A change outside the doctor-days (a pattern, a holiday) in one transaction with its request_id's answer
+        and its audit entry (`describe` gives the reason). `change` refuses before it writes anything: its refusal
+        is the request's first answer too."""
+        with self.store.unit_of_work(write=True) as uow:
+            if (replay := self._replay(uow, call.retry)) is not None:
+                return replay
+            try:
+                result = change(uow)
+            except EngineError as refusal:
+                self._refused(uow, call.retry, refusal)
+                raise
+            self._finish(uow, call, result, (), describe(result))
+        return result
+
     def _token_change(self, token_id: str, call: Call,
                       rule: Callable[[DoctorDay, dt.datetime], T]) -> T | Replay:
         v = Violations()
@@ -657,15 +850,15 @@ class OPDService:
                                                               encode_refusal(refusal)), self.clock.now())
             uow.commit()
 
-    def _finish(self, uow: UnitOfWork, call: Call, result: Any, events: Sequence[QueueEvent]) -> None:
-        """Stores the answer for its request_id (SPEC §9) and the change's audit entry (SPEC §13), then commits:
-        all in the change's own transaction."""
+    def _finish(self, uow: UnitOfWork, call: Call, result: Any, events: Sequence[QueueEvent], reason: str = "") -> None:
+        """Stores the answer for its request_id (SPEC §9) and the change's audit entry (SPEC §13, with `reason` when
+        given), then commits: all in the change's own transaction."""
         now, retry = self.clock.now(), call.retry
         if retry is not None:
             uow.store_request(retry.request_id, StoredRequest(retry.method, retry.fingerprint, retry.encode(result)),
                               now)
         uow.add_audit_entry(change_entry(call.actor, call.method, retry.request_id if retry else "", now, result,
-                                         events))
+                                         events, reason))
         uow.commit()
 
 
@@ -692,6 +885,27 @@ class _Locked(AbstractContextManager):
     def _release(self) -> None:
         for lock in reversed(self.locks):
             lock.release()
+
+
+def _applied(a: Application) -> str:
+    holidays = len(a.skipped_holidays)
+    return (f"applied {a.doctor_id} {a.start.isoformat()}..{a.end.isoformat()}: {len(a.created)} created, "
+            f"{len(a.existing)} existing, {holidays} {'holiday' if holidays == 1 else 'holidays'}")
+
+
+def _check_kept(uow: UnitOfWork, key: DayKey, after: int, ahead: str, pruned: str) -> None:
+    """SPEC §10: a day's events can be read after `after` only within the history kept: not past its last event
+    (SEQUENCE_AHEAD), nor from before its oldest kept one (HISTORY_NOT_KEPT: pruned by age). `ahead` and `pruned`
+    tell the caller what to do instead."""
+    doctor_id, date = key
+    first, last = uow.event_range(key)
+    if after > last:
+        raise OutOfRange(f"Sequence {after} is past {doctor_id}'s last event on {date.isoformat()} ({last}); "
+                         f"{ahead}.", "SEQUENCE_AHEAD")
+    kept_from = last + 1 if first is None else first  # None: all pruned (the day keeps its last)
+    if after < kept_from - 1:
+        raise OutOfRange(f"{doctor_id}'s events on {date.isoformat()} before sequence {kept_from} are no longer "
+                         f"kept; {pruned}.", "HISTORY_NOT_KEPT")
 
 
 def _page(page_size: int, page_token: str) -> tuple[int, int]:

@@ -26,9 +26,11 @@ from opd_grpc.engine.model import (
     Doctor, DoctorDay, EventKind, Patient, QueueEvent, Rules, Slot, Source, Status, Token,
 )
 from opd_grpc.engine.errors import Conflict, Unavailable
+from opd_grpc.engine.schedule import Holiday, SlotTemplate, TemplateSlot
 from opd_grpc.engine.service import DayKey, StoredRequest
 from opd_grpc.storage.tables import (
-    ApiKeyRow, AuditRow, DoctorDayRow, DoctorRow, QueueEventRow, SlotRow, StoredRequestRow, TokenRow,
+    ApiKeyRow, AuditRow, DoctorDayRow, DoctorRow, HolidayRow, QueueEventRow, SlotRow, SlotTemplateRow,
+    StoredRequestRow, TokenRow,
 )
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 doctors, days, slots, tokens, events, requests, api_keys, audit = (
     DoctorRow.__table__, DoctorDayRow.__table__, SlotRow.__table__, TokenRow.__table__,
     QueueEventRow.__table__, StoredRequestRow.__table__, ApiKeyRow.__table__, AuditRow.__table__)
+templates, holidays = SlotTemplateRow.__table__, HolidayRow.__table__
 
 
 def _insert(table: Any) -> Any:
@@ -262,6 +265,51 @@ class SqlUnitOfWork:
             query = query.where(slots.c.date == date.isoformat())
         rows = self.conn.execute(query.order_by(slots.c.date, slots.c.start_time).offset(offset).limit(limit))
         return [_slot(r) for r in rows]
+
+    # ---- weekly patterns of slots, and holidays ----
+
+    def slot_template(self, doctor_id: str) -> tuple[TemplateSlot, ...]:
+        rows = self.conn.execute(select(templates).where(templates.c.doctor_id == doctor_id)
+                                 .order_by(templates.c.weekday, templates.c.start_time))
+        return tuple(TemplateSlot(r.weekday, r.start_time, r.end_time, r.max_capacity, r.consultation_minutes)
+                     for r in rows)
+
+    def set_slot_template(self, template: SlotTemplate) -> None:
+        """Replaces the doctor's pattern. The doctor's row is locked first (on PostgreSQL; FOR NO KEY UPDATE, which
+        lets its new doctor-days in), so that two replacements at once do not mix their slots."""
+        doctor_id = template.doctor_id
+        self.conn.execute(select(doctors.c.doctor_id).where(doctors.c.doctor_id == doctor_id)
+                          .with_for_update(key_share=True))
+        self.conn.execute(delete(templates).where(templates.c.doctor_id == doctor_id))
+        if template.slots:
+            self.conn.execute(insert(templates), [
+                {"doctor_id": doctor_id, "weekday": s.weekday, "start_time": s.start_time, "end_time": s.end_time,
+                 "max_capacity": s.max_capacity, "consultation_minutes": s.consultation_minutes}
+                for s in template.slots])
+
+    def holiday(self, date: dt.date) -> Holiday | None:
+        name = self.conn.execute(select(holidays.c.name).where(holidays.c.date == date.isoformat())).scalar()
+        return None if name is None else Holiday(date, name)
+
+    def holidays(self, start: dt.date | None, end: dt.date | None, offset: int, limit: int) -> list[Holiday]:
+        """The holidays from `start` to `end`, both included (None: open on that side), by date."""
+        query = select(holidays)
+        if start is not None:
+            query = query.where(holidays.c.date >= start.isoformat())
+        if end is not None:
+            query = query.where(holidays.c.date <= end.isoformat())
+        rows = self.conn.execute(query.order_by(holidays.c.date).offset(offset).limit(limit))
+        return [Holiday(dt.date.fromisoformat(r.date), r.name) for r in rows]
+
+    def add_holiday(self, holiday: Holiday) -> None:
+        self.conn.execute(insert(holidays).values(date=holiday.date.isoformat(), name=holiday.name))
+
+    def delete_holiday(self, date: dt.date) -> Holiday | None:
+        """Deletes the date's holiday and answers it; None when it was not a holiday (or another call deleted it
+        first)."""
+        name = self.conn.execute(delete(holidays).where(holidays.c.date == date.isoformat())
+                                 .returning(holidays.c.name)).scalar()
+        return None if name is None else Holiday(date, name)
 
     # ---- doctor-days ----
 

@@ -111,6 +111,35 @@ class QueueEventRow(Base):
     __table_args__ = (WITHOUT_ROWID,)
 
 
+class SlotTemplateRow(Base):
+    """A doctor's weekly pattern of slots (ApplySlotTemplate expands it): a row per slot, by ISO weekday (1 Monday
+    … 7 Sunday) and start. Capacity and minutes left NULL take the settings' defaults when the pattern is applied."""
+
+    __tablename__ = "slot_templates"
+    doctor_id: Mapped[str] = mapped_column(ForeignKey("doctors.doctor_id"), primary_key=True)
+    weekday: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    start_time: Mapped[str] = mapped_column(String(5), primary_key=True)
+    end_time: Mapped[str] = mapped_column(String(5))
+    max_capacity: Mapped[int | None] = mapped_column(Integer)
+    consultation_minutes: Mapped[int | None] = mapped_column(Integer)
+    __table_args__ = (
+        CheckConstraint("weekday BETWEEN 1 AND 7", name="template_weekday_iso"),
+        CheckConstraint("end_time > start_time", name="template_ends_after_start"),
+        CheckConstraint("max_capacity > 0", name="template_capacity_positive"),
+        CheckConstraint("consultation_minutes > 0", name="template_consultation_positive"),
+        WITHOUT_ROWID,
+    )
+
+
+class HolidayRow(Base):
+    """A date on which the OPD is closed: ApplySlotTemplate makes no slot on it."""
+
+    __tablename__ = "holidays"
+    date: Mapped[str] = mapped_column(String(10), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    __table_args__ = (WITHOUT_ROWID,)
+
+
 class StoredRequestRow(Base):
     """SPEC §9: the first answer to each request_id, kept REQUEST_RETENTION_HOURS. A rowid table: its rows (a
     whole reply) are too large for SQLite's WITHOUT ROWID layout, which is meant for small rows."""

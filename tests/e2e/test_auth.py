@@ -37,7 +37,8 @@ ROLES = ("admin", "reception", "triage", "doctor", "display")
 EVERY_ROLE = frozenset(ROLES)
 OPD, CLOCK = "OPDTokenService", "TestClockService"
 SERVICES = {OPD: pb.DESCRIPTOR.services_by_name[OPD], CLOCK: test_clock_pb2.DESCRIPTOR.services_by_name[CLOCK]}
-DOMAIN_TABLES = ("doctors", "doctor_days", "slots", "tokens", "queue_events", "stored_requests")
+DOMAIN_TABLES = ("doctors", "doctor_days", "slots", "tokens", "queue_events", "stored_requests", "slot_templates",
+                 "holidays")
 CALL_TIMEOUT = 10.0
 UNKNOWN_KEY = "opd_00000000_" + "A" * 43  # well formed, but no such key
 OK = grpc.StatusCode.OK
@@ -100,6 +101,21 @@ class Clinic:
         doctor_id, _ = self.new_doctor()
         return self.confirmed(doctor_id)
 
+    def templated_doctor(self) -> str:
+        """A doctor of its own with a weekly pattern (Tuesdays 09:00-10:00) and no slot on a Tuesday yet."""
+        doctor_id, _ = self.new_doctor()
+        slot = pb.TemplateSlot(weekday=pb.WEEKDAY_TUESDAY, start_time="09:00", end_time="10:00")
+        self.stub.SetSlotTemplate(pb.SetSlotTemplateRequest(doctor_id=doctor_id, slots=[slot]), **self.as_("admin"))
+        return doctor_id
+
+    def new_holiday_date(self) -> str:
+        return (dt.date(2031, 1, 1) + dt.timedelta(days=self.next())).isoformat()
+
+    def holiday(self) -> str:
+        date = self.new_holiday_date()
+        self.stub.CreateHoliday(pb.CreateHolidayRequest(date=date, name="Closed"), **self.as_("admin"))
+        return date
+
 
 @dataclass(frozen=True)
 class Row:
@@ -124,9 +140,10 @@ def _allocate(source: int) -> Callable[[Clinic], Any]:
     return lambda c: pb.AllocateTokenRequest(patient=patient(c.next()), doctor_id=c.doctor_id, date=DAY, source=source)
 
 
-# SPEC §13: admin runs doctors, slots and capacity (and, here, the audit log and the test clock, which moves every
-# clinic's day); reception books all but emergencies, checks in and cancels; triage books emergencies; the doctor
-# calls, completes and marks no-shows; every role, display included, reads and watches.
+# SPEC §13: admin runs doctors, slots (their weekly patterns and the holidays too) and capacity (and, here, the audit
+# log and the test clock, which moves every clinic's day); reception books all but emergencies, checks in and
+# cancels; triage books emergencies; the doctor calls, completes and marks no-shows; every role, display included,
+# reads and watches.
 ROWS = [
     Row(OPD, "CreateDoctor", _only("admin"), lambda c: pb.CreateDoctorRequest(name=f"Dr New {c.next()}",
                                                                               specialization="Cardiology")),
@@ -152,6 +169,16 @@ ROWS = [
     Row(OPD, "GetStats", EVERY_ROLE, lambda c: pb.GetStatsRequest(date=DAY, doctor_id=c.doctor_id)),
     Row(OPD, "WatchQueue", EVERY_ROLE, lambda c: pb.WatchQueueRequest(doctor_ids=[c.doctor_id], date=DAY)),
     Row(OPD, "ListAuditEntries", _only("admin"), lambda c: pb.ListAuditEntriesRequest(page_size=10)),
+    Row(OPD, "ListQueueEvents", EVERY_ROLE, lambda c: pb.ListQueueEventsRequest(doctor_id=c.doctor_id, date=DAY)),
+    Row(OPD, "SetSlotTemplate", _only("admin"), lambda c: pb.SetSlotTemplateRequest(doctor_id=c.doctor_id, slots=[
+        pb.TemplateSlot(weekday=pb.WEEKDAY_FRIDAY, start_time="09:00", end_time=f"{10 + c.next() % 10}:00")])),
+    Row(OPD, "GetSlotTemplate", EVERY_ROLE, lambda c: pb.GetSlotTemplateRequest(doctor_id=c.doctor_id)),
+    Row(OPD, "ApplySlotTemplate", _only("admin"), lambda c: pb.ApplySlotTemplateRequest(
+        doctor_id=c.templated_doctor(), start_date=DAY, end_date="2030-01-13")),
+    Row(OPD, "CreateHoliday", _only("admin"), lambda c: pb.CreateHolidayRequest(date=c.new_holiday_date(),
+                                                                                name="Republic Day")),
+    Row(OPD, "ListHolidays", EVERY_ROLE, lambda c: pb.ListHolidaysRequest(start_date="2031-01-01")),
+    Row(OPD, "DeleteHoliday", _only("admin"), lambda c: pb.DeleteHolidayRequest(date=c.holiday())),
     Row(CLOCK, "SetTime", _only("admin"), lambda c: test_clock_pb2.SetTimeRequest(time=timestamp(NOW))),
     Row(CLOCK, "AdvanceTime", _only("admin"), lambda c: test_clock_pb2.AdvanceTimeRequest(duration=Duration())),
     Row(CLOCK, "GetTime", EVERY_ROLE, lambda c: test_clock_pb2.GetTimeRequest()),
@@ -239,7 +266,7 @@ def test_the_matrix_has_a_row_for_every_method_of_both_services():
     """A method added to the protos without a row here fails this test, rather than going unchecked."""
     served = {(service, m.name) for service, descriptor in SERVICES.items() for m in descriptor.methods}
     assert {(row.service, row.method) for row in ROWS} == served
-    assert len([m for s, m in served if s == OPD]) == 19
+    assert len([m for s, m in served if s == OPD]) == 26
 
 
 def test_every_method_answers_every_caller_as_its_role_allows_and_a_refusal_changes_nothing(keyed):

@@ -30,12 +30,16 @@ def _examples() -> list[tuple[str, str, str]]:
 
 
 def _matches(expected: Any, actual: Any) -> bool:
-    """Equal, where "…" in the README stands for any value."""
+    """Equal, where "…" in the README stands for any value, and a list that ends in "…" for a list that starts
+    with the items shown."""
     if expected == "…":
         return True
     if isinstance(expected, dict):
         return isinstance(actual, dict) and expected.keys() == actual.keys() and all(
             _matches(v, actual[k]) for k, v in expected.items())
+    if isinstance(expected, list) and expected and expected[-1] == "…":
+        shown = expected[:-1]
+        return isinstance(actual, list) and len(actual) > len(shown) and all(map(_matches, shown, actual))
     if isinstance(expected, list):
         return isinstance(actual, list) and len(expected) == len(actual) and all(map(_matches, expected, actual))
     return expected == actual

@@ -39,9 +39,10 @@ def event_count(summary: str, label: str) -> int:
 
 
 @pytest.mark.slow
-def test_the_seed_7_day_has_waitlists_promotions_and_bumps_and_no_violation() -> None:
-    completed = subprocess.run([sys.executable, "-m", "simulation", "--seed", "7"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=300)
+def test_the_seed_7_day_has_waitlists_promotions_and_bumps_and_no_violation(tmp_path: Path) -> None:
+    report = tmp_path / "day.html"
+    completed = subprocess.run([sys.executable, "-m", "simulation", "--seed", "7", "--report", str(report)], cwd=ROOT,
+                               capture_output=True, text=True, timeout=300)
     summary = completed.stdout
 
     assert completed.returncode == 0, summary + completed.stderr
@@ -50,12 +51,13 @@ def test_the_seed_7_day_has_waitlists_promotions_and_bumps_and_no_violation() ->
                   "no-show refused: grace not elapsed", "retries answered with the first answer"):
         assert event_count(summary, label) > 0, label
     assert re.search(r"│ DOC003 +│", summary)  # at least three doctors in the per-doctor table
+    assert f"day report: {report}" in summary and report.read_text().startswith("<!DOCTYPE html>")
 
 
 @pytest.mark.slow
-def test_boards_beside_the_day_end_showing_what_the_server_says_and_one_of_them_resumed() -> None:
-    completed = subprocess.run([sys.executable, "-m", "simulation", "--seed", "7", "--boards", "3"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=300)
+def test_boards_beside_the_day_end_showing_what_the_server_says_and_one_of_them_resumed(tmp_path: Path) -> None:
+    completed = subprocess.run([sys.executable, "-m", "simulation", "--seed", "7", "--boards", "3", "--report",
+                                str(tmp_path / "day.html")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     summary = completed.stdout
 
     assert completed.returncode == 0, summary + completed.stderr
@@ -69,11 +71,11 @@ def test_boards_beside_the_day_end_showing_what_the_server_says_and_one_of_them_
 
 
 def test_the_simulation_exits_1_and_names_the_violations_when_freed_seats_are_not_given_away(
-        live: LiveServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        live: LiveServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     monkeypatch.setattr(model.DoctorDay, "_fill_seats", lambda self, slot, now, caused_by: [])  # a broken §6
     monkeypatch.setattr(cli, "SMALL", dataclasses.replace(SMALL, doctors=1))  # a shorter day will do
 
-    code = cli.main(["--seed", "7", "--address", live.address])
+    code = cli.main(["--seed", "7", "--address", live.address, "--report", str(tmp_path / "day.html")])
 
     out = capsys.readouterr().out
     assert code == 1

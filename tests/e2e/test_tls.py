@@ -25,15 +25,6 @@ README_ADDRESS = "127.0.0.1:50051"
 CALL_TIMEOUT = 10.0
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The README's `bash scripts/make_test_ca.sh certs`, run in a folder of its own."""
-    folder = tmp_path_factory.mktemp("tls")
-    subprocess.run(["bash", str(ROOT / "scripts" / "make_test_ca.sh"), "certs"], cwd=folder, check=True,
-                   timeout=60)
-    return folder / "certs"
-
-
 def _server(certs: Path, mutual: bool) -> Iterator[str]:
     settings = {"METRICS_LISTEN": "", "TLS_CERT_FILE": certs / "server.pem", "TLS_KEY_FILE": certs / "server.key"}
     if mutual:

@@ -57,6 +57,17 @@ class AuditOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AUDIT_OUTCOME_UNSPECIFIED: _ClassVar[AuditOutcome]
     AUDIT_OUTCOME_CHANGED: _ClassVar[AuditOutcome]
     AUDIT_OUTCOME_DENIED: _ClassVar[AuditOutcome]
+
+class Weekday(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WEEKDAY_UNSPECIFIED: _ClassVar[Weekday]
+    WEEKDAY_MONDAY: _ClassVar[Weekday]
+    WEEKDAY_TUESDAY: _ClassVar[Weekday]
+    WEEKDAY_WEDNESDAY: _ClassVar[Weekday]
+    WEEKDAY_THURSDAY: _ClassVar[Weekday]
+    WEEKDAY_FRIDAY: _ClassVar[Weekday]
+    WEEKDAY_SATURDAY: _ClassVar[Weekday]
+    WEEKDAY_SUNDAY: _ClassVar[Weekday]
 SOURCE_UNSPECIFIED: Source
 SOURCE_EMERGENCY: Source
 SOURCE_PAID_PRIORITY: Source
@@ -89,6 +100,14 @@ EVENT_KIND_SLOT_CHANGED: EventKind
 AUDIT_OUTCOME_UNSPECIFIED: AuditOutcome
 AUDIT_OUTCOME_CHANGED: AuditOutcome
 AUDIT_OUTCOME_DENIED: AuditOutcome
+WEEKDAY_UNSPECIFIED: Weekday
+WEEKDAY_MONDAY: Weekday
+WEEKDAY_TUESDAY: Weekday
+WEEKDAY_WEDNESDAY: Weekday
+WEEKDAY_THURSDAY: Weekday
+WEEKDAY_FRIDAY: Weekday
+WEEKDAY_SATURDAY: Weekday
+WEEKDAY_SUNDAY: Weekday
 
 class Doctor(_message.Message):
     __slots__ = ("doctor_id", "name", "specialization")
@@ -645,3 +664,155 @@ class ListAuditEntriesResponse(_message.Message):
     entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
     next_page_token: str
     def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ListQueueEventsRequest(_message.Message):
+    __slots__ = ("doctor_id", "date", "after_sequence", "page_size", "page_token")
+    DOCTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    DATE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    doctor_id: str
+    date: str
+    after_sequence: int
+    page_size: int
+    page_token: str
+    def __init__(self, doctor_id: _Optional[str] = ..., date: _Optional[str] = ..., after_sequence: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListQueueEventsResponse(_message.Message):
+    __slots__ = ("events", "next_page_token")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[QueueEvent]
+    next_page_token: str
+    def __init__(self, events: _Optional[_Iterable[_Union[QueueEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class TemplateSlot(_message.Message):
+    __slots__ = ("weekday", "start_time", "end_time", "max_capacity", "consultation_minutes")
+    WEEKDAY_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    MAX_CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    CONSULTATION_MINUTES_FIELD_NUMBER: _ClassVar[int]
+    weekday: Weekday
+    start_time: str
+    end_time: str
+    max_capacity: int
+    consultation_minutes: int
+    def __init__(self, weekday: _Optional[_Union[Weekday, str]] = ..., start_time: _Optional[str] = ..., end_time: _Optional[str] = ..., max_capacity: _Optional[int] = ..., consultation_minutes: _Optional[int] = ...) -> None: ...
+
+class SlotTemplate(_message.Message):
+    __slots__ = ("doctor_id", "slots")
+    DOCTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    doctor_id: str
+    slots: _containers.RepeatedCompositeFieldContainer[TemplateSlot]
+    def __init__(self, doctor_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[TemplateSlot, _Mapping]]] = ...) -> None: ...
+
+class SetSlotTemplateRequest(_message.Message):
+    __slots__ = ("doctor_id", "slots", "request_id")
+    DOCTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    doctor_id: str
+    slots: _containers.RepeatedCompositeFieldContainer[TemplateSlot]
+    request_id: str
+    def __init__(self, doctor_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[TemplateSlot, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class SetSlotTemplateResponse(_message.Message):
+    __slots__ = ("template",)
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    template: SlotTemplate
+    def __init__(self, template: _Optional[_Union[SlotTemplate, _Mapping]] = ...) -> None: ...
+
+class GetSlotTemplateRequest(_message.Message):
+    __slots__ = ("doctor_id",)
+    DOCTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    doctor_id: str
+    def __init__(self, doctor_id: _Optional[str] = ...) -> None: ...
+
+class GetSlotTemplateResponse(_message.Message):
+    __slots__ = ("template",)
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    template: SlotTemplate
+    def __init__(self, template: _Optional[_Union[SlotTemplate, _Mapping]] = ...) -> None: ...
+
+class ApplySlotTemplateRequest(_message.Message):
+    __slots__ = ("doctor_id", "start_date", "end_date", "request_id")
+    DOCTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    START_DATE_FIELD_NUMBER: _ClassVar[int]
+    END_DATE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    doctor_id: str
+    start_date: str
+    end_date: str
+    request_id: str
+    def __init__(self, doctor_id: _Optional[str] = ..., start_date: _Optional[str] = ..., end_date: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ApplySlotTemplateResponse(_message.Message):
+    __slots__ = ("created", "existing", "skipped_holidays")
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    EXISTING_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_HOLIDAYS_FIELD_NUMBER: _ClassVar[int]
+    created: _containers.RepeatedCompositeFieldContainer[Slot]
+    existing: _containers.RepeatedCompositeFieldContainer[Slot]
+    skipped_holidays: _containers.RepeatedCompositeFieldContainer[Holiday]
+    def __init__(self, created: _Optional[_Iterable[_Union[Slot, _Mapping]]] = ..., existing: _Optional[_Iterable[_Union[Slot, _Mapping]]] = ..., skipped_holidays: _Optional[_Iterable[_Union[Holiday, _Mapping]]] = ...) -> None: ...
+
+class Holiday(_message.Message):
+    __slots__ = ("date", "name")
+    DATE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    date: str
+    name: str
+    def __init__(self, date: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class CreateHolidayRequest(_message.Message):
+    __slots__ = ("date", "name", "request_id")
+    DATE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    date: str
+    name: str
+    request_id: str
+    def __init__(self, date: _Optional[str] = ..., name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class CreateHolidayResponse(_message.Message):
+    __slots__ = ("holiday",)
+    HOLIDAY_FIELD_NUMBER: _ClassVar[int]
+    holiday: Holiday
+    def __init__(self, holiday: _Optional[_Union[Holiday, _Mapping]] = ...) -> None: ...
+
+class ListHolidaysRequest(_message.Message):
+    __slots__ = ("start_date", "end_date", "page_size", "page_token")
+    START_DATE_FIELD_NUMBER: _ClassVar[int]
+    END_DATE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    start_date: str
+    end_date: str
+    page_size: int
+    page_token: str
+    def __init__(self, start_date: _Optional[str] = ..., end_date: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListHolidaysResponse(_message.Message):
+    __slots__ = ("holidays", "next_page_token")
+    HOLIDAYS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    holidays: _containers.RepeatedCompositeFieldContainer[Holiday]
+    next_page_token: str
+    def __init__(self, holidays: _Optional[_Iterable[_Union[Holiday, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DeleteHolidayRequest(_message.Message):
+    __slots__ = ("date", "request_id")
+    DATE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    date: str
+    request_id: str
+    def __init__(self, date: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class DeleteHolidayResponse(_message.Message):
+    __slots__ = ("holiday",)
+    HOLIDAY_FIELD_NUMBER: _ClassVar[int]
+    holiday: Holiday
+    def __init__(self, holiday: _Optional[_Union[Holiday, _Mapping]] = ...) -> None: ...

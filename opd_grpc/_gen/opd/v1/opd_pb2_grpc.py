@@ -131,6 +131,41 @@ class OPDTokenServiceStub:
                 request_serializer=opd_dot_v1_dot_opd__pb2.ListAuditEntriesRequest.SerializeToString,
                 response_deserializer=opd_dot_v1_dot_opd__pb2.ListAuditEntriesResponse.FromString,
                 _registered_method=True)
+        self.ListQueueEvents = channel.unary_unary(
+                '/opd.v1.OPDTokenService/ListQueueEvents',
+                request_serializer=opd_dot_v1_dot_opd__pb2.ListQueueEventsRequest.SerializeToString,
+                response_deserializer=opd_dot_v1_dot_opd__pb2.ListQueueEventsResponse.FromString,
+                _registered_method=True)
+        self.SetSlotTemplate = channel.unary_unary(
+                '/opd.v1.OPDTokenService/SetSlotTemplate',
+                request_serializer=opd_dot_v1_dot_opd__pb2.SetSlotTemplateRequest.SerializeToString,
+                response_deserializer=opd_dot_v1_dot_opd__pb2.SetSlotTemplateResponse.FromString,
+                _registered_method=True)
+        self.GetSlotTemplate = channel.unary_unary(
+                '/opd.v1.OPDTokenService/GetSlotTemplate',
+                request_serializer=opd_dot_v1_dot_opd__pb2.GetSlotTemplateRequest.SerializeToString,
+                response_deserializer=opd_dot_v1_dot_opd__pb2.GetSlotTemplateResponse.FromString,
+                _registered_method=True)
+        self.ApplySlotTemplate = channel.unary_unary(
+                '/opd.v1.OPDTokenService/ApplySlotTemplate',
+                request_serializer=opd_dot_v1_dot_opd__pb2.ApplySlotTemplateRequest.SerializeToString,
+                response_deserializer=opd_dot_v1_dot_opd__pb2.ApplySlotTemplateResponse.FromString,
+                _registered_method=True)
+        self.CreateHoliday = channel.unary_unary(
+                '/opd.v1.OPDTokenService/CreateHoliday',
+                request_serializer=opd_dot_v1_dot_opd__pb2.CreateHolidayRequest.SerializeToString,
+                response_deserializer=opd_dot_v1_dot_opd__pb2.CreateHolidayResponse.FromString,
+                _registered_method=True)
+        self.ListHolidays = channel.unary_unary(
+                '/opd.v1.OPDTokenService/ListHolidays',
+                request_serializer=opd_dot_v1_dot_opd__pb2.ListHolidaysRequest.SerializeToString,
+                response_deserializer=opd_dot_v1_dot_opd__pb2.ListHolidaysResponse.FromString,
+                _registered_method=True)
+        self.DeleteHoliday = channel.unary_unary(
+                '/opd.v1.OPDTokenService/DeleteHoliday',
+                request_serializer=opd_dot_v1_dot_opd__pb2.DeleteHolidayRequest.SerializeToString,
+                response_deserializer=opd_dot_v1_dot_opd__pb2.DeleteHolidayResponse.FromString,
+                _registered_method=True)
 
 
 class OPDTokenServiceServicer:
@@ -273,6 +308,57 @@ class OPDTokenServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListQueueEvents(self, request, context):
+        """ListQueueEvents pages through a doctor's queue events of one date in sequence order: the day's history as
+        WatchQueue sends it, for end-of-day reports and for reading back what happened.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSlotTemplate(self, request, context):
+        """SetSlotTemplate replaces a doctor's weekly pattern of slots, which ApplySlotTemplate expands into slots.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSlotTemplate(self, request, context):
+        """GetSlotTemplate answers a doctor's weekly pattern (with no slots if none was set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplySlotTemplate(self, request, context):
+        """ApplySlotTemplate creates a doctor's slots for every date of a range from the weekly pattern, skipping
+        holidays and the pattern's slots that already exist: all of them or none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateHoliday(self, request, context):
+        """CreateHoliday marks a date on which the OPD is closed: ApplySlotTemplate creates no slot on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListHolidays(self, request, context):
+        """ListHolidays pages through the holidays of a date range, in date order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteHoliday(self, request, context):
+        """DeleteHoliday removes a holiday; slots created on its date stay as they are.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OPDTokenServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -370,6 +456,41 @@ def add_OPDTokenServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEntries,
                     request_deserializer=opd_dot_v1_dot_opd__pb2.ListAuditEntriesRequest.FromString,
                     response_serializer=opd_dot_v1_dot_opd__pb2.ListAuditEntriesResponse.SerializeToString,
+            ),
+            'ListQueueEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQueueEvents,
+                    request_deserializer=opd_dot_v1_dot_opd__pb2.ListQueueEventsRequest.FromString,
+                    response_serializer=opd_dot_v1_dot_opd__pb2.ListQueueEventsResponse.SerializeToString,
+            ),
+            'SetSlotTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSlotTemplate,
+                    request_deserializer=opd_dot_v1_dot_opd__pb2.SetSlotTemplateRequest.FromString,
+                    response_serializer=opd_dot_v1_dot_opd__pb2.SetSlotTemplateResponse.SerializeToString,
+            ),
+            'GetSlotTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSlotTemplate,
+                    request_deserializer=opd_dot_v1_dot_opd__pb2.GetSlotTemplateRequest.FromString,
+                    response_serializer=opd_dot_v1_dot_opd__pb2.GetSlotTemplateResponse.SerializeToString,
+            ),
+            'ApplySlotTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplySlotTemplate,
+                    request_deserializer=opd_dot_v1_dot_opd__pb2.ApplySlotTemplateRequest.FromString,
+                    response_serializer=opd_dot_v1_dot_opd__pb2.ApplySlotTemplateResponse.SerializeToString,
+            ),
+            'CreateHoliday': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateHoliday,
+                    request_deserializer=opd_dot_v1_dot_opd__pb2.CreateHolidayRequest.FromString,
+                    response_serializer=opd_dot_v1_dot_opd__pb2.CreateHolidayResponse.SerializeToString,
+            ),
+            'ListHolidays': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHolidays,
+                    request_deserializer=opd_dot_v1_dot_opd__pb2.ListHolidaysRequest.FromString,
+                    response_serializer=opd_dot_v1_dot_opd__pb2.ListHolidaysResponse.SerializeToString,
+            ),
+            'DeleteHoliday': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteHoliday,
+                    request_deserializer=opd_dot_v1_dot_opd__pb2.DeleteHolidayRequest.FromString,
+                    response_serializer=opd_dot_v1_dot_opd__pb2.DeleteHolidayResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -886,6 +1007,195 @@ class OPDTokenService:
             '/opd.v1.OPDTokenService/ListAuditEntries',
             opd_dot_v1_dot_opd__pb2.ListAuditEntriesRequest.SerializeToString,
             opd_dot_v1_dot_opd__pb2.ListAuditEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQueueEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opd.v1.OPDTokenService/ListQueueEvents',
+            opd_dot_v1_dot_opd__pb2.ListQueueEventsRequest.SerializeToString,
+            opd_dot_v1_dot_opd__pb2.ListQueueEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSlotTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opd.v1.OPDTokenService/SetSlotTemplate',
+            opd_dot_v1_dot_opd__pb2.SetSlotTemplateRequest.SerializeToString,
+            opd_dot_v1_dot_opd__pb2.SetSlotTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSlotTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opd.v1.OPDTokenService/GetSlotTemplate',
+            opd_dot_v1_dot_opd__pb2.GetSlotTemplateRequest.SerializeToString,
+            opd_dot_v1_dot_opd__pb2.GetSlotTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplySlotTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opd.v1.OPDTokenService/ApplySlotTemplate',
+            opd_dot_v1_dot_opd__pb2.ApplySlotTemplateRequest.SerializeToString,
+            opd_dot_v1_dot_opd__pb2.ApplySlotTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateHoliday(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opd.v1.OPDTokenService/CreateHoliday',
+            opd_dot_v1_dot_opd__pb2.CreateHolidayRequest.SerializeToString,
+            opd_dot_v1_dot_opd__pb2.CreateHolidayResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHolidays(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opd.v1.OPDTokenService/ListHolidays',
+            opd_dot_v1_dot_opd__pb2.ListHolidaysRequest.SerializeToString,
+            opd_dot_v1_dot_opd__pb2.ListHolidaysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteHoliday(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opd.v1.OPDTokenService/DeleteHoliday',
+            opd_dot_v1_dot_opd__pb2.DeleteHolidayRequest.SerializeToString,
+            opd_dot_v1_dot_opd__pb2.DeleteHolidayResponse.FromString,
             options,
             channel_credentials,
             insecure,
