@@ -33,6 +33,8 @@ SERVER_FAULTS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, gr
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # A new token gets exactly one of these events (DoctorDay._new_token); BUMPED and PROMOTED move existing tokens.
 ALLOCATION_OUTCOMES = {EventKind.ALLOCATED: "confirmed", EventKind.WAITLISTED: "waitlisted"}
+# json.dumps(line, default=str) would build this encoder again for every line.
+_ENCODE = json.JSONEncoder(default=str).encode
 
 
 class JsonFormatter(logging.Formatter):
@@ -54,7 +56,7 @@ class JsonFormatter(logging.Formatter):
             line["exc_info"] = self.formatException(record.exc_info)
         if record.stack_info:
             line["stack_info"] = self.formatStack(record.stack_info)
-        return json.dumps(line, default=str)
+        return _ENCODE(line)
 
 
 def configure_logging(level: int = logging.INFO, stream: IO[str] | None = None) -> None:

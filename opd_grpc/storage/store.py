@@ -103,7 +103,7 @@ class SqlStore:
         self._checkpointer: _Checkpointer | None = None
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_connect)
-            self._checkpointer = _Checkpointer(self.engine)
+            self._checkpointer = _Checkpointer(self.engine, self._writer)
         self.hot = _HotStatements(self.engine.dialect)
 
     def close(self) -> None:
@@ -181,9 +181,12 @@ class _Checkpointer:
     for the disk) while every other call waits; here it runs beside them (sqlite3 releases the GIL)."""
 
     CHECKPOINT_SECONDS = 1.0
+    FEW_FRAMES = 200  # left for the pass under the writer lock
+    MAX_PASSES = 4
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, writer: threading.Lock):
         self.engine = engine
+        self.writer = writer
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="opd-sqlite-checkpoint", daemon=True)
         self._thread.start()
@@ -196,9 +199,19 @@ class _Checkpointer:
                 log.exception("SQLite checkpoint failed; it is tried again shortly")
 
     def checkpoint(self) -> None:
-        """PASSIVE: copies what no reader still needs, never blocks a writer."""
+        """PASSIVE passes copy what no reader still needs, beside the writer, until a pass finds little new;
+        then one more, holding the writer lock, copies the last few frames (1-5 ms, once a second). With the
+        whole log copied, the next write starts the log again from its beginning, over file blocks it already
+        has. Under steady writes a log never wholly copied only grows (800 MiB in 15 s of the bench), and each
+        commit then pays the file system for new blocks, and each page lookup searches a longer log index."""
         with self.engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            logged = -self.FEW_FRAMES
+            for _ in range(self.MAX_PASSES):
+                before, logged = logged, conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()[1]
+                if logged - before <= self.FEW_FRAMES:
+                    break
+            with self.writer:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
     def stop(self) -> None:
         self._stopping.set()
