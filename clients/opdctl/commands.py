@@ -10,7 +10,6 @@ import argparse
 import datetime as dt
 import sys
 from pathlib import Path
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from clients.library import AlreadyExists, OPDClient, OPDError
 from clients.opdctl import pattern
@@ -224,13 +223,9 @@ def events(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
 
 def report(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
     """Writes the end-of-day report (clients.report) and says, per doctor, the figures it holds."""
-    try:
-        zone = ZoneInfo(args.timezone) if args.timezone else dt.datetime.now().astimezone().tzinfo
-    except (ZoneInfoNotFoundError, ValueError):
-        raise UsageError(f"{args.timezone!r} is not a time zone name such as Asia/Kolkata") from None
     path = Path(args.out or f"opd-day-report-{args.date}.html")
     try:
-        day = write_report(client, args.date, args.doctor or (), path, timezone=zone)
+        day = write_report(client, args.date, args.doctor or (), path)
     except OSError as error:
         raise UsageError(f"cannot write the report to {path}: {error.strerror}") from None
     figures = [{"doctor_id": d.doctor_id, "tokens": d.total_tokens, "utilisation": d.utilisation, "bumps": d.bumps,

@@ -151,8 +151,6 @@ def build() -> argparse.ArgumentParser:
                       "with slots that date)")
     _date(leaf)
     leaf.add_argument("--out", metavar="FILE", help="the page to write (default: opd-day-report-DATE.html here)")
-    leaf.add_argument("--timezone", metavar="ZONE", help="the hospital's TIMEZONE, e.g. Asia/Kolkata, in which the "
-                      "times are drawn (default: this machine's)")
     return parser
 
 

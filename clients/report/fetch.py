@@ -5,33 +5,29 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 from typing import Sequence
+from zoneinfo import ZoneInfo
 
 from clients.library import OPDClient
 from clients.report import page
 from clients.report.figures import DayReport, build_report
-from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 
 
-def fetch_report(client: OPDClient, date: str, doctor_ids: Sequence[str] = (), *,
-                 timezone: dt.tzinfo = dt.timezone.utc) -> DayReport:
+def fetch_report(client: OPDClient, date: str, doctor_ids: Sequence[str] = ()) -> DayReport:
     """The report of `date` for `doctor_ids` (none: every doctor with slots that day, as GetStats answers).
 
-    `timezone` is the server's TIMEZONE (its slot times are wall-clock times there). Refusals raise OPDError."""
-    stats: list[pb.DoctorDayStats] = []
-    if doctor_ids:
-        for doctor_id in doctor_ids:
-            stats += client.get_stats(date, doctor_id).stats
-    else:
-        stats = list(client.get_stats(date).stats)
+    Times are drawn on the hospital's wall clock, the server's TIMEZONE as GetStats names it: slot times are given
+    there. Refusals raise OPDError."""
+    replies = [client.get_stats(date, doctor_id) for doctor_id in doctor_ids] or [client.get_stats(date)]
+    stats = [s for reply in replies for s in reply.stats]
+    zone = ZoneInfo(replies[0].timezone) if replies[0].timezone else dt.timezone.utc
     doctors = {s.doctor_id: client.get_doctor(s.doctor_id).doctor for s in stats}
     slots = {s.doctor_id: list(client.iter_slots(s.doctor_id, date)) for s in stats}
     events = {s.doctor_id: list(client.iter_queue_events(s.doctor_id, date)) for s in stats}
-    return build_report(date, stats, events, slots, doctors, timezone)
+    return build_report(date, stats, events, slots, doctors, zone)
 
 
-def write_report(client: OPDClient, date: str, doctor_ids: Sequence[str], path: str | Path, *,
-                 timezone: dt.tzinfo = dt.timezone.utc) -> DayReport:
+def write_report(client: OPDClient, date: str, doctor_ids: Sequence[str], path: str | Path) -> DayReport:
     """Fetches the report (see `fetch_report`) and writes it to `path` as one HTML page; answers its figures."""
-    report = fetch_report(client, date, doctor_ids, timezone=timezone)
+    report = fetch_report(client, date, doctor_ids)
     Path(path).write_text(page.render(report), encoding="utf-8")
     return report

@@ -172,7 +172,7 @@ class OPDTokenServicer(opd_pb2_grpc.OPDTokenServiceServicer):
 
     async def GetStats(self, request: pb.GetStatsRequest, context: Any) -> pb.GetStatsResponse:
         stats = await self._call(context, self.service.stats, request.date, request.doctor_id)
-        return pb.GetStatsResponse(stats=[convert.stats(s) for s in stats])
+        return pb.GetStatsResponse(stats=[convert.stats(s) for s in stats], timezone=str(self.service.rules.timezone))
 
     async def ListAuditEntries(self, request: pb.ListAuditEntriesRequest,
                                context: Any) -> pb.ListAuditEntriesResponse:

@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import os
 import queue
+import re
 import socket
 import subprocess
 import sys
@@ -637,7 +638,7 @@ def test_report_writes_the_days_page_and_sums_up_each_doctor(live: LiveServer, d
     allocate(live.stub, doctor, 2, slot_time="09:00")
     allocate_cli(live, doctor, 3, "--time", "09:00", source="emergency")  # bumps token 2
     page = tmp_path / "day.html"
-    shown = ok(live.address, "report", "--doctor", doctor, "--date", DAY, "--out", str(page), "--timezone", "UTC")
+    shown = ok(live.address, "report", "--doctor", doctor, "--date", DAY, "--out", str(page))
     assert f"Wrote the report of {DAY} to {page}" in shown.out
     assert cells(shown.out)[1:] == [["Doctor", "Tokens", "Utilisation", "Bumps", "No-shows", "Cancelled", "Promoted",
                                      "Slots"], [doctor, "3", "40%", "1", "0", "0", "0", "2"]]
@@ -650,10 +651,26 @@ def test_report_writes_the_days_page_and_sums_up_each_doctor(live: LiveServer, d
                                    "cancellations": 0, "promotions": 0}]
 
 
-def test_report_refuses_an_unknown_zone_or_doctor_and_an_unwritable_file(live: LiveServer, doctor: str,
+def test_report_draws_the_day_on_the_servers_clock(tmp_path: Path):
+    """A hospital in India, whose 14:00 slot is 08:30 UTC, seen from a terminal on UTC: the report asks the server
+    for its TIMEZONE and draws the day on the hospital's clock."""
+    with fresh_database(tmp_path) as url:
+        india = LiveServer(url, TIMEZONE="Asia/Kolkata")  # the test clock: 07:00 UTC, 12:30 in India
+        try:
+            doctor = make_doctor(india.stub)
+            make_slots(india.stub, doctor, ("14:00", "15:00", 2))
+            allocate(india.stub, doctor, 1, slot_time="14:00")
+            page = tmp_path / "day.html"
+            ok(india.address, "report", "--date", DAY, "--out", str(page))
+        finally:
+            india.close()
+    html = page.read_text()
+    assert "times in Asia/Kolkata" in html
+    assert sorted(set(re.findall(r">(\d\d:00)</text>", html))) == ["12:00", "13:00", "14:00", "15:00"]  # the axis
+
+
+def test_report_refuses_an_unknown_doctor_and_an_unwritable_file(live: LiveServer, doctor: str,
                                                                          tmp_path: Path):
-    zone = opdctl(live.address, "report", "--date", DAY, "--out", str(tmp_path / "a.html"), "--timezone", "Mars/Base")
-    assert zone.code == 2 and "'Mars/Base' is not a time zone name" in zone.err
     unknown = opdctl(live.address, "report", "--doctor", "DOC999", "--date", DAY, "--out", str(tmp_path / "b.html"))
     assert unknown.code == 1 and "DOC999" in unknown.err and "opdctl doctors list" in unknown.err
     nowhere = opdctl(live.address, "report", "--doctor", doctor, "--date", DAY, "--out",

@@ -536,10 +536,12 @@ class DoctorDayStats(_message.Message):
     def __init__(self, doctor_id: _Optional[str] = ..., date: _Optional[str] = ..., by_status: _Optional[_Mapping[str, int]] = ..., by_source: _Optional[_Mapping[str, int]] = ..., total_tokens: _Optional[int] = ..., total_capacity: _Optional[int] = ..., seat_holders: _Optional[int] = ..., utilisation: _Optional[float] = ..., bumps: _Optional[int] = ..., no_shows: _Optional[int] = ..., mean_wait_minutes: _Optional[float] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("stats",)
+    __slots__ = ("stats", "timezone")
     STATS_FIELD_NUMBER: _ClassVar[int]
+    TIMEZONE_FIELD_NUMBER: _ClassVar[int]
     stats: _containers.RepeatedCompositeFieldContainer[DoctorDayStats]
-    def __init__(self, stats: _Optional[_Iterable[_Union[DoctorDayStats, _Mapping]]] = ...) -> None: ...
+    timezone: str
+    def __init__(self, stats: _Optional[_Iterable[_Union[DoctorDayStats, _Mapping]]] = ..., timezone: _Optional[str] = ...) -> None: ...
 
 class WatchQueueRequest(_message.Message):
     __slots__ = ("doctor_ids", "date", "after_sequence", "after_sequences")
