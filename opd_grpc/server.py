@@ -76,6 +76,7 @@ class OPDServer:
             self.notifications = QueueNotifications(self.store.engine, hub.remote_change, hub.catch_up_soon)
             hub.announce = self.notifications.send
         self.health = health_aio.HealthServicer()
+        self.audited_denials = limits.RateLimiter(settings.AUDITED_DENIALS_PER_PEER)
         self.pipeline = CallPipeline(self.gate, limits.RateLimiter(settings.RATE_LIMIT_PER_KEY),
                                      limits.calls_in_flight(settings.MAX_CONCURRENT_CALLS),
                                      limits.watchers(settings.MAX_WATCHERS), settings.MAX_MESSAGE_BYTES,
@@ -155,7 +156,11 @@ class OPDServer:
                                             or time.monotonic() - self.pipeline.last_held < DRAIN_QUIET_SECONDS):
             await asyncio.sleep(DRAIN_QUIET_SECONDS / 10)
 
-    async def _record_denied(self, actor: Actor, method: str, request_id: str, refusal: EngineError) -> None:
+    async def _record_denied(self, actor: Actor, method: str, request_id: str, refusal: EngineError,
+                             peer: str) -> None:
+        if not self.audited_denials.take(peer.rpartition(":")[0] or peer):  # ipv4:10.0.0.7:51234 -> its address
+            self.metrics.denial_not_audited()
+            return
         try:
             await self.run(self.service.record_denied, actor, method, request_id, refusal)
         except Exception:  # the call is refused all the same

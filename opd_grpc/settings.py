@@ -28,6 +28,11 @@ class Settings:
     MAX_WAITLIST_SIZE: int = 50
     AUTO_NO_SHOW: bool = False
     RATE_LIMIT_PER_KEY: int = 0
+    # Calls refused for their key or role that are written to the audit log, per second per client address (a
+    # burst of one second's); past it a denial is refused all the same and access-logged, but not written (the
+    # metric opd_denied_calls_not_audited counts it), so that a flood of bad keys cannot fill the append-only log.
+    # 0: every denial is written.
+    AUDITED_DENIALS_PER_PEER: int = 20
     MAX_CONCURRENT_CALLS: int = 1000
     TIMEZONE: str = "UTC"
     DATABASE_URL: str = "sqlite:///opd.db"
@@ -91,7 +96,7 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, not {getattr(self, name)}")
         for name in ("NO_SHOW_GRACE_PERIOD_MINUTES", "MAX_WAITLIST_SIZE", "RATE_LIMIT_PER_KEY",
-                     "SHUTDOWN_GRACE_SECONDS"):
+                     "AUDITED_DENIALS_PER_PEER", "SHUTDOWN_GRACE_SECONDS"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative, not {getattr(self, name)}")
         if self.REQUEST_RETENTION_HOURS < MIN_REQUEST_RETENTION_HOURS:

@@ -27,7 +27,7 @@ from opd_grpc.engine.parse import is_uuid
 
 # method (short name), code, seconds, actor, request_id, peer
 Finished = Callable[[str, grpc.StatusCode, float, Actor, str, str], None]
-Denied = Callable[[Actor, str, str, EngineError], Awaitable[None]]  # actor, method, request_id, refusal
+Denied = Callable[[Actor, str, str, EngineError, str], Awaitable[None]]  # actor, method, request_id, refusal, peer
 
 
 class CallPipeline(grpc.aio.ServerInterceptor):
@@ -96,7 +96,7 @@ class CallPipeline(grpc.aio.ServerInterceptor):
                 call.request_id = request_id if is_uuid(request_id) else ""
                 self.gate.authorize(call.actor, method, request)
             except (Unauthenticated, PermissionDenied) as refusal:
-                await self.denied(call.actor, name, call.request_id, refusal)
+                await self.denied(call.actor, name, call.request_id, refusal, call.peer)
                 await context.abort_with_status(from_engine_error(refusal))
             except EngineError as refusal:
                 await context.abort_with_status(from_engine_error(refusal))

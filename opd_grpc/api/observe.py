@@ -99,6 +99,10 @@ class Metrics:
             "opd_allocations", "Tokens created by this server, by source and outcome (confirmed: holds a seat; "
             'waitlisted). Refused allocations are opd_calls_total{method="AllocateToken",code!="OK"}.',
             ("source", "outcome"), registry=self.registry)
+        self._denials_not_audited = Counter(
+            "opd_denied_calls_not_audited", "Calls refused for their key or role that were not written to the "
+            "audit log: past AUDITED_DENIALS_PER_PEER from one client address (each has its access-log line).",
+            registry=self.registry)
         # Children made once: labels() takes a lock and builds a key, and these run on every call and commit.
         self._per_call: dict[tuple[str, grpc.StatusCode], tuple[Any, Any]] = {}
         self._per_kind = {kind: events.labels(kind.value) for kind in EventKind}
@@ -136,6 +140,9 @@ class Metrics:
                                                          self._durations.labels(method))
         children[0].inc()
         children[1].observe(seconds)
+
+    def denial_not_audited(self) -> None:
+        self._denials_not_audited.inc()
 
     def queue_events(self, events: Sequence[QueueEvent]) -> None:
         """An EventHub listener: the events of one commit."""

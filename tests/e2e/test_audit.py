@@ -102,7 +102,7 @@ class ServerOutput:
         self.log_path = log_path
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("OPD_")}, "PYTHONUNBUFFERED": "1",
                "OPD_DATABASE_URL": database_url, "OPD_LISTEN": "127.0.0.1:0", "OPD_TEST_CLOCK": "1",
-               "OPD_METRICS_LISTEN": ""}
+               "OPD_METRICS_LISTEN": "", "OPD_AUDITED_DENIALS_PER_PEER": "0"}  # one row per denial, however fast
         with log_path.open("w") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "opd_grpc"], env=env, stdout=out,
                                          stderr=subprocess.STDOUT)

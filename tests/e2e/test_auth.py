@@ -255,7 +255,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyed]:
         keys["revoked key"] = add_key(url, "admin", "left the hospital")
         revoke_key(url, keys["revoked key"])
         keys["unknown key"] = UNKNOWN_KEY
-        live = LiveServer(url, admin_key=keys["admin"])
+        live = LiveServer(url, admin_key=keys["admin"], AUDITED_DENIALS_PER_PEER=0)  # every denial is counted here
         try:
             yield Keyed(live, url, keys)
         finally:
@@ -454,5 +454,29 @@ def test_a_loopback_server_without_keys_serves_every_call(tmp_path: Path):
             assert token.status == pb.STATUS_CONFIRMED
             clock = test_clock_pb2_grpc.TestClockServiceStub(live.channel)
             clock.AdvanceTime(test_clock_pb2.AdvanceTimeRequest(duration=Duration(seconds=60)), timeout=CALL_TIMEOUT)
+        finally:
+            live.close()
+
+
+def test_a_flood_of_bad_keys_is_refused_but_fills_the_audit_log_only_at_its_rate(tmp_path: Path):
+    """AUDITED_DENIALS_PER_PEER (default 20 a second, a burst of 20): each denied call is refused and access-logged,
+    but only that many a second from one client address are written to the append-only audit log."""
+    with fresh_database(tmp_path) as url:
+        admin = add_key(url, "admin")
+        live = LiveServer(url, admin_key=admin)
+        try:
+            before = audit_rows(url)[-1][0]
+            started = time.monotonic()
+            codes = collections.Counter(_list_doctors(live, bearer(UNKNOWN_KEY)) for _ in range(150))
+            elapsed = time.monotonic() - started
+            flood = audit_rows(url, before)
+            assert codes == {UNAUTHENTICATED: 150}
+            assert all(row[1] == "DENIED" for row in flood)
+            assert 20 <= len(flood) <= 20 + 20 * elapsed + 1, (len(flood), elapsed)
+            unwritten = live.server.metrics.registry.get_sample_value("opd_denied_calls_not_audited_total")
+            assert unwritten == 150 - len(flood)
+            time.sleep(1.0)  # the bucket refills: the next denial is written again
+            assert _list_doctors(live, bearer(UNKNOWN_KEY)) == UNAUTHENTICATED
+            assert len(audit_rows(url, before)) == len(flood) + 1
         finally:
             live.close()

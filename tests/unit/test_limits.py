@@ -94,6 +94,33 @@ def test_a_rate_of_zero_is_no_limit():
 # ---- calls and streams in flight ---------------------------------------------------------------------------
 
 
+def test_take_answers_whether_one_more_fits_and_counts_it():
+    """AUDITED_DENIALS_PER_PEER asks, rather than refuses: a denial past the rate is still refused, not written."""
+    clock = FakeClock()
+    limiter = RateLimiter(2, clock=clock)
+    assert [limiter.take("ipv4:10.0.0.7") for _ in range(3)] == [True, True, False]
+    assert limiter.take("ipv4:10.0.0.8")  # another address, a bucket of its own
+    clock.now += 0.5
+    assert [limiter.take("ipv4:10.0.0.7") for _ in range(2)] == [True, False]
+
+
+def test_past_max_buckets_the_quiet_keys_are_forgotten_and_the_busy_ones_kept(monkeypatch: pytest.MonkeyPatch):
+    """Many addresses (a flood from a whole network) cannot grow the table without bound: once it holds
+    MAX_BUCKETS keys, a new key first drops those whose bucket has refilled; a key still short keeps its count."""
+    monkeypatch.setattr(RateLimiter, "MAX_BUCKETS", 4)
+    clock = FakeClock()
+    limiter = RateLimiter(2, clock=clock)
+    assert limiter.take("busy") and limiter.take("busy")
+    clock.now += 0.125
+    for quiet in ("a", "b", "c"):
+        limiter.take(quiet)
+    clock.now += 1  # "a", "b" and "c" have refilled; "busy" too, but it is used again now
+    assert limiter.take("busy") and limiter.take("busy") and not limiter.take("busy")
+    assert limiter.take("new")  # the table is full: the refilled ones go
+    assert set(limiter._buckets) == {"busy", "new"}
+    assert not limiter.take("busy")  # its count was kept
+
+
 def test_calls_in_flight_are_refused_past_the_limit_and_admitted_again_once_one_ends():
     calls = calls_in_flight(2)
     with calls, calls:

@@ -156,7 +156,7 @@ def harness(keys: tuple[ApiKey, ...] = (), rate: int = 0, calls: int = 10, strea
             clock: Any = None) -> Harness:
     seen = Recorded()
 
-    async def denied(actor: Actor, method: str, request_id: str, refusal: EngineError) -> None:
+    async def denied(actor: Actor, method: str, request_id: str, refusal: EngineError, peer: str) -> None:
         seen.denied.append((actor, method, request_id, refusal.reason))
 
     def finished(method: str, code: grpc.StatusCode, seconds: float, actor: Actor, request_id: str,
