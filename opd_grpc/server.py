@@ -1,5 +1,6 @@
 """The gRPC server: the OPD service, health, reflection (always on), the test clock (only when asked for),
-and a graceful stop on SIGTERM/SIGINT: health goes NOT_SERVING, then calls in flight get a grace period."""
+and a graceful stop on SIGTERM/SIGINT: health goes NOT_SERVING (and its Watch streams end), then calls in flight
+get a grace period."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from opd_grpc._gen.opd.v1 import opd_pb2, opd_pb2_grpc, test_clock_pb2, test_clock_pb2_grpc
 from opd_grpc.api import auth, limits, observe, tls
+from opd_grpc.api.health import HealthServicer
 from opd_grpc.api.interceptors import CallPipeline
 from opd_grpc.api.runner import EngineRunner
 from opd_grpc.api.servicer import OPDTokenServicer
@@ -75,7 +76,7 @@ class OPDServer:
             hub = self.service.events
             self.notifications = QueueNotifications(self.store.engine, hub.remote_change, hub.catch_up_soon)
             hub.announce = self.notifications.send
-        self.health = health_aio.HealthServicer()
+        self.health = HealthServicer()
         self.audited_denials = limits.RateLimiter(settings.AUDITED_DENIALS_PER_PEER)
         self.pipeline = CallPipeline(self.gate, limits.RateLimiter(settings.RATE_LIMIT_PER_KEY),
                                      limits.calls_in_flight(settings.MAX_CONCURRENT_CALLS),
