@@ -797,8 +797,8 @@ class OPDService:
             return lock
 
     def _day(self, uow: UnitOfWork, key: DayKey, version: int | None, create: bool = False) -> DoctorDay:
-        """The doctor-day, from the cache when its event sequence is still the stored `version` (read, and on
-        PostgreSQL locked, by `uow.day_version`)."""
+        """The doctor-day, from the cache when its event sequence is still the stored `version` (read by
+        `uow.day_version`: in a change, with the day's row locked on PostgreSQL; in a read, from its snapshot)."""
         if version is None:
             self._doctor(uow, key[0])
             if not create:

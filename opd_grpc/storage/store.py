@@ -2,7 +2,9 @@
 
 SQLite (the embedded default) runs in WAL mode; a write unit of work takes a process-wide writer lock and
 then `BEGIN IMMEDIATE` on the one writer connection, so writers queue on a lock instead of spinning in
-SQLite's busy handler, and a reader (on a pooled connection) never blocks a writer. On PostgreSQL the doctor-day row is locked with `SELECT … FOR UPDATE`.
+SQLite's busy handler, and a reader (on a pooled connection) never blocks a writer. On PostgreSQL a change locks
+its doctor-day row with `SELECT … FOR UPDATE`, and a read runs in one REPEATABLE READ, READ ONLY snapshot with no
+lock, so that reads (display boards, status screens) never wait for another replica's change.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ class _HotStatements:
         def sql(statement: Any) -> str:
             return str(statement.compile(dialect=dialect))
 
-        self.day_version = sql(select(days.c.last_sequence).where(*_of_day(days)).with_for_update())
+        day_version = select(days.c.last_sequence).where(*_of_day(days))
+        self.day_version = sql(day_version.with_for_update())
+        self.day_version_read = sql(day_version)
         self.update_day = sql(_update(days, "doctor_id", ("last_token_number", "last_sequence"))
                               .where(days.c.date == bindparam("k_date")))
         self.insert_day = sql(_insert(days))
@@ -151,7 +155,7 @@ class SqlStore:
         if self._writer is not None and write:
             with self._writer:  # SQLite's one writer keeps its connection: no pool round trip per write
                 if self._writer_uow is None:
-                    self._writer_uow = SqlUnitOfWork(self.engine.connect(), self.hot)
+                    self._writer_uow = SqlUnitOfWork(self.engine.connect(), self.hot, write=True)
                 uow = self._writer_uow
                 uow.committing = False
                 uow.cursor.execute("BEGIN IMMEDIATE")
@@ -163,7 +167,9 @@ class SqlStore:
             with self.engine.connect() as conn:
                 if self.is_sqlite:
                     conn.exec_driver_sql("BEGIN")
-                yield SqlUnitOfWork(conn, self.hot)
+                elif not write:  # one snapshot for the whole read (its day's rows match its version), no lock
+                    conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                yield SqlUnitOfWork(conn, self.hot, write)
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -220,9 +226,10 @@ class _Checkpointer:
 
 
 class SqlUnitOfWork:
-    def __init__(self, conn: Connection, hot: _HotStatements):
+    def __init__(self, conn: Connection, hot: _HotStatements, write: bool):
         self.conn = conn
         self.hot = hot
+        self.write = write
         self.driver = conn.connection.dbapi_connection
         self.cursor = self.driver.cursor()
         self.committing = False
@@ -327,9 +334,10 @@ class SqlUnitOfWork:
     # ---- doctor-days ----
 
     def day_version(self, key: DayKey) -> int | None:
-        """The day's last event sequence, locking its row for the transaction (a no-op lock on SQLite,
-        where BEGIN IMMEDIATE already holds the database)."""
-        row = self.cursor.execute(self.hot.day_version, _key(key)).fetchone()
+        """The day's last event sequence; in a change, locking its row for the transaction (a no-op lock on
+        SQLite, where BEGIN IMMEDIATE already holds the database)."""
+        statement = self.hot.day_version if self.write else self.hot.day_version_read
+        row = self.cursor.execute(statement, _key(key)).fetchone()
         return None if row is None else row[0]
 
     def load_day(self, key: DayKey, rules: Rules) -> DoctorDay:
