@@ -43,7 +43,9 @@ class OPDTokenServicer(opd_pb2_grpc.OPDTokenServiceServicer):
         retry, rendered = None, []
 
         def encode(result: Any) -> bytes:
-            rendered.append(render(result))  # the reply, rendered once for the store and the caller
+            """The reply, rendered once for the store and the caller. An attempt that the engine runs again after
+            it lost a race (service._retried) renders its own result: the failed attempt's reply is dropped."""
+            rendered[:] = [render(result)]
             return rendered[0].SerializeToString()
 
         if request_id := request.request_id:

@@ -3,6 +3,7 @@ the same request_id for another request is refused; a refused call stores nothin
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -11,6 +12,8 @@ import grpc
 import pytest
 
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
+from opd_grpc.engine.errors import Conflict
+from opd_grpc.storage.store import SqlUnitOfWork
 from tests.support import (
     DAY, MORNING, LiveServer, all_tokens, allocate, make_doctor, make_slots, new_request_id, patient, refused, statuses,
     spec_violations,
@@ -268,3 +271,32 @@ def test_a_no_show_refused_for_the_grace_period_needs_a_new_request_id_once_it_h
     assert refused(live.stub.MarkNoShow, request).reason == "GRACE_PERIOD_NOT_ELAPSED"
     request.request_id = new_request_id()
     assert live.stub.MarkNoShow(request).token.status == pb.STATUS_NO_SHOW
+
+
+def test_a_change_run_again_after_a_lost_race_answers_and_stores_what_it_committed(
+        live: LiveServer, monkeypatch: pytest.MonkeyPatch):
+    """The engine runs a use case again when its unit of work lost a race (a replica's connection cut mid-way:
+    the stress test's backend faults). The reply rendered by the failed attempt must not be the one stored and
+    answered: here the first attempt is refused at its audit row after the clock moved, so the two attempts'
+    tokens differ in their queue time, and the answer must be the committed one's."""
+    doctor = make_doctor(live.stub)
+    make_slots(live.stub, doctor, ("09:00", "10:00", 5))
+    audited = SqlUnitOfWork.add_audit_entry
+    lost: list[object] = []
+
+    def lose_the_first_race(uow: SqlUnitOfWork, entry: object) -> None:
+        if not lost:
+            lost.append(entry)
+            live.server.clock.advance(dt.timedelta(minutes=5))
+            raise Conflict("could not serialize access due to concurrent update")
+        audited(uow, entry)
+
+    monkeypatch.setattr(SqlUnitOfWork, "add_audit_entry", lose_the_first_race)
+    request_id = new_request_id()
+    answer = allocate(live.stub, doctor, 1, request_id=request_id).token
+    again = allocate(live.stub, doctor, 1, request_id=request_id).token
+
+    booked = live.stub.GetToken(pb.GetTokenRequest(token_id=answer.token_id)).token
+    assert lost  # the first attempt did lose its race
+    assert answer.created_at == booked.created_at  # 07:05, not the failed attempt's 07:00
+    assert again == answer  # and the stored answer is that one too
