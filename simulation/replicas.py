@@ -452,7 +452,7 @@ class Run:
                 killed = 0
                 for pid, state in backends:
                     if conn.exec_driver_sql("SELECT pg_terminate_backend(%(pid)s)", {"pid": pid}).scalar():
-                        self.terminated[state] += 1
+                        self.terminated[state or "unknown"] += 1  # pg_stat_activity.state may be NULL
                         killed += 1
                 conn.commit()
         finally:
