@@ -19,6 +19,7 @@ from rich import box
 from rich.console import Console, RenderableType
 from rich.table import Table
 
+from clients.opdctl.pattern import WEEKDAYS
 from clients.report.figures import DoctorReport
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 
@@ -27,7 +28,7 @@ SOURCES = {"emergency": pb.SOURCE_EMERGENCY, "paid": pb.SOURCE_PAID_PRIORITY, "f
            "online": pb.SOURCE_ONLINE_BOOKING, "walk-in": pb.SOURCE_WALK_IN}
 GENDERS = {"female": pb.GENDER_FEMALE, "male": pb.GENDER_MALE, "other": pb.GENDER_OTHER}
 _SOURCE_WORD = {value: word for word, value in SOURCES.items()}
-_WEEKDAY = ("", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")  # by ISO number, which pb.Weekday follows
+_WEEKDAY = ("", *(day.title() for day in WEEKDAYS))  # by ISO number, which pb.Weekday follows
 
 
 class Printer:
