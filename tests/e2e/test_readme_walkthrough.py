@@ -21,11 +21,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from clients.library import OPDError
 from opd_grpc.process import ServerProcess
-from tests.e2e.test_readme import README, _matches
+from tests.e2e.test_readme import _BLOCK, README, _matches
 from tests.support import fresh_database
 
 WALKTHROUGH = "## A clinic morning with grpcurl"
-_BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.S)
 _GRPCURL_CODES = {"".join(word.title() for word in code.name.split("_")): code for code in grpc.StatusCode}
 
 
