@@ -1,5 +1,6 @@
-"""`python -m bench` (`make bench`): one server, a no-op RPC and AllocateToken measured alternately at 1 and 32
-calls in flight, and allocation's speed as ratios against the no-op's (SPEC-free figures; never a timed test);
+"""`python -m bench` (`make bench`): one server, a no-op RPC, GetDoctor (the call pipeline without the database)
+and AllocateToken measured in turn at 1 and 32 calls in flight, and allocation's speed as ratios against the
+no-op's, with what the machine's CPU allows (SPEC-free figures; never a timed test);
 then, on the same server, WatchQueue's fan-out to many watchers of one doctor-day; then, when a PostgreSQL
 answers, allocation with 1 and with 2 replicas on it, on spread doctor-days and on one hot slot.
 """
@@ -14,13 +15,14 @@ from pathlib import Path
 
 from bench import postgres
 from bench.fanout import FanoutBench
-from bench.load import ALLOCATE, NOOP, LoadGenerator, Totals, create_pool
+from bench.load import ALLOCATE, NOOP, PIPELINE, LoadGenerator, Totals, create_pool
 from bench.procfs import cpu_seconds, rss_mib
 from bench.report import FanoutMeasurement, Measurement, PostgresReport, Report, print_report
 from opd_grpc.process import ServerProcess
 from opd_grpc.settings import Settings
 
 IN_FLIGHT = (1, 32)
+KINDS = (NOOP, PIPELINE, ALLOCATE)  # measured in turn, in each round
 FANOUT = ("100x10", "1000x2")  # the issue's: watchers x events per second
 
 
@@ -72,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         pool = create_pool(server.address, args.doctors, args.days, args.per_day)
         rss_before = rss_mib(server.pid)
         load = LoadGenerator(args.client_processes)
-        results = {(kind, n): Totals() for n in IN_FLIGHT for kind in (NOOP, ALLOCATE)}
+        results = {(kind, n): Totals() for n in IN_FLIGHT for kind in KINDS}
         try:
             for in_flight in IN_FLIGHT:
                 for _ in range(args.rounds):
-                    for kind in (NOOP, ALLOCATE):
+                    for kind in KINDS:
                         totals = results[(kind, in_flight)]
                         cpu_before, wall_before = cpu_seconds(server.pid), time.perf_counter()
                         totals.load.merge(load.measure((server.address,), pool, kind, in_flight, args.warmup,

@@ -36,6 +36,10 @@ DAY_START = dt.datetime(2030, 1, 7, 8, 0)
 SLOT_MINUTES = 20
 SEATS_PER_SLOT = 20  # an OPD sitting's size (twice DEFAULT_SLOT_CAPACITY); the day's tokens fill its slots in turn
 NOOP, ALLOCATE = "health-check", "allocate"
+# GetDoctor of a doctor the server holds in memory: no database, but the whole call pipeline an allocation also
+# goes through (key, limits, parse, role, servicer, access log, metrics). Between the no-op and an allocation, it
+# shows what the pipeline costs and what is left of the budget for the engine and storage.
+PIPELINE = "get-doctor"
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,13 @@ def _caller(spec: LoadSpec, channels: list[grpc.aio.Channel], counter: Iterator[
         return check
 
     stubs = [opd_pb2_grpc.OPDTokenServiceStub(channel) for channel in channels]
+    if spec.kind == PIPELINE:
+        lookup = pb.GetDoctorRequest(doctor_id=spec.pool.doctor_ids[0])
+
+        async def get_doctor() -> str:
+            response = await stubs[pick(len(stubs))].GetDoctor(lookup)
+            return "FOUND" if response.doctor.doctor_id else "EMPTY"
+        return get_doctor
 
     async def allocate() -> str:
         n = next(counter)

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.fanout import FanoutResult
-from bench.load import ALLOCATE, NOOP, LoadResult, Totals, percentile
+from bench.load import ALLOCATE, NOOP, PIPELINE, LoadResult, Totals, percentile
 
 # The issue's targets: allocation keeps at least half the no-op's throughput, and its p99 at 32 in flight is
 # at most twice the no-op's.
@@ -36,15 +36,17 @@ class Measurement:
     server_cpu_cores: float  # CPU time of the server process over the measurement's wall time
     client_cpu_cores: float
     server_cpu_ms_per_call: float  # steadier than calls/s when other work shares the machine
+    client_cpu_ms_per_call: float = 0.0  # the bench's own client processes
 
     @classmethod
     def of(cls, kind: str, in_flight: int, seconds: float, result: LoadResult, wall_seconds: float,
            server_cpu_seconds: float) -> Measurement:
-        calls = len(result.latencies)
+        calls, made = len(result.latencies), result.calls_made
         return cls(kind, in_flight, seconds, calls, calls / seconds, percentile(result.latencies, 0.5) * 1000,
                    percentile(result.latencies, 0.99) * 1000, dict(result.errors), dict(result.outcomes),
                    round(server_cpu_seconds / wall_seconds, 2), round(result.client_cpu_seconds / wall_seconds, 2),
-                   round(server_cpu_seconds / result.calls_made * 1000, 3) if result.calls_made else 0.0)
+                   round(server_cpu_seconds / made * 1000, 3) if made else 0.0,
+                   round(result.client_cpu_seconds / made * 1000, 3) if made else 0.0)
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,29 @@ class FanoutMeasurement:
 
 
 @dataclass(frozen=True)
+class CpuBudget:
+    """What the CPU time per call allows allocation, at one number in flight: where the server is CPU-bound, and
+    where the machine is, with the client's work and the server's on every core."""
+
+    in_flight: int
+    noop_server_ms: float
+    pipeline_server_ms: float  # GetDoctor from memory: the call pipeline without the engine's storage
+    allocate_server_ms: float
+    allocate_client_ms: float
+    server_bound: float  # allocate / no-op throughput if the server's CPU time per call decides it
+    machine_bound: float  # allocate / no-op throughput if every core ran client or server for allocations
+
+    @classmethod
+    def of(cls, noop: Measurement, pipeline: Measurement, allocate: Measurement, cores: int) -> CpuBudget:
+        alloc_total = allocate.server_cpu_ms_per_call + allocate.client_cpu_ms_per_call
+        most_allocations = cores * 1000 / alloc_total if alloc_total else 0.0  # calls/s with every core busy
+        return cls(noop.in_flight, noop.server_cpu_ms_per_call, pipeline.server_cpu_ms_per_call,
+                   allocate.server_cpu_ms_per_call, allocate.client_cpu_ms_per_call,
+                   _ratio(noop.server_cpu_ms_per_call, allocate.server_cpu_ms_per_call),
+                   _ratio(most_allocations, noop.calls_per_second))
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     value: float
@@ -247,9 +272,15 @@ class Report:
                               f"<= {MAX_P99_RATIO:.2f}", ratio <= MAX_P99_RATIO))
         return targets
 
+    def budget(self) -> CpuBudget:
+        """At the most calls in flight, where calls queue for the CPU (at 1 in flight, they wait on each other)."""
+        n = max(m.in_flight for m in self.measurements)
+        return CpuBudget.of(self.find(NOOP, n), self.find(PIPELINE, n), self.find(ALLOCATE, n), os.cpu_count() or 1)
+
     def as_json(self) -> str:
         data = dataclasses.asdict(self)
         data["targets"] = [dataclasses.asdict(t) for t in self.targets()]
+        data["cpu_budget"] = dataclasses.asdict(self.budget())
         data["total_errors"] = self.total_errors
         data["fanout_targets"] = [dataclasses.asdict(t) for f in self.fanout if (t := f.target())]
         data["fanout_faults"] = self.fanout_faults
@@ -264,13 +295,14 @@ def print_report(report: Report) -> None:
                         f"alternating stretches (+{report.warmup:g} s warm-up each), "
                         f"{report.client_processes} client process(es)")
     for column in ("call", "in flight", "calls", "calls/s", "p50 ms", "p99 ms", "errors", "outcomes",
-                   "server CPU", "client CPU", "server ms CPU/call"):
+                   "server CPU", "client CPU", "server ms CPU/call", "client ms CPU/call"):
         calls.add_column(column, justify="left" if column in ("call", "errors", "outcomes") else "right")
     for m in report.measurements:
         calls.add_row(m.kind, str(m.in_flight), str(m.calls), f"{m.calls_per_second:,.0f}", f"{m.p50_ms:.2f}",
                       f"{m.p99_ms:.2f}", _counts(m.errors) or "0",
                       _counts({k.removeprefix("STATUS_"): v for k, v in m.outcomes.items()}),
-                      f"{m.server_cpu_cores:.2f}", f"{m.client_cpu_cores:.2f}", f"{m.server_cpu_ms_per_call:.2f}")
+                      f"{m.server_cpu_cores:.2f}", f"{m.client_cpu_cores:.2f}", f"{m.server_cpu_ms_per_call:.2f}",
+                      f"{m.client_cpu_ms_per_call:.2f}")
     console.print(calls)
     targets = Table(title="allocation against the no-op, same server, same run")
     for column in ("ratio", "value", "target", "verdict"):
@@ -278,12 +310,14 @@ def print_report(report: Report) -> None:
     for t in report.targets():
         targets.add_row(t.name, f"{t.value:.2f}", t.bound, "[green]PASS[/]" if t.met else "[red]MISS[/]")
     console.print(targets)
-    for in_flight in sorted({m.in_flight for m in report.measurements}):
-        noop, alloc = report.find(NOOP, in_flight), report.find(ALLOCATE, in_flight)
-        if noop.server_cpu_ms_per_call:
-            times = alloc.server_cpu_ms_per_call / noop.server_cpu_ms_per_call
-            console.print(f"at {in_flight} in flight an allocation costs the server {times:.1f}x the CPU of a no-op "
-                          f"(where the server is CPU-bound, the throughput ratio is at most {1 / times:.2f})")
+    b = report.budget()
+    console.print(f"at {b.in_flight} in flight, server CPU per call: {b.noop_server_ms:.2f} ms a no-op, "
+                  f"{b.pipeline_server_ms:.2f} ms GetDoctor (the call pipeline: "
+                  f"+{b.pipeline_server_ms - b.noop_server_ms:.2f} ms), {b.allocate_server_ms:.2f} ms an allocation "
+                  f"(the engine and storage: +{b.allocate_server_ms - b.pipeline_server_ms:.2f} ms); so allocate / "
+                  f"no-op throughput can be at most {b.server_bound:.2f} where the server is CPU-bound, and at most "
+                  f"{b.machine_bound:.2f} with client ({b.allocate_client_ms:.2f} ms a call) and server keeping all "
+                  f"{os.cpu_count()} cores busy")
     console.print(f"server resident memory (VmRSS): {report.server_rss_mib_before:.1f} MiB before the load, "
                   f"{report.server_rss_mib_after:.1f} MiB after")
     console.print(f"allocations: {report.doctors} doctors x {report.days} dates, {report.per_day} seats each in slots of 20 "

@@ -22,7 +22,7 @@ from tests import support
 pytestmark = pytest.mark.backend_independent
 
 ROOT = Path(__file__).resolve().parents[2]
-KINDS = {"health-check", "allocate"}
+KINDS = {"health-check", "get-doctor", "allocate"}
 IN_FLIGHT = {1, 32}
 TINY_FANOUT = ("--fanout", "10x20", "--fanout", "40x10", "--fanout-seconds", "0.5")
 NOWHERE = "postgresql+psycopg://postgres@127.0.0.1:1/test"  # nothing listens on port 1
@@ -52,7 +52,15 @@ def test_bench_measures_both_calls_at_both_depths_with_no_errors() -> None:
     for n in IN_FLIGHT:  # every allocation a real confirmation, never a waitlisting
         assert rows[("allocate", n)]["outcomes"] == {"STATUS_CONFIRMED": rows[("allocate", n)]["calls"]}
         assert rows[("health-check", n)]["outcomes"] == {"SERVING": rows[("health-check", n)]["calls"]}
+        assert rows[("get-doctor", n)]["outcomes"] == {"FOUND": rows[("get-doctor", n)]["calls"]}
     assert report["server_rss_mib_before"] > 0 and report["server_rss_mib_after"] > 0
+    budget = report["cpu_budget"]  # from the 32-in-flight rows' CPU per call
+    assert budget["in_flight"] == 32
+    assert budget["allocate_server_ms"] == rows[("allocate", 32)]["server_cpu_ms_per_call"] > 0
+    assert budget["pipeline_server_ms"] == rows[("get-doctor", 32)]["server_cpu_ms_per_call"] > 0
+    assert budget["server_bound"] == round(rows[("health-check", 32)]["server_cpu_ms_per_call"]
+                                           / rows[("allocate", 32)]["server_cpu_ms_per_call"], 3)
+    assert 0 < budget["machine_bound"] and budget["allocate_client_ms"] > 0
     assert {t["name"] for t in report["targets"]} == {
         "allocate / no-op throughput at 1 in flight", "allocate / no-op throughput at 32 in flight",
         "allocate p99 / no-op p99 at 32 in flight"}
@@ -62,7 +70,8 @@ def test_bench_measures_both_calls_at_both_depths_with_no_errors() -> None:
 
     table = completed.stdout
     for heading in ("calls/s", "p50 ms", "p99 ms", "errors", "server resident memory (VmRSS)", "delivered/s",
-                    "KiB/watcher", "server µs CPU/delivery", "fan-out faults: 0"):
+                    "KiB/watcher", "server µs CPU/delivery", "fan-out faults: 0", "the call pipeline",
+                    "cores busy"):
         assert heading in table
     assert table.count("PASS") + table.count("MISS") == 3
 
