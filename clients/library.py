@@ -8,11 +8,13 @@ restarts, resuming after the last sequence seen per doctor (SPEC §10).
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
+from zoneinfo import ZoneInfo
 
 import grpc
 from google.protobuf.message import Message
@@ -127,6 +129,12 @@ def tls_credentials(ca_cert: Path | None = None, cert: Path | None = None,
     return grpc.ssl_channel_credentials(root_certificates=ca_cert.read_bytes() if ca_cert else None,
                                         private_key=key.read_bytes() if key else None,
                                         certificate_chain=cert.read_bytes() if cert else None)
+
+
+def server_zone(stats: pb.GetStatsResponse) -> dt.tzinfo:
+    """The hospital's time zone, the server's TIMEZONE as GetStats names it: dates and slot times are its wall clock.
+    An older server names none: UTC."""
+    return ZoneInfo(stats.timezone) if stats.timezone else dt.timezone.utc
 
 
 class OPDClient:

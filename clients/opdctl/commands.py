@@ -11,7 +11,7 @@ import datetime as dt
 import sys
 from pathlib import Path
 
-from clients.library import AlreadyExists, OPDClient, OPDError
+from clients.library import AlreadyExists, OPDClient, OPDError, server_zone
 from clients.opdctl import pattern
 from clients.opdctl.errors import Refused, UsageError
 from clients.report import write_report
@@ -71,8 +71,9 @@ def slots_status(client: OPDClient, args: argparse.Namespace, out: Printer) -> N
 def slots_capacity(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
     reply = client.update_slot_capacity(args.slot_id, args.capacity)
     times = {reply.slot.slot_id: slot_time(reply.slot)}
+    zone = _hospital_zone(client, args, reply.slot.doctor_id, reply.slot.date)
     out.show(reply, f"Slot {reply.slot.slot_id} now has {reply.slot.max_capacity} seats.",
-             *_promoted(reply.promoted, times))
+             *_promoted(reply.promoted, times, zone))
 
 
 # Weekly templates and holidays
@@ -133,24 +134,27 @@ def tokens_allocate(client: OPDClient, args: argparse.Namespace, out: Printer) -
         if error.reason != "PATIENT_ALREADY_HAS_TOKEN":
             raise
         raise Refused(error, _held_token(client, error, args)) from None
-    times = _slot_times(client, args.doctor, args.date)
-    text = [token_line(reply.token, times)]
+    times, zone = _slot_times(client, args.doctor, args.date), _hospital_zone(client, args, args.doctor, args.date)
+    text = [token_line(reply.token, times, zone)]
     if reply.moved_to_later_slot:
         text.append("The slot asked for was full: --flexible moved the patient to a later slot with a free seat.")
     if reply.HasField("bumped_token"):
-        text.append(f"Bumped back to the waitlist: {token_line(reply.bumped_token, times)}")
+        text.append(f"Bumped back to the waitlist: {token_line(reply.bumped_token, times, zone)}")
     out.show(reply, *text)
 
 
 def tokens_get(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
     reply = client.get_token(args.token_id)
-    out.show(reply, tokens_table([reply.token], _slot_times(client, reply.token.doctor_id, reply.token.date)))
+    doctor_id, date = reply.token.doctor_id, reply.token.date
+    out.show(reply, tokens_table([reply.token], _slot_times(client, doctor_id, date),
+                                 _hospital_zone(client, args, doctor_id, date)))
 
 
 def tokens_list(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
     tokens = list(client.iter_tokens(args.doctor, args.date))
     out.show(pb.ListTokensResponse(tokens=tokens),
-             tokens_table(tokens, _slot_times(client, args.doctor, args.date)) if tokens
+             tokens_table(tokens, _slot_times(client, args.doctor, args.date),
+                          _hospital_zone(client, args, args.doctor, args.date)) if tokens
              else f"{args.doctor} has no tokens on {args.date}.")
 
 
@@ -158,14 +162,14 @@ def tokens_list(client: OPDClient, args: argparse.Namespace, out: Printer) -> No
 
 def checkin(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
     reply = client.check_in_token(args.token_id)
-    out.show(reply, _after(client, reply.token))
+    out.show(reply, _after(client, args, reply.token))
 
 
 def call_next(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
     reply = client.call_next(args.doctor, args.date)
-    times = _slot_times(client, args.doctor, args.date)
+    times, zone = _slot_times(client, args.doctor, args.date), _hospital_zone(client, args, args.doctor, args.date)
     text = [f"Calling token {reply.token.token_number} ({reply.token.patient.name}): "
-            f"{token_line(reply.token, times)}"]
+            f"{token_line(reply.token, times, zone)}"]
     if reply.HasField("completed_token"):
         text.append(f"Completed token {reply.completed_token.token_number} ({reply.completed_token.token_id}).")
     out.show(reply, *text)
@@ -173,19 +177,21 @@ def call_next(client: OPDClient, args: argparse.Namespace, out: Printer) -> None
 
 def complete(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
     reply = client.complete_token(args.token_id)
-    out.show(reply, _after(client, reply.token))
+    out.show(reply, _after(client, args, reply.token))
 
 
 def cancel(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
     reply = client.cancel_token(args.token_id, args.reason)
     times = _slot_times(client, reply.token.doctor_id, reply.token.date)
-    out.show(reply, token_line(reply.token, times), *_promoted(reply.promoted, times))
+    zone = _hospital_zone(client, args, reply.token.doctor_id, reply.token.date)
+    out.show(reply, token_line(reply.token, times, zone), *_promoted(reply.promoted, times, zone))
 
 
 def no_show(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
     reply = client.mark_no_show(args.token_id)
     times = _slot_times(client, reply.token.doctor_id, reply.token.date)
-    out.show(reply, token_line(reply.token, times), *_promoted(reply.promoted, times))
+    zone = _hospital_zone(client, args, reply.token.doctor_id, reply.token.date)
+    out.show(reply, token_line(reply.token, times, zone), *_promoted(reply.promoted, times, zone))
 
 
 # A doctor's day
@@ -207,7 +213,7 @@ def status(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
              "Checked in, waiting: " + _names(by_status[pb.STATUS_CHECKED_IN]),
              "Confirmed, not yet here: " + _names(by_status[pb.STATUS_CONFIRMED]),
              "Waitlisted: " + _names(by_status[pb.STATUS_WAITLISTED]),
-             *([tokens_table(tokens, times)] if tokens else []))
+             *([tokens_table(tokens, times, _hospital_zone(client, args, args.doctor, args.date))] if tokens else []))
 
 
 def stats(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
@@ -218,7 +224,8 @@ def stats(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
 def events(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
     history = list(client.iter_queue_events(args.doctor, args.date))
     out.show(pb.ListQueueEventsResponse(events=history),
-             events_table(history) if history else f"Nothing has happened for {args.doctor} on {args.date}.")
+             events_table(history, _hospital_zone(client, args, args.doctor, args.date)) if history
+             else f"Nothing has happened for {args.doctor} on {args.date}.")
 
 
 def report(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
@@ -241,6 +248,7 @@ def watch(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
     """Prints each snapshot and event as it comes; stops after --count events, or at Ctrl-C."""
     for doctor_id in args.doctor:  # an unknown doctor, or no server at all, is said at once rather than retried
         client.get_doctor(doctor_id)
+    zone = _hospital_zone(client, args, args.doctor[0], args.date)
 
     def reconnecting(error: OPDError) -> None:
         print(f"opdctl: lost the stream ({error.code.name}: {error.message}); reconnecting…", file=sys.stderr)
@@ -251,7 +259,7 @@ def watch(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
             for update in stream:
                 if update.HasField("heartbeat"):
                     continue
-                out.line(update, update_line(update))
+                out.line(update, update_line(update, zone))
                 seen += update.HasField("event")
                 if args.count and seen >= args.count:
                     return
@@ -266,12 +274,24 @@ def _slot_times(client: OPDClient, doctor_id: str, date: str) -> dict[str, str]:
     return {slot.slot_id: slot_time(slot) for slot in client.iter_slots(doctor_id, date)}
 
 
-def _after(client: OPDClient, token: pb.Token) -> str:
-    return token_line(token, _slot_times(client, token.doctor_id, token.date))
+def _hospital_zone(client: OPDClient, args: argparse.Namespace, doctor_id: str, date: str) -> dt.tzinfo:
+    """The zone times of day are shown in: --timezone, else the hospital's, the server's TIMEZONE as GetStats of the
+    doctor's day names it. UTC if the server cannot say, never this terminal's zone, which may be hours off."""
+    if args.timezone:
+        return args.timezone
+    try:
+        return server_zone(client.get_stats(date, doctor_id))
+    except OPDError:
+        return dt.timezone.utc
 
 
-def _promoted(tokens: list[pb.Token], times: dict[str, str]) -> list[str]:
-    return [f"Promoted from the waitlist: {token_line(token, times)}" for token in tokens]
+def _after(client: OPDClient, args: argparse.Namespace, token: pb.Token) -> str:
+    return token_line(token, _slot_times(client, token.doctor_id, token.date),
+                      _hospital_zone(client, args, token.doctor_id, token.date))
+
+
+def _promoted(tokens: list[pb.Token], times: dict[str, str], zone: dt.tzinfo) -> list[str]:
+    return [f"Promoted from the waitlist: {token_line(token, times, zone)}" for token in tokens]
 
 
 def _names(tokens: list[pb.Token]) -> str:
@@ -284,7 +304,8 @@ def _held_token(client: OPDClient, error: OPDError, args: argparse.Namespace) ->
     held = next((t for t in client.iter_tokens(args.doctor, args.date) if t.token_id in error.message), None)
     if held is None:
         return []
-    return [f"{held.patient.name} holds {token_line(held, _slot_times(client, args.doctor, args.date))}"]
+    times, zone = _slot_times(client, args.doctor, args.date), _hospital_zone(client, args, args.doctor, args.date)
+    return [f"{held.patient.name} holds {token_line(held, times, zone)}"]
 
 
 def _span(dates: list[dt.date]) -> str:

@@ -7,6 +7,7 @@ import datetime as dt
 import os
 import re
 from typing import Any, Callable
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from clients.library import DEFAULT_ADDRESS
 from clients.opdctl import commands
@@ -25,8 +26,9 @@ opdctl: the OPD token service from a terminal, for clinic staff.
   opdctl status --doctor DOC001 --date 2030-01-07
   opdctl watch --doctor DOC001 --date 2030-01-07
 
-Every command takes --address, --key, --json and the TLS flags, before or after its name. Dates are YYYY-MM-DD
-and default to today; times are HH:MM. `opdctl COMMAND --help` says more."""
+Every command takes --address, --key, --json, --timezone and the TLS flags, before or after its name. Dates are
+YYYY-MM-DD and default to today; times are HH:MM. Times of day are shown on the hospital's clock, the server's
+TIMEZONE. `opdctl COMMAND --help` says more."""
 
 EPILOG = """\
 exit codes: 0 done; 1 the server refused (its message and a hint go to stderr); 2 a bad flag, date, pattern or
@@ -39,7 +41,9 @@ C seats per slot (none: the server's DEFAULT_SLOT_CAPACITY)"""
 
 
 def build() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opdctl", description=DESCRIPTION, epilog=EPILOG,
+    # No abbreviations here: this parser sees the command's flags too, and would take `tokens allocate --time` for
+    # an abbreviation of --timeout or --timezone.
+    parser = argparse.ArgumentParser(prog="opdctl", description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _common_flags(parser, defaults=True)
     tasks = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -174,6 +178,14 @@ def time(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r} is not a time of the form HH:MM")
 
 
+def zone(text: str) -> ZoneInfo:
+    """An IANA time zone, e.g. Asia/Kolkata."""
+    try:
+        return ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a region's directory, e.g. "Asia"
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IANA time zone, e.g. Asia/Kolkata") from None
+
+
 def _common_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
     """Connection and output flags. On the top parser they hold the defaults; on each subcommand they default to
     nothing (SUPPRESS), so that a flag given after the subcommand wins and one given before it is kept."""
@@ -196,6 +208,9 @@ def _common_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
                        help="print the response as JSON (field names as in the proto), for scripts")
     group.add_argument("--timeout", type=float, default=default(5.0), metavar="SECONDS",
                        help="how long each call may take (default 5)")
+    group.add_argument("--timezone", type=zone, default=default(env("OPD_TIMEZONE") or None), metavar="ZONE",
+                       help="show times of day in this IANA time zone, e.g. Asia/Kolkata (env OPD_TIMEZONE; "
+                            "default: the hospital's, the server's TIMEZONE)")
 
 
 def _group(tasks: Any, name: str, help_text: str) -> Any:

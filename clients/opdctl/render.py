@@ -1,8 +1,8 @@
 """How opdctl shows answers: tables and lines for a person, or the responses as JSON for a script (`--json`).
 
 JSON is google.protobuf.json_format with the proto's field names and every field present (zeros and empty
-strings too), so a script can rely on the keys. Times (estimated, occurred) are shown to a person in this
-machine's time zone; dates and slot times are the hospital's, as the server gives them.
+strings too), so a script can rely on the keys; timestamps are UTC. To a person, times of day (estimated,
+occurred) are shown in the zone they are given: the hospital's, on whose clock dates and slot times are too.
 """
 
 from __future__ import annotations
@@ -84,11 +84,11 @@ def weekday_word(date: str) -> str:
     return _WEEKDAY[dt.date.fromisoformat(date).isoweekday()]
 
 
-def clock(timestamp: timestamp_pb2.Timestamp, seconds: bool = False) -> str:
-    """A timestamp as this machine's wall-clock time; "" when unset."""
+def clock(timestamp: timestamp_pb2.Timestamp, zone: dt.tzinfo, seconds: bool = False) -> str:
+    """A timestamp as the wall-clock time in `zone`; "" when unset."""
     if not timestamp.seconds and not timestamp.nanos:
         return ""
-    return timestamp.ToDatetime(dt.timezone.utc).astimezone().strftime("%H:%M:%S" if seconds else "%H:%M")
+    return timestamp.ToDatetime(zone).strftime("%H:%M:%S" if seconds else "%H:%M")
 
 
 def slot_time(slot: pb.Slot) -> str:
@@ -102,7 +102,7 @@ def place(token: pb.Token) -> str:
     return str(token.queue_position) if token.queue_position else ""
 
 
-def token_line(token: pb.Token, slot_times: dict[str, str]) -> str:
+def token_line(token: pb.Token, slot_times: dict[str, str], zone: dt.tzinfo) -> str:
     """The token in one line, e.g. "Token 3 (DOC001-20300107-T3): CONFIRMED, slot 09:00-10:00, queue position 3,
     estimated 09:10"."""
     text = f"Token {token.token_number} ({token.token_id}): {status_word(token.status)}"
@@ -111,7 +111,7 @@ def token_line(token: pb.Token, slot_times: dict[str, str]) -> str:
         return f"{text}, waitlist position {token.waitlist_position}"
     if token.queue_position:
         text += f", queue position {token.queue_position}"
-    if estimated := clock(token.estimated_time):
+    if estimated := clock(token.estimated_time, zone):
         text += f", estimated {estimated}"
     return text
 
@@ -141,12 +141,13 @@ def slots_table(slots: Iterable[pb.Slot]) -> Table:
     return table
 
 
-def tokens_table(tokens: Iterable[pb.Token], slot_times: dict[str, str], title: str | None = None) -> Table:
+def tokens_table(tokens: Iterable[pb.Token], slot_times: dict[str, str], zone: dt.tzinfo,
+                 title: str | None = None) -> Table:
     table = _table("No.", "Token", "Patient", "Source", "Status", "Slot", "Place", "Estimated", title=title)
     for token in tokens:
         table.add_row(str(token.token_number), token.token_id, token.patient.name, source_word(token.source),
                       status_word(token.status), slot_times.get(token.slot_id, token.slot_id), place(token),
-                      clock(token.estimated_time))
+                      clock(token.estimated_time, zone))
     return table
 
 
@@ -187,11 +188,11 @@ def report_table(doctors: Iterable[DoctorReport]) -> Table:
     return table
 
 
-def events_table(events: Iterable[pb.QueueEvent]) -> Table:
+def events_table(events: Iterable[pb.QueueEvent], zone: dt.tzinfo) -> Table:
     table = _table("Seq", "Time", "Event", "No.", "Token", "Status", "Slot", "Caused by")
     for event in events:
         token = event.token if event.HasField("token") else None
-        table.add_row(str(event.sequence), clock(event.occurred_at, seconds=True), _kind(event),
+        table.add_row(str(event.sequence), clock(event.occurred_at, zone, seconds=True), _kind(event),
                       str(token.token_number) if token else "", token.token_id if token else "",
                       status_word(token.status) if token else "", event.slot_id, event.caused_by_token_id)
     return table
@@ -215,8 +216,8 @@ def holidays_table(holidays: Iterable[pb.Holiday]) -> Table:
 
 # Lines of a watch
 
-def update_line(update: pb.WatchQueueResponse) -> str:
-    """A snapshot or an event as one line for a person."""
+def update_line(update: pb.WatchQueueResponse, zone: dt.tzinfo) -> str:
+    """A snapshot or an event as one line for a person, the event's time in `zone`."""
     if update.HasField("snapshot"):
         snap = update.snapshot
         by_status = counts(Counter(status_word(t.status) for t in snap.tokens).most_common())
@@ -224,7 +225,7 @@ def update_line(update: pb.WatchQueueResponse) -> str:
         return (f"{snap.doctor_id} {snap.date}: {tokens} as of event {snap.sequence}"
                 + (f" ({by_status})" if by_status else ""))
     event = update.event
-    text = f"{clock(event.occurred_at, seconds=True)} {event.doctor_id} #{event.sequence} {_kind(event)}"
+    text = f"{clock(event.occurred_at, zone, seconds=True)} {event.doctor_id} #{event.sequence} {_kind(event)}"
     if event.HasField("token"):
         token, now = event.token, status_word(event.token.status)
         text += f" token {token.token_number} ({token.token_id})" + (f" → {now}" if now != _kind(event) else "")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 from typing import Sequence
-from zoneinfo import ZoneInfo
 
-from clients.library import OPDClient
+from clients.library import OPDClient, server_zone
 from clients.report import page
 from clients.report.figures import DayReport, build_report
 
@@ -19,7 +17,7 @@ def fetch_report(client: OPDClient, date: str, doctor_ids: Sequence[str] = ()) -
     there. Refusals raise OPDError."""
     replies = [client.get_stats(date, doctor_id) for doctor_id in doctor_ids] or [client.get_stats(date)]
     stats = [s for reply in replies for s in reply.stats]
-    zone = ZoneInfo(replies[0].timezone) if replies[0].timezone else dt.timezone.utc
+    zone = server_zone(replies[0])
     doctors = {s.doctor_id: client.get_doctor(s.doctor_id).doctor for s in stats}
     slots = {s.doctor_id: list(client.iter_slots(s.doctor_id, date)) for s in stats}
     events = {s.doctor_id: list(client.iter_queue_events(s.doctor_id, date)) for s in stats}

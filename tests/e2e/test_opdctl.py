@@ -27,7 +27,7 @@ from tests.support import (DAY, MORNING, LiveServer, add_key, allocate, at, fres
 OPDCTL = Path(sys.executable).with_name("opdctl")  # the console script of pyproject.toml's [project.scripts]
 ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 30.0
-OPDCTL_ENV = ("OPD_ADDRESS", "OPD_API_KEY", "OPD_CA_CERT", "OPD_CLIENT_CERT", "OPD_CLIENT_KEY")
+OPDCTL_ENV = ("OPD_ADDRESS", "OPD_API_KEY", "OPD_CA_CERT", "OPD_CLIENT_CERT", "OPD_CLIENT_KEY", "OPD_TIMEZONE")
 
 
 @dataclass
@@ -41,7 +41,8 @@ class Run:
 
 
 def environment(address: str, **extra: str) -> dict[str, str]:
-    """The test's environment without the caller's own opdctl settings; times shown in UTC, the server's zone."""
+    """The test's environment without the caller's own opdctl settings, on a terminal in UTC (whose date is what
+    --date defaults to)."""
     env = {k: v for k, v in os.environ.items() if k not in OPDCTL_ENV}
     return {**env, "OPD_ADDRESS": address, "TZ": "UTC", **extra}
 
@@ -667,6 +668,75 @@ def test_report_draws_the_day_on_the_servers_clock(tmp_path: Path):
     html = page.read_text()
     assert "times in Asia/Kolkata" in html
     assert sorted(set(re.findall(r">(\d\d:00)</text>", html))) == ["12:00", "13:00", "14:00", "15:00"]  # the axis
+
+
+# The hospital's clock
+
+@pytest.fixture(scope="module")
+def india(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A hospital in India (TIMEZONE Asia/Kolkata) for the module; the test clock's 07:00 UTC is 12:30 there."""
+    with fresh_database(tmp_path_factory.mktemp("opdctl-india")) as url:
+        server = LiveServer(url, TIMEZONE="Asia/Kolkata")
+        try:
+            yield server
+        finally:
+            server.close()
+
+
+@pytest.fixture
+def india_doctor(india: LiveServer) -> str:
+    """A doctor of its own with a 14:00-15:00 slot (08:30 UTC) of 2 seats on DAY, Indian time."""
+    doctor_id = make_doctor(india.stub)
+    make_slots(india.stub, doctor_id, ("14:00", "15:00", 2))
+    return doctor_id
+
+
+def test_times_of_day_are_the_hospitals_not_the_terminals(india: LiveServer, india_doctor: str):
+    """The terminal is on UTC (TZ=UTC), the hospital in India: an estimated time and an event's time are read on
+    the hospital's clock, as the server's TIMEZONE (GetStats) names it."""
+    token = f"{india_doctor}-20300107-T1"
+    booked = allocate_cli(india, india_doctor, 1, "--time", "14:00")
+    assert booked.out.strip() == (f"Token 1 ({token}): CONFIRMED, slot 14:00-15:00, queue position 1, "
+                                  "estimated 14:00")
+    listed = ok(india.address, "tokens", "list", "--doctor", india_doctor, "--date", DAY)
+    assert cells(listed.out)[1] == ["1", token, "Patient 1", "walk-in", "CONFIRMED", "14:00-15:00", "1", "14:00"]
+    history = ok(india.address, "events", "--doctor", india_doctor, "--date", DAY)
+    assert [row[1] for row in cells(history.out)[1:]] == ["12:30:00", "12:30:00"]  # the slot made, the booking
+    with watching(india, "--doctor", india_doctor, "--date", DAY, "--count", "1") as watch:
+        watch.next_lines(1)  # the snapshot
+        allocate(india.stub, india_doctor, 2, slot_time="14:00")
+        assert watch.rest()[0].startswith(f"12:30:00 {india_doctor} #3 ALLOCATED token 2")
+
+
+def test_timezone_flag_or_env_overrides_the_servers_zone(india: LiveServer, india_doctor: str):
+    token = f"{india_doctor}-20300107-T1"
+    allocate(india.stub, india_doctor, 1, slot_time="14:00")
+    on_utc = ok(india.address, "tokens", "get", token, "--timezone", "UTC")
+    assert cells(on_utc.out)[1][-1] == "08:30"
+    on_dubai = ok(india.address, "tokens", "get", token, OPD_TIMEZONE="Asia/Dubai")
+    assert cells(on_dubai.out)[1][-1] == "12:30"
+    flag_wins = ok(india.address, "--timezone", "UTC", "events", "--doctor", india_doctor, "--date", DAY,
+                   OPD_TIMEZONE="Asia/Dubai")
+    assert [row[1] for row in cells(flag_wins.out)[1:]] == ["07:00:00", "07:00:00"]
+
+
+@pytest.mark.backend_independent
+def test_a_timezone_that_does_not_exist_is_a_usage_error_and_nothing_is_sent():
+    for bad in (["--timezone", "Mars/Olympus_Mons"], ["--timezone", "Asia"]):
+        refused = opdctl("127.0.0.1:1", "tokens", "list", "--doctor", "DOC001", *bad)
+        assert refused.code == 2 and f"{bad[1]!r} is not an IANA time zone" in refused.err, refused.err
+    from_env = opdctl("127.0.0.1:1", "tokens", "list", "--doctor", "DOC001", OPD_TIMEZONE="India")
+    assert from_env.code == 2 and "'India' is not an IANA time zone" in from_env.err
+
+
+def test_json_keeps_utc_timestamps_whatever_the_hospitals_clock(india: LiveServer, india_doctor: str):
+    token = f"{india_doctor}-20300107-T1"
+    booked = allocate_cli(india, india_doctor, 1, "--time", "14:00", "--json").json()
+    assert booked["token"]["estimated_time"] == "2030-01-07T08:30:00Z"
+    got = ok(india.address, "tokens", "get", token, "--json", "--timezone", "Asia/Dubai").json()
+    assert got["token"]["estimated_time"] == "2030-01-07T08:30:00Z"
+    history = ok(india.address, "events", "--doctor", india_doctor, "--date", DAY, "--json").json()
+    assert {e["occurred_at"] for e in history["events"]} == {"2030-01-07T07:00:00Z"}
 
 
 def test_report_refuses_an_unknown_doctor_and_an_unwritable_file(live: LiveServer, doctor: str,
