@@ -69,15 +69,19 @@ def cells(text: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip().split("  ") if cell.strip()] for line in lines]
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """One server for the module (test clock at 2030-01-07 07:00 UTC); each test makes its own doctors."""
-    with fresh_database(tmp_path_factory.mktemp("opdctl")) as url:
-        server = LiveServer(url)
+def _module_server(tmp_path_factory: pytest.TempPathFactory, folder: str, **settings: str) -> Iterator[LiveServer]:
+    with fresh_database(tmp_path_factory.mktemp(folder)) as url:
+        server = LiveServer(url, **settings)
         try:
             yield server
         finally:
             server.close()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One server for the module (test clock at 2030-01-07 07:00 UTC); each test makes its own doctors."""
+    yield from _module_server(tmp_path_factory, "opdctl")
 
 
 @pytest.fixture
@@ -652,19 +656,12 @@ def test_report_writes_the_days_page_and_sums_up_each_doctor(live: LiveServer, d
                                    "cancellations": 0, "promotions": 0}]
 
 
-def test_report_draws_the_day_on_the_servers_clock(tmp_path: Path):
+def test_report_draws_the_day_on_the_servers_clock(india: LiveServer, india_doctor: str, tmp_path: Path):
     """A hospital in India, whose 14:00 slot is 08:30 UTC, seen from a terminal on UTC: the report asks the server
     for its TIMEZONE and draws the day on the hospital's clock."""
-    with fresh_database(tmp_path) as url:
-        india = LiveServer(url, TIMEZONE="Asia/Kolkata")  # the test clock: 07:00 UTC, 12:30 in India
-        try:
-            doctor = make_doctor(india.stub)
-            make_slots(india.stub, doctor, ("14:00", "15:00", 2))
-            allocate(india.stub, doctor, 1, slot_time="14:00")
-            page = tmp_path / "day.html"
-            ok(india.address, "report", "--date", DAY, "--out", str(page))
-        finally:
-            india.close()
+    allocate(india.stub, india_doctor, 1, slot_time="14:00")
+    page = tmp_path / "day.html"
+    ok(india.address, "report", "--doctor", india_doctor, "--date", DAY, "--out", str(page))
     html = page.read_text()
     assert "times in Asia/Kolkata" in html
     assert sorted(set(re.findall(r">(\d\d:00)</text>", html))) == ["12:00", "13:00", "14:00", "15:00"]  # the axis
@@ -675,12 +672,7 @@ def test_report_draws_the_day_on_the_servers_clock(tmp_path: Path):
 @pytest.fixture(scope="module")
 def india(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """A hospital in India (TIMEZONE Asia/Kolkata) for the module; the test clock's 07:00 UTC is 12:30 there."""
-    with fresh_database(tmp_path_factory.mktemp("opdctl-india")) as url:
-        server = LiveServer(url, TIMEZONE="Asia/Kolkata")
-        try:
-            yield server
-        finally:
-            server.close()
+    yield from _module_server(tmp_path_factory, "opdctl-india", TIMEZONE="Asia/Kolkata")
 
 
 @pytest.fixture
