@@ -36,7 +36,8 @@ class Measurement:
     server_cpu_cores: float  # CPU time of the server process over the measurement's wall time
     client_cpu_cores: float
     server_cpu_ms_per_call: float  # steadier than calls/s when other work shares the machine
-    client_cpu_ms_per_call: float = 0.0  # the bench's own client processes
+    # The bench's client processes; the first is the bench's own, whose thread also drains the server's log lines.
+    client_cpu_ms_per_call: float = 0.0
 
     @classmethod
     def of(cls, kind: str, in_flight: int, seconds: float, result: LoadResult, wall_seconds: float,
