@@ -113,20 +113,26 @@ class Harness:
         }
 
     async def unary(self, method: str, request: bytes, context: FakeContext) -> Any:
-        """One unary call: its answer, or the status code it ended with."""
+        """One unary call: its answer, or the status code it ended with; once its access-log line and metrics,
+        which follow the answer on the loop's next turn, are recorded too."""
         wrapped = await self.pipeline.intercept_service(self._continuation, _Details(method, context.metadata))
         try:
             return await wrapped.unary_unary(request, context)
         except grpc.aio.AbortError:
             return context.status
+        finally:
+            await asyncio.sleep(0)
 
     async def stream(self, request: bytes, context: FakeContext) -> list[Any] | grpc.StatusCode | None:
-        """One WatchQueue stream, read to its end: its items, or the status code it ended with."""
+        """One WatchQueue stream, read to its end: its items, or the status code it ended with (its access-log line
+        and metrics recorded too, as for `unary`)."""
         wrapped = await self.pipeline.intercept_service(self._continuation, _Details(WATCH_QUEUE, context.metadata))
         try:
             return [item async for item in wrapped.unary_stream(request, context)]
         except grpc.aio.AbortError:
             return context.status
+        finally:
+            await asyncio.sleep(0)
 
     async def _continuation(self, details: _Details) -> grpc.RpcMethodHandler:
         return self.handlers[details.method]
