@@ -64,6 +64,7 @@ class KeyRing:
     def __init__(self, keys: list[ApiKey] = ()):
         self.required = bool(keys)
         self._active = {k.key_id: k for k in keys if k.revoked_at is None}
+        self._revoked = {k.key_id for k in keys if k.revoked_at is not None}
 
     def authenticate(self, authorization: str | None) -> Actor:
         """The actor of an `authorization` metadata value, or `Unauthenticated` saying why not."""
@@ -80,5 +81,12 @@ class KeyRing:
                                       key.secret_sha256 if key else _NO_SECRET)
         if key is None or not matches:
             raise Unauthenticated("The API key is unknown, revoked or malformed; ask an administrator for a key "
-                                  "(`opd-grpc keys add`).", "API_KEY_INVALID")
+                                  "(`opd-grpc keys add`).", "API_KEY_INVALID", presented=self._why(match, key))
         return key.actor
+
+    def _why(self, match: re.Match[str] | None, key: ApiKey | None) -> str:
+        """What a refused key was, for the audit log: a desk still sending a revoked key is then found by its id."""
+        if match is None:
+            return ""
+        why = "revoked" if match[1] in self._revoked else "unknown" if key is None else "wrong secret"
+        return f"key {match[1]}, {why}"

@@ -63,8 +63,12 @@ class Unavailable(EngineError):
     """The server is going away: the client retries, elsewhere if it can."""
 
 
+@dataclass
 class Unauthenticated(EngineError):
-    """No API key, or one that is unknown or revoked (SPEC §13)."""
+    """No API key, or one that is unknown or revoked (SPEC §13). `presented` says, for the audit log only (the caller
+    is told no more than the message), which key id a well-formed key named and why it failed."""
+
+    presented: str = ""
 
 
 class PermissionDenied(EngineError):

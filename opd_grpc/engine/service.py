@@ -23,8 +23,8 @@ from opd_grpc.engine.access import ROLES, SYSTEM, Actor, ApiKey, KeyRing, new_ke
 from opd_grpc.engine.audit import CHANGED, AuditEntry, change_entry, denied_entry
 from opd_grpc.engine.clock import Clock
 from opd_grpc.engine.errors import (
-    AlreadyExists, Conflict, EngineError, FailedPrecondition, NotFound, OutOfRange, Unavailable, decode_refusal,
-    encode_refusal, invalid,
+    AlreadyExists, Conflict, EngineError, FailedPrecondition, NotFound, OutOfRange, Unauthenticated, Unavailable,
+    decode_refusal, encode_refusal, invalid,
 )
 from opd_grpc.engine.model import (
     Allocation, CallResult, CapacityChange, DayStats, Doctor, DoctorDay, Patient, QueueEvent, Release, Rules,
@@ -663,9 +663,11 @@ class OPDService:
     @_retried
     def record_denied(self, actor: Actor, method: str, request_id: str, refusal: EngineError) -> None:
         """A call refused for its key or role leaves a trace of its own (it changed nothing else)."""
+        message = refusal.message
+        if isinstance(refusal, Unauthenticated) and refusal.presented:
+            message += f" (presented: {refusal.presented})"
         with self.store.unit_of_work(write=True) as uow:
-            uow.add_audit_entry(denied_entry(actor, method, request_id, self.clock.now(), refusal.reason,
-                                             refusal.message))
+            uow.add_audit_entry(denied_entry(actor, method, request_id, self.clock.now(), refusal.reason, message))
             uow.commit()
 
     @_retried

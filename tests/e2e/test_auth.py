@@ -299,6 +299,17 @@ def test_every_method_answers_every_caller_as_its_role_allows_and_a_refusal_chan
             assert answer == (OK, ""), f"{row.name} as {role}"
 
 
+def test_a_refused_key_leaves_its_id_and_why_in_the_audit_log(keyed):
+    """A desk still sending a revoked key is found by the id its DENIED rows name; the row's key and role stay
+    empty (nobody was authenticated), and the caller is told no more than for any bad key."""
+    last_entry = audit_rows(keyed.url)[-1][0]
+    revoked, unknown = keyed.keys["revoked key"], keyed.keys["unknown key"]
+    assert _list_doctors(keyed.live, bearer(revoked)) == _list_doctors(keyed.live, bearer(unknown)) == UNAUTHENTICATED
+    rows = [(key, role, reason.rpartition(" (presented: ")[2])
+            for _, outcome, key, role, method, reason in audit_rows(keyed.url, last_entry)]
+    assert rows == [("", "", f"key {key_id(revoked)}, revoked)"), ("", "", f"key {key_id(unknown)}, unknown)")]
+
+
 def test_health_and_reflection_answer_without_a_key(keyed):
     channel = keyed.live.channel
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT)

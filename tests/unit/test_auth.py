@@ -61,9 +61,13 @@ def test_other_bookings_are_reception_s_not_triage_s(source):
 
 
 def _refusal(ring: KeyRing, authorization: str | None) -> str:
+    return _refused(ring, authorization).reason
+
+
+def _refused(ring: KeyRing, authorization: str | None) -> Unauthenticated:
     with pytest.raises(Unauthenticated) as refused:
         ring.authenticate(authorization)
-    return refused.value.reason
+    return refused.value
 
 
 def test_a_key_of_the_ring_authenticates_as_its_role():
@@ -99,6 +103,22 @@ def test_the_right_key_id_with_another_secret_is_refused():
     forged = f"opd_{key.key_id}_{other.split('_', 2)[2]}"
     assert forged != text
     assert _refusal(KeyRing([key]), f"Bearer {forged}") == "API_KEY_INVALID"
+
+
+def test_a_refused_key_names_its_id_and_why_for_the_audit_log_but_not_for_the_caller():
+    """A desk still sending a revoked key is found by the id in its DENIED rows; the caller learns no more."""
+    revoked, revoked_text = new_key("desk-1", "reception", NOW)
+    key, text = new_key("ops", "admin", NOW)
+    _, stranger = new_key("ops", "admin", NOW)
+    ring = KeyRing([dataclasses.replace(revoked, revoked_at=NOW), key])
+    forged = f"opd_{key.key_id}_{stranger.split('_', 2)[2]}"
+    presented = {text: _refused(ring, f"Bearer {text}").presented for text in (revoked_text, stranger, forged)}
+    assert presented == {revoked_text: f"key {revoked.key_id}, revoked",
+                         stranger: f"key {stranger.split('_')[1]}, unknown",
+                         forged: f"key {key.key_id}, wrong secret"}
+    assert _refused(ring, "Bearer opd_xyz_abc").presented == "" and _refused(ring, None).presented == ""
+    messages = {_refused(ring, f"Bearer {t}").message for t in (revoked_text, stranger, forged)}
+    assert len(messages) == 1 and key.key_id not in messages.pop()
 
 
 def test_no_authorization_with_keys_is_missing_and_junk_is_invalid():
