@@ -134,7 +134,7 @@ def tokens_allocate(client: OPDClient, args: argparse.Namespace, out: Printer) -
         if error.reason != "PATIENT_ALREADY_HAS_TOKEN":
             raise
         raise Refused(error, _held_token(client, error, args)) from None
-    times, zone = _slot_times(client, args.doctor, args.date), _hospital_zone(client, args, args.doctor, args.date)
+    times, zone = _day_view(client, args, args.doctor, args.date)
     text = [token_line(reply.token, times, zone)]
     if reply.moved_to_later_slot:
         text.append("The slot asked for was full: --flexible moved the patient to a later slot with a free seat.")
@@ -145,16 +145,13 @@ def tokens_allocate(client: OPDClient, args: argparse.Namespace, out: Printer) -
 
 def tokens_get(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
     reply = client.get_token(args.token_id)
-    doctor_id, date = reply.token.doctor_id, reply.token.date
-    out.show(reply, tokens_table([reply.token], _slot_times(client, doctor_id, date),
-                                 _hospital_zone(client, args, doctor_id, date)))
+    out.show(reply, tokens_table([reply.token], *_day_view(client, args, reply.token.doctor_id, reply.token.date)))
 
 
 def tokens_list(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
     tokens = list(client.iter_tokens(args.doctor, args.date))
     out.show(pb.ListTokensResponse(tokens=tokens),
-             tokens_table(tokens, _slot_times(client, args.doctor, args.date),
-                          _hospital_zone(client, args, args.doctor, args.date)) if tokens
+             tokens_table(tokens, *_day_view(client, args, args.doctor, args.date)) if tokens
              else f"{args.doctor} has no tokens on {args.date}.")
 
 
@@ -167,7 +164,7 @@ def checkin(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
 
 def call_next(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
     reply = client.call_next(args.doctor, args.date)
-    times, zone = _slot_times(client, args.doctor, args.date), _hospital_zone(client, args, args.doctor, args.date)
+    times, zone = _day_view(client, args, args.doctor, args.date)
     text = [f"Calling token {reply.token.token_number} ({reply.token.patient.name}): "
             f"{token_line(reply.token, times, zone)}"]
     if reply.HasField("completed_token"):
@@ -181,16 +178,17 @@ def complete(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
 
 
 def cancel(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
-    reply = client.cancel_token(args.token_id, args.reason)
-    times = _slot_times(client, reply.token.doctor_id, reply.token.date)
-    zone = _hospital_zone(client, args, reply.token.doctor_id, reply.token.date)
-    out.show(reply, token_line(reply.token, times, zone), *_promoted(reply.promoted, times, zone))
+    _show_release(client, args, out, client.cancel_token(args.token_id, args.reason))
 
 
 def no_show(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
-    reply = client.mark_no_show(args.token_id)
-    times = _slot_times(client, reply.token.doctor_id, reply.token.date)
-    zone = _hospital_zone(client, args, reply.token.doctor_id, reply.token.date)
+    _show_release(client, args, out, client.mark_no_show(args.token_id))
+
+
+def _show_release(client: OPDClient, args: argparse.Namespace, out: Printer,
+                  reply: pb.CancelTokenResponse | pb.MarkNoShowResponse) -> None:
+    """A token that gave up its seat, and whom its seat went to."""
+    times, zone = _day_view(client, args, reply.token.doctor_id, reply.token.date)
     out.show(reply, token_line(reply.token, times, zone), *_promoted(reply.promoted, times, zone))
 
 
@@ -274,6 +272,12 @@ def _slot_times(client: OPDClient, doctor_id: str, date: str) -> dict[str, str]:
     return {slot.slot_id: slot_time(slot) for slot in client.iter_slots(doctor_id, date)}
 
 
+def _day_view(client: OPDClient, args: argparse.Namespace, doctor_id: str,
+              date: str) -> tuple[dict[str, str], dt.tzinfo]:
+    """What a token line or table of the doctor's day needs: its slots' times, and the clock to show times on."""
+    return _slot_times(client, doctor_id, date), _hospital_zone(client, args, doctor_id, date)
+
+
 def _hospital_zone(client: OPDClient, args: argparse.Namespace, doctor_id: str, date: str) -> dt.tzinfo:
     """The zone times of day are shown in: --timezone, else the hospital's, the server's TIMEZONE as GetStats of the
     doctor's day names it. UTC if the server cannot say, never this terminal's zone, which may be hours off."""
@@ -286,8 +290,7 @@ def _hospital_zone(client: OPDClient, args: argparse.Namespace, doctor_id: str, 
 
 
 def _after(client: OPDClient, args: argparse.Namespace, token: pb.Token) -> str:
-    return token_line(token, _slot_times(client, token.doctor_id, token.date),
-                      _hospital_zone(client, args, token.doctor_id, token.date))
+    return token_line(token, *_day_view(client, args, token.doctor_id, token.date))
 
 
 def _promoted(tokens: list[pb.Token], times: dict[str, str], zone: dt.tzinfo) -> list[str]:
@@ -304,7 +307,7 @@ def _held_token(client: OPDClient, error: OPDError, args: argparse.Namespace) ->
     held = next((t for t in client.iter_tokens(args.doctor, args.date) if t.token_id in error.message), None)
     if held is None:
         return []
-    times, zone = _slot_times(client, args.doctor, args.date), _hospital_zone(client, args, args.doctor, args.date)
+    times, zone = _day_view(client, args, args.doctor, args.date)
     return [f"{held.patient.name} holds {token_line(held, times, zone)}"]
 
 
