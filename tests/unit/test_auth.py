@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
+from pathlib import Path
 
 import pytest
 
@@ -19,12 +21,28 @@ pytestmark = pytest.mark.backend_independent
 NOW = dt.datetime(2030, 1, 7, 7, 0, tzinfo=dt.timezone.utc)
 SERVICES = [pb.DESCRIPTOR.services_by_name["OPDTokenService"],
             test_clock_pb2.DESCRIPTOR.services_by_name["TestClockService"]]
+README = Path(__file__).parents[2] / "README.md"
 
 
 def test_every_method_of_both_services_has_roles_and_nothing_else_does():
     served = {f"/{service.full_name}/{method.name}" for service in SERVICES for method in service.methods}
     assert set(METHOD_ROLES) == served
     assert all(roles and roles <= set(ROLES) for roles in METHOD_ROLES.values())
+
+
+def test_the_readme_role_table_names_every_method_under_exactly_its_roles():
+    """The table under "API keys and roles" is what an administrator hands out keys by: a method missing from it,
+    or under a role that is refused it, sends a desk to the wrong key."""
+    table = README.read_text().split("| role | may call |", 1)[1].split("\n\n", 1)[0]
+    documented: dict[str, set[str]] = {}
+    for row in table.splitlines()[2:]:
+        who, methods = row.strip("|").split("|")
+        roles = set(ROLES) if who.strip().startswith("every role") else set(re.findall(r"`([a-z]+)`", who))
+        for method in re.findall(r"`([A-Z][A-Za-z]+)`", methods):
+            documented.setdefault(method, set()).update(roles)
+    served = {path.rsplit("/", 1)[1]: set(roles) for path, roles in METHOD_ROLES.items()}
+    served["AllocateToken"].add("triage")  # with SOURCE_EMERGENCY: Gate.authorize gives it AllocateEmergency's row
+    assert documented == served
 
 
 @pytest.mark.parametrize("ring", [KeyRing(), KeyRing([new_key("ops", "admin", NOW)[0]])], ids=["no keys", "keys"])
