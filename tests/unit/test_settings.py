@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import re
 from pathlib import Path
 
 import pytest
@@ -10,12 +12,33 @@ import pytest
 from opd_grpc.settings import Settings, SettingsError
 
 pytestmark = pytest.mark.backend_independent
+README = Path(__file__).parents[2] / "README.md"
 
 
 def toml(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "opd.toml"
     path.write_text(text)
     return path
+
+
+def test_the_readme_settings_table_has_every_setting_with_its_default():
+    """An operator sets the server up from that table: a setting missing there, or a default it misstates, is a
+    server that does not do what its settings file seems to say."""
+    table = README.read_text().split("| setting | default | meaning |", 1)[1].split("\n\n", 1)[0]
+    documented = {}
+    for row in table.splitlines()[2:]:
+        names, default = row.strip("|").split("|")[:2]
+        for name in re.findall(r"`([A-Z_]+)`", names):
+            documented[name] = default.strip().strip("`")
+    assert documented == {field.name: _as_in_readme(field.default) for field in dataclasses.fields(Settings)}
+
+
+def _as_in_readme(default: object) -> str:
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, float):
+        return f"{default:g}"
+    return str(default) or "(none)"
 
 
 def test_the_defaults_are_the_specs():
