@@ -171,8 +171,8 @@ class OPDServer:
             log.exception("could not write a denied %s call to the audit log", method)
 
     def _finished(self, method: str, code: grpc.StatusCode, seconds: float, actor: Actor, request_id: str,
-                  peer: str) -> None:
-        observe.log_call(method, code, seconds, actor.key_id, actor.role, request_id, peer)
+                  peer: str, caller_gone: bool) -> None:
+        observe.log_call(method, code, seconds, actor.key_id, actor.role, request_id, peer, caller_gone)
         self.metrics.call_finished(method, code, seconds)
 
     async def _reload_keys(self) -> None:

@@ -71,14 +71,16 @@ def configure_logging(level: int = logging.INFO, stream: IO[str] | None = None) 
 
 
 def log_call(method: str, code: grpc.StatusCode, seconds: float, key_id: str, role: str, request_id: str,
-             peer: str) -> None:
-    """One access-log line per call: method, code, duration_ms, key_id, role, request_id and peer after the
-    formatter's own keys, and nothing from the request beyond its request_id."""
+             peer: str, caller_gone: bool) -> None:
+    """One access-log line per call: method, code, duration_ms, key_id, role, request_id, peer and caller_gone
+    after the formatter's own keys, and nothing from the request beyond its request_id. `code` is what the call
+    did; with `caller_gone` its caller had stopped waiting (deadline or cancel) and saw that instead."""
     duration_ms = round(seconds * 1000, 3)
     access_log.log(logging.ERROR if code in SERVER_FAULTS else logging.INFO,
-                   "%s %s %.3f ms", method, code.name, duration_ms,
+                   "%s %s %.3f ms%s", method, code.name, duration_ms, " (caller gone)" if caller_gone else "",
                    extra={FIELDS: {"method": method, "code": code.name, "duration_ms": duration_ms,
-                                   "key_id": key_id, "role": role, "request_id": request_id, "peer": peer}})
+                                   "key_id": key_id, "role": role, "request_id": request_id, "peer": peer,
+                                   "caller_gone": caller_gone}})
 
 
 class Metrics:

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
+
+# Where an engine call goes that the call's task was cancelled in (its caller left, or the server stopped) and that
+# then ran to its end on its thread: the call pipeline sets it around a unary call's servicer and logs what was done
+# (api/interceptors.py).
+UNHEARD: contextvars.ContextVar[list[asyncio.Future[Any]] | None] = contextvars.ContextVar("opd_unheard",
+                                                                                           default=None)
 
 
 class EngineRunner:
@@ -22,7 +29,21 @@ class EngineRunner:
     async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
         if self.pool is None:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+        running = asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            # A thread cannot be stopped half-way, and its transaction may commit: wait for it, so that the call's
+            # access-log line says what was done, not that nothing was.
+            while not running.done():
+                try:
+                    await asyncio.wait([running])
+                except asyncio.CancelledError:
+                    continue
+            running.exception()  # seen: an error nobody hears of is not then reported as lost by asyncio
+            if (unheard := UNHEARD.get()) is not None:
+                unheard.append(running)
+            raise
 
     def shutdown(self) -> None:
         if self.pool is not None:

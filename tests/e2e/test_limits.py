@@ -8,15 +8,17 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import logging
 import threading
 import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import grpc
 import pytest
+import sqlalchemy
 from prometheus_client.parser import text_string_to_metric_families
 
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
@@ -254,11 +256,11 @@ def test_calls_that_reach_the_server_after_their_deadline_change_nothing_and_ret
         tmp_path: Path):
     """Calls with a deadline of a microsecond: gRPC rounds deadlines to milliseconds, so some are answered,
     some reach the server after their deadline (the call pipeline refuses them: DEADLINE_EXCEEDED in the
-    server's metrics) and some fail at the client while they still run on the server (CANCELLED in the metrics:
-    on PostgreSQL the engine call goes on in its thread and commits). That is legitimate, as a call that started
-    in time finishes its one transaction; so a token may exist for a call that the client saw fail, and we
-    assert only what must hold: the calls the server refused made nothing, and a retry with the same
-    request_id settles every call exactly once."""
+    server's metrics) and some fail at the client while they still run on the server. That is legitimate, as a
+    call that started in time finishes its one transaction; so a token may exist for a call that the client saw
+    fail. What must hold: the server counts as OK exactly the calls that made a token (a commit is never counted
+    CANCELLED), the calls it refused made nothing, and a retry with the same request_id settles every call
+    exactly once."""
     with serving(tmp_path, METRICS_LISTEN="127.0.0.1:0") as live:
         doctor = make_doctor(live.stub)
         make_slots(live.stub, doctor, ("09:00", "12:00", 500))
@@ -271,12 +273,51 @@ def test_calls_that_reach_the_server_after_their_deadline_change_nothing_and_ret
         assert set(counted) <= {"OK", "DEADLINE_EXCEEDED", "CANCELLED"}, counted
         assert counted.get("DEADLINE_EXCEEDED", 0) >= 1, f"no call reached the server late: {counted}"
         made = len(all_tokens(live.stub, doctor))
-        assert seen.count("OK") <= counted.get("OK", 0) <= made <= counted.get("OK", 0) + counted.get("CANCELLED", 0)
+        assert seen.count("OK") <= counted.get("OK", 0) == made, counted
 
         for n in (n for n, result in enumerate(seen) if result != "OK"):
             assert outcome(live.stub.AllocateToken, allocation(doctor, n, request_ids[n]), timeout=10) == "OK"
         tokens = all_tokens(live.stub, doctor)
         assert sorted(t.patient.phone for t in tokens) == sorted(patient(n).phone for n in range(200))
+
+
+def test_a_call_whose_caller_gives_up_while_it_waits_for_the_database_is_logged_as_what_it_did(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """The database is held by someone else for a second; the caller's deadline is 0.3 s. Once the database is
+    free the allocation commits, and its access-log line says OK with caller_gone (not CANCELLED: an operator
+    looking for the token finds the call that made it). A retry with the same request_id gets that token."""
+    request_id = str(uuid.uuid4())
+    with serving(tmp_path) as live, caplog.at_level(logging.INFO, "opd_grpc.access"):
+        doctor = make_doctor(live.stub)
+        make_slots(live.stub, doctor, ("09:00", "12:00", 5))
+        with database_held(live.settings.DATABASE_URL, seconds=1.0):
+            assert outcome(live.stub.AllocateToken, allocation(doctor, 1, request_id), timeout=0.3) == \
+                "DEADLINE_EXCEEDED"
+        deadline = time.monotonic() + 10
+        while not (lines := [r.fields for r in caplog.records if getattr(r, "fields", {}).get("request_id") ==
+                             request_id]):
+            assert time.monotonic() < deadline, "the call was never logged"
+            time.sleep(0.05)
+        (line,) = lines
+        assert (line["method"], line["code"], line["caller_gone"]) == ("AllocateToken", "OK", True), line
+        assert line["duration_ms"] >= 900
+        (token,) = all_tokens(live.stub, doctor)
+        assert live.stub.AllocateToken(allocation(doctor, 1, request_id)).token.token_id == token.token_id
+
+
+@contextlib.contextmanager
+def database_held(url: str, seconds: float) -> Iterator[None]:
+    """Another client holds the write lock (SQLite) or the doctor-days table (PostgreSQL: an allocation locks its
+    day's row first) from entry until `seconds` later, whenever the block ends."""
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.NullPool)
+    conn = engine.connect()
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if url.startswith("sqlite") else "LOCK TABLE doctor_days IN EXCLUSIVE MODE")
+    timer = threading.Timer(seconds, lambda: (conn.rollback(), conn.close(), engine.dispose()))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.join()
 
 
 # ---- MAX_CONCURRENT_CALLS -------------------------------------------------------------------------------------

@@ -90,19 +90,22 @@ def test_configure_logging_replaces_the_root_handlers_so_nothing_is_written_twic
 
 def test_the_access_log_line_has_exactly_the_documented_keys(log_lines):
     log_call("AllocateToken", grpc.StatusCode.NOT_FOUND, 0.0123456, "1a2b3c4d", "reception", "req-7",
-             "ipv4:127.0.0.1:50312")
-    (line,) = lines(log_lines)
-    assert set(line) == {"ts", "level", "logger", "msg", "method", "code", "duration_ms", "key_id", "role",
-                         "request_id", "peer"}
-    assert {k: v for k, v in line.items() if k != "ts"} == {
+             "ipv4:127.0.0.1:50312", False)
+    log_call("AllocateToken", grpc.StatusCode.OK, 2.5, "1a2b3c4d", "reception", "req-8", "ipv4:127.0.0.1:50312", True)
+    refused, unheard = lines(log_lines)
+    assert set(refused) == set(unheard) == {"ts", "level", "logger", "msg", "method", "code", "duration_ms",
+                                            "key_id", "role", "request_id", "peer", "caller_gone"}
+    assert {k: v for k, v in refused.items() if k != "ts"} == {
         "level": "INFO", "logger": "opd_grpc.access", "msg": "AllocateToken NOT_FOUND 12.346 ms",
         "method": "AllocateToken", "code": "NOT_FOUND", "duration_ms": 12.346, "key_id": "1a2b3c4d",
-        "role": "reception", "request_id": "req-7", "peer": "ipv4:127.0.0.1:50312"}
+        "role": "reception", "request_id": "req-7", "peer": "ipv4:127.0.0.1:50312", "caller_gone": False}
+    assert (unheard["msg"], unheard["code"], unheard["caller_gone"]) == (
+        "AllocateToken OK 2500.000 ms (caller gone)", "OK", True)
 
 
 def test_server_faults_are_logged_as_errors_and_refusals_as_info(log_lines):
-    log_call("CallNext", grpc.StatusCode.INTERNAL, 0.5, "", "", "", "ipv6:[::1]:4000")
-    log_call("CallNext", grpc.StatusCode.FAILED_PRECONDITION, 0.001, "", "", "", "ipv6:[::1]:4000")
+    log_call("CallNext", grpc.StatusCode.INTERNAL, 0.5, "", "", "", "ipv6:[::1]:4000", False)
+    log_call("CallNext", grpc.StatusCode.FAILED_PRECONDITION, 0.001, "", "", "", "ipv6:[::1]:4000", False)
     assert [(line["level"], line["code"]) for line in lines(log_lines)] == [("ERROR", "INTERNAL"),
                                                                             ("INFO", "FAILED_PRECONDITION")]
 

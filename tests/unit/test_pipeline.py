@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import threading
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -17,8 +18,10 @@ from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from opd_grpc.api import auth
 from opd_grpc.api.interceptors import CallPipeline
 from opd_grpc.api.limits import RateLimiter, calls_in_flight, watchers
+from opd_grpc.api.runner import EngineRunner
+from opd_grpc.api.status import from_engine_error
 from opd_grpc.engine.access import ANONYMOUS, Actor, ApiKey, KeyRing, new_key
-from opd_grpc.engine.errors import EngineError
+from opd_grpc.engine.errors import EngineError, NotFound
 
 pytestmark = pytest.mark.backend_independent
 
@@ -82,6 +85,7 @@ class Recorded:
 
     denied: list[tuple[Actor, str, str, str]] = field(default_factory=list)  # actor, method, request_id, reason
     finished: list[tuple[str, grpc.StatusCode, Actor, str]] = field(default_factory=list)  # method, code, ...
+    caller_gone: list[bool] = field(default_factory=list)  # for each of `finished`
     ran: list[Actor] = field(default_factory=list)  # the caller, as the handler saw it, each time it ran
 
 
@@ -166,9 +170,10 @@ def harness(keys: tuple[ApiKey, ...] = (), rate: int = 0, calls: int = 10, strea
         seen.denied.append((actor, method, request_id, refusal.reason))
 
     def finished(method: str, code: grpc.StatusCode, seconds: float, actor: Actor, request_id: str,
-                 peer: str) -> None:
+                 peer: str, caller_gone: bool) -> None:
         assert seconds >= 0 and peer == "ipv4:127.0.0.1:40000"
         seen.finished.append((method, code, actor, request_id))
+        seen.caller_gone.append(caller_gone)
 
     limiter = RateLimiter(rate, clock=clock or (lambda: 0.0))
     pipeline = CallPipeline(auth.Gate(KeyRing(list(keys))), limiter, calls_in_flight(calls), watchers(streams),
@@ -403,6 +408,67 @@ def test_a_call_cancelled_while_it_runs_is_counted_once_as_cancelled_and_gives_i
         assert codes(h.seen) == [grpc.StatusCode.CANCELLED]
         h.hold = False
         assert isinstance(await h.unary(GET_DOCTOR, get_doctor(), FakeContext()), pb.GetDoctorResponse)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("engine_answer", ["OK", "NOT_FOUND"])
+def test_a_call_cancelled_while_its_engine_call_runs_on_a_thread_is_logged_with_what_the_engine_did(
+        engine_answer: str):
+    """PostgreSQL: the engine runs on a thread, which a cancel cannot stop, and its transaction commits (or is
+    refused). The call ends once it has, and its line says so with caller_gone, instead of CANCELLED."""
+    async def scenario() -> None:
+        h = harness()
+        runner, running, finish = EngineRunner(threads=1), threading.Event(), threading.Event()
+
+        def engine_call() -> str:
+            running.set()
+            finish.wait(5)
+            if engine_answer == "NOT_FOUND":
+                raise NotFound("No doctor has the id 'D9'.", "DOCTOR_NOT_FOUND")
+            return "committed"
+
+        async def create_doctor(request: pb.CreateDoctorRequest, context: FakeContext) -> pb.CreateDoctorResponse:
+            try:
+                await runner(engine_call)
+            except EngineError as refusal:
+                await context.abort_with_status(from_engine_error(refusal))
+            return pb.CreateDoctorResponse()
+
+        h.handlers[CREATE_DOCTOR] = grpc.unary_unary_rpc_method_handler(
+            create_doctor, request_deserializer=pb.CreateDoctorRequest.FromString)
+        call = asyncio.create_task(h.unary(CREATE_DOCTOR, b"", FakeContext(ADMIN_TEXT)))
+        await asyncio.to_thread(running.wait, 5)
+        call.cancel()  # the caller's deadline passed
+        await asyncio.sleep(0.05)
+        assert not call.done(), "the call ended while its transaction was still running"
+        finish.set()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.sleep(0)
+        assert codes(h.seen) == [grpc.StatusCode[engine_answer]] and h.seen.caller_gone == [True]
+        runner.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_call_that_ends_after_its_deadline_is_logged_with_its_code_and_caller_gone():
+    """SQLite: the engine runs on the event loop, so a deadline that passes meanwhile cancels nothing; the call
+    answers OK to nobody, and its line says so."""
+    async def scenario() -> None:
+        h = harness()
+        h.hold = True
+        context = FakeContext(time_remaining=0.5)
+        call = asyncio.create_task(h.unary(GET_DOCTOR, get_doctor(), context))
+        while not h.seen.ran:
+            await asyncio.sleep(0)
+        context.remaining = -0.01
+        h.release.set()
+        assert isinstance(await call, pb.GetDoctorResponse)
+        assert codes(h.seen) == [OK] and h.seen.caller_gone == [True]
+        assert isinstance(await h.unary(GET_DOCTOR, get_doctor(), FakeContext(time_remaining=0.5)),
+                          pb.GetDoctorResponse)
+        assert h.seen.caller_gone == [True, False]
 
     asyncio.run(scenario())
 
