@@ -275,12 +275,17 @@ def _slot_times(client: OPDClient, doctor_id: str, date: str) -> dict[str, str]:
 def _day_view(client: OPDClient, args: argparse.Namespace, doctor_id: str,
               date: str) -> tuple[dict[str, str], dt.tzinfo]:
     """What a token line or table of the doctor's day needs: its slots' times, and the clock to show times on."""
+    if args.json:  # only the replies are printed: asking for what the text would show is two calls for nothing
+        return {}, dt.timezone.utc
     return _slot_times(client, doctor_id, date), _hospital_zone(client, args, doctor_id, date)
 
 
 def _hospital_zone(client: OPDClient, args: argparse.Namespace, doctor_id: str, date: str) -> dt.tzinfo:
     """The zone times of day are shown in: --timezone, else the hospital's, the server's TIMEZONE as GetStats of the
-    doctor's day names it. UTC if the server cannot say, never this terminal's zone, which may be hours off."""
+    doctor's day names it. UTC if the server cannot say, never this terminal's zone, which may be hours off.
+    With --json, UTC without asking: only the replies are printed, and their times are UTC."""
+    if args.json:
+        return dt.timezone.utc
     if args.timezone:
         return args.timezone
     try:

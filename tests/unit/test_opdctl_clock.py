@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import time
 from typing import Iterator
 
@@ -26,8 +27,8 @@ TOKEN.estimated_time.FromDatetime(dt.datetime(2030, 1, 7, 8, 30, tzinfo=dt.timez
 
 
 class Desk:
-    """A client with one doctor's day, whose GetStats answers `stats` (or raises it); it keeps what GetStats was
-    asked."""
+    """A client with one doctor's day, whose GetStats answers `stats` (or raises it); it keeps what GetStats (and
+    ListSlots) was asked."""
 
     def __init__(self, stats: pb.GetStatsResponse | Exception):
         self.stats = stats
@@ -37,6 +38,7 @@ class Desk:
         return pb.CheckInTokenResponse(token=TOKEN)
 
     def iter_slots(self, doctor_id: str, date: str = "") -> Iterator[pb.Slot]:
+        self.asked.append(("ListSlots", doctor_id))
         return iter([SLOT])
 
     def get_stats(self, date: str, doctor_id: str = "") -> pb.GetStatsResponse:
@@ -73,16 +75,25 @@ def test_times_are_on_the_servers_clock_asked_once_of_the_doctors_day(stats: pb.
                                                                       estimated: str):
     desk = Desk(stats)
     assert run(desk, "checkin", TOKEN.token_id).strip().endswith(f"estimated {estimated}")
-    assert desk.asked == [("2030-01-07", "DOC001")]
+    assert desk.asked == [("ListSlots", "DOC001"), ("2030-01-07", "DOC001")]
 
 
 def test_timezone_flag_is_used_without_asking_the_server():
     desk = Desk(pb.GetStatsResponse(timezone="Asia/Kolkata"))
     assert run(desk, "checkin", TOKEN.token_id, "--timezone", "Asia/Dubai").strip().endswith("estimated 12:30")
-    assert desk.asked == []
+    assert desk.asked == [("ListSlots", "DOC001")]
 
 
 def test_a_command_that_shows_no_time_of_day_does_not_ask():
     desk = Desk(pb.GetStatsResponse(timezone="Asia/Kolkata"))
     assert "14:00-15:00" in run(desk, "slots", "list", "--doctor", "DOC001")
+    assert desk.asked == [("ListSlots", "DOC001")]
+
+
+def test_json_prints_the_reply_alone_and_asks_nothing_more_for_it():
+    """A script reads ids and UTC times from the reply; the slot times and the clock are for the text only."""
+    desk = Desk(pb.GetStatsResponse(timezone="Asia/Kolkata"))
+    printed = json.loads(run(desk, "--json", "checkin", TOKEN.token_id))
+    assert printed["token"]["token_id"] == TOKEN.token_id
+    assert printed["token"]["estimated_time"] == "2030-01-07T08:30:00Z"
     assert desk.asked == []
