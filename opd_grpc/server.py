@@ -35,6 +35,8 @@ from opd_grpc.storage.store import SqlStore
 log = logging.getLogger(__name__)
 
 AUTO_NO_SHOW_INTERVAL_SECONDS = 1.0
+# Health asks the database this often, and counts an answer slower than this as none.
+DATABASE_CHECK_SECONDS = 1.0
 GC_FREEZE_SECONDS = 5.0
 GC_THAW_SECONDS = 600.0
 PRUNE_INTERVAL_SECONDS = 3600.0
@@ -124,6 +126,7 @@ class OPDServer:
         self._background.append(asyncio.create_task(_keep_full_collections_short()))
         self._background.append(asyncio.create_task(self._prune_history()))
         self._background.append(asyncio.create_task(self._reload_keys()))
+        self._background.append(asyncio.create_task(self._watch_database()))
         self._background.append(asyncio.create_task(self.service.events.catch_up_forever(
             lambda key, after, limit: self.run(self.service.events_after, key, after, limit),
             lambda keys: self.run(self.service.last_sequences, keys), self.settings.WATCH_CATCH_UP_SECONDS)))
@@ -183,6 +186,32 @@ class OPDServer:
                 self.gate.keys = await asyncio.to_thread(self.service.key_ring)
             except Exception:
                 log.exception("reloading API keys failed; the keys loaded before stay in force")
+
+    async def _watch_database(self) -> None:
+        """Health follows the database: while this server cannot read it, every call would fail, so health says
+        NOT_SERVING (a load balancer sends the calls to a replica that can) until it answers again. A check that
+        hangs (a lost network) is waited for, not sent again beside it."""
+        answering, pending = True, None
+        while True:
+            await asyncio.sleep(DATABASE_CHECK_SECONDS)
+            if pending is None:
+                pending = asyncio.ensure_future(asyncio.to_thread(self.store.check))
+            done, _ = await asyncio.wait([pending], timeout=DATABASE_CHECK_SECONDS)
+            if done:
+                error, pending = pending.exception(), None
+            else:
+                error = TimeoutError(f"no answer within {DATABASE_CHECK_SECONDS:g} s")
+            if (error is None) == answering:
+                continue
+            answering = error is None
+            for name in ("", OPD_SERVICE):
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if answering
+                                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.metrics.database_answers(answering)
+            if answering:
+                log.info("the database answers again: health is SERVING")
+            else:
+                log.error("the database does not answer (%s): health is NOT_SERVING until it does", error)
 
     async def _auto_no_show(self) -> None:
         """SPEC §6 with AUTO_NO_SHOW: confirmed patients past their grace period are marked no-show."""

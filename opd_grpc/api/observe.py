@@ -16,7 +16,7 @@ from typing import IO, Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -85,7 +85,8 @@ def log_call(method: str, code: grpc.StatusCode, seconds: float, key_id: str, ro
 
 class Metrics:
     """The server's Prometheus metrics: calls and their durations, queue events and allocations as they commit
-    in this process (each replica counts its own), and, read at scrape time, waitlist lengths and watchers."""
+    in this process (each replica counts its own), whether it reads its database, and, read at scrape time,
+    waitlist lengths and watchers."""
 
     def __init__(self, waitlist_lengths: Callable[[], dict[str, int]], watchers: Callable[[], int]):
         self.registry = CollectorRegistry()
@@ -101,6 +102,10 @@ class Metrics:
             "opd_allocations", "Tokens created by this server, by source and outcome (confirmed: holds a seat; "
             'waitlisted). Refused allocations are opd_calls_total{method="AllocateToken",code!="OK"}.',
             ("source", "outcome"), registry=self.registry)
+        self._database_up = Gauge(
+            "opd_database_up", "1 while this server reads its database (health SERVING), 0 while it cannot.",
+            registry=self.registry)
+        self._database_up.set(1)
         self._denials_not_audited = Counter(
             "opd_denied_calls_not_audited", "Calls refused for their key or role that were not written to the "
             "audit log: past AUDITED_DENIALS_PER_PEER from one client address (each has its access-log line).",
@@ -142,6 +147,9 @@ class Metrics:
                                                          self._durations.labels(method))
         children[0].inc()
         children[1].observe(seconds)
+
+    def database_answers(self, answering: bool) -> None:
+        self._database_up.set(int(answering))
 
     def denial_not_audited(self) -> None:
         self._denials_not_audited.inc()

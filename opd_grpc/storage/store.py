@@ -92,16 +92,22 @@ _EVENTS_AFTER = (select(events, tokens.c.source, tokens.c.created_at)
                  .where(*_of_day(events), events.c.sequence > bindparam("after"))
                  .order_by(events.c.sequence).limit(bindparam("limit")))
 _FIRST_EVENT = select(func.min(events.c.sequence)).where(*_of_day(events))
+_ANY_DOCTOR = select(doctors.c.doctor_id).limit(1)
 _KEYS_PER_QUERY = 500
+CONNECT_TIMEOUT_SECONDS = 5
 
 
 class SqlStore:
     def __init__(self, url: str):
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
-        # SQLite takes named parameters (:name) natively, so hot statements run with plain dicts.
-        self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite,
-                                            **({"paramstyle": "named"} if self.is_sqlite else {}))
+        # SQLite takes named parameters (:name) natively, so hot statements run with plain dicts. A database host
+        # that stops answering (a lost network) fails a new connection in CONNECT_TIMEOUT_SECONDS instead of
+        # hanging it (and health's check, server._watch_database) for ever, unless the URL sets connect_timeout.
+        options: dict[str, Any] = {"paramstyle": "named"} if self.is_sqlite else {"pool_pre_ping": True}
+        if not self.is_sqlite and "connect_timeout" not in self.url.query:
+            options["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+        self.engine: Engine = create_engine(url, **options)
         self._writer = threading.Lock() if self.is_sqlite else None
         self._writer_uow: SqlUnitOfWork | None = None
         self._checkpointer: _Checkpointer | None = None
@@ -138,6 +144,11 @@ class SqlStore:
             if self._connection_lost(error) or getattr(cause, "sqlstate", None) in _RACE_SQLSTATES:
                 raise Conflict(str(cause).splitlines()[0] if str(cause) else type(cause).__name__) from error
             raise
+
+    def check(self) -> None:
+        """Reads a table (health): raises if the database does not answer."""
+        with self.engine.connect() as conn:
+            conn.execute(_ANY_DOCTOR)
 
     def _connection_lost(self, error: Exception) -> bool:
         """A dropped connection (a restarted database, a terminated backend), or SQLite's busy timeout."""
