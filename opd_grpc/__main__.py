@@ -14,13 +14,11 @@ import sys
 
 from opd_grpc.api import observe
 from opd_grpc.engine.access import ROLES, Actor
-from opd_grpc.engine.clock import WallClock
 from opd_grpc.engine.errors import EngineError
-from opd_grpc.engine.service import OPDService
+from opd_grpc.offline import offline_service
 from opd_grpc.server import serve
 from opd_grpc.settings import Settings, SettingsError
 from opd_grpc.storage import schema
-from opd_grpc.storage.store import SqlStore
 
 # Who the audit log names for a key made or revoked on the command line: someone with the database's settings.
 OPERATOR = Actor("command", "operator")
@@ -60,10 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _keys(settings: Settings, args: argparse.Namespace) -> None:
-    store = SqlStore(settings.DATABASE_URL)
-    try:
-        schema.prepare(store.engine, migrate=False)
-        service = OPDService(store, WallClock(), settings.rules())
+    with offline_service(settings.DATABASE_URL, settings.rules()) as service:
         if args.action == "add":
             key, text = service.add_key(args.name, args.role, OPERATOR)
             print(f"key {key.key_id} ({key.role}, {key.name}): {text}\n"
@@ -75,8 +70,6 @@ def _keys(settings: Settings, args: argparse.Namespace) -> None:
         else:
             service.revoke_key(args.key_id, OPERATOR)
             print(f"key {args.key_id} revoked; servers refuse it within {settings.API_KEYS_REFRESH_SECONDS:g} s")
-    finally:
-        store.close()
 
 
 if __name__ == "__main__":

@@ -28,9 +28,10 @@ class ServerProcess:
     not passed on, so that the server runs with exactly the settings given.
 
     Without `database`, the server gets a fresh SQLite file in a temporary folder that `stop()` and `kill()`
-    remove. Metrics are served on a free loopback port too (`metrics_address`; "" when the server prints none,
-    e.g. with `settings={"METRICS_LISTEN": ""}`), so that servers side by side never clash. `program` is what
-    `python` runs, e.g. `("-m", "bench.profile_server", OUT)` for a profiled server.
+    remove; `database_url` names the database either way, e.g. to add API keys before `start()`. Metrics are
+    served on a free loopback port too (`metrics_address`; "" when the server prints none, e.g. with
+    `settings={"METRICS_LISTEN": ""}`), so that servers side by side never clash. `program` is what `python` runs,
+    e.g. `("-m", "bench.profile_server", OUT)` for a profiled server.
     The server's stdout and stderr are drained as it runs; the last lines stay in `output`.
     """
 
@@ -39,9 +40,9 @@ class ServerProcess:
         self._folder = tempfile.TemporaryDirectory(prefix="opd-server-") if database is None else None
         if self._folder is not None:
             database = Path(self._folder.name) / "opd.db"
-        url = database if isinstance(database, str) and "://" in database else f"sqlite:///{database}"
+        self.database_url = database if isinstance(database, str) and "://" in database else f"sqlite:///{database}"
         self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("OPD_")},
-                    "PYTHONUNBUFFERED": "1", "OPD_DATABASE_URL": url, "OPD_LISTEN": "127.0.0.1:0",
+                    "PYTHONUNBUFFERED": "1", "OPD_DATABASE_URL": self.database_url, "OPD_LISTEN": "127.0.0.1:0",
                     "OPD_TEST_CLOCK": "1" if test_clock else "0", "OPD_METRICS_LISTEN": "127.0.0.1:0",
                     **{f"OPD_{k}": str(v) for k, v in (settings or {}).items()}}
         self.program = list(program)

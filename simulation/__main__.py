@@ -1,14 +1,30 @@
-"""`python -m simulation [--seed N] [--large] [--boards N] [--address HOST:PORT] [--report PATH]`: play an OPD day
-against a server over gRPC, check SPEC §3 through the API as it goes, write the end-of-day report (an HTML page, see
-`clients.report`), print a summary, and exit 1 if anything was violated (2 if the day could not be played or its
-report not written).
+"""`python -m simulation [--seed N] [--large] [--boards N] [--address HOST:PORT [--keys FILE]] [--report PATH]`:
+play an OPD day against a server over gRPC, check SPEC §3 through the API as it goes, write the end-of-day report
+(an HTML page, see `clients.report`), print a summary, and exit 1 if anything was violated (2 if the day could not
+be played or its report not written).
 
 With `--boards N`, N display boards watch the queues beside the day (see `simulation.boards`); at the end each
 board's picture must equal the server's state, and any difference is a violation.
 
-Without --address it starts `python -m opd_grpc` on a temporary SQLite file and stops it at the end. A server
-given with --address must run with OPD_TEST_CLOCK=1 and the defaults the simulation assumes (TIMEZONE=UTC,
-NO_SHOW_GRACE_PERIOD_MINUTES=15, AUTO_NO_SHOW off).
+The day is played with one API key per role (SPEC §13), each call with the key of the role that may make it:
+admin creates the doctors and slots, changes capacities and moves the test clock; reception books every source
+but emergencies, checks in and cancels; triage books emergencies; doctor calls, completes and marks no-shows;
+display makes the reads (the checks, the boards, the report). A call refused for its key or role is a violation;
+a key refused before the day starts (an unknown one, or an admin key that may not set the clock or open the
+clinic) ends the run with exit code 2, naming its role.
+
+Without --address it starts `python -m opd_grpc` on a temporary SQLite file, after making one key per role in its
+database, and stops it at the end. A server given with --address must run with OPD_TEST_CLOCK=1 and the defaults
+the simulation assumes (TIMEZONE=UTC, NO_SHOW_GRACE_PERIOD_MINUTES=15, AUTO_NO_SHOW off). If its database holds
+keys, --keys FILE gives one per role, as a TOML file:
+
+    admin = "opd_1f2e3d4c_..."
+    reception = "opd_..."
+    triage = "opd_..."
+    doctor = "opd_..."
+    display = "opd_..."   # optional: without it, the reads go with the admin key
+
+Without --keys every call goes without a key, which only a server whose database holds no key accepts.
 """
 
 from __future__ import annotations
@@ -17,19 +33,25 @@ import argparse
 import contextlib
 import datetime as dt
 import sys
+import tomllib
 from pathlib import Path
+from typing import Mapping
 
 import grpc
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from clients.library import OPDClient, OPDError
+from clients.library import OPDError
 from clients.report import write_report
 from opd_grpc._gen.opd.v1 import test_clock_pb2, test_clock_pb2_grpc
+from opd_grpc.engine.access import ROLES, Actor
+from opd_grpc.offline import offline_service
 from opd_grpc.process import ServerFailed, ServerProcess
+from opd_grpc.settings import Settings
 from simulation import report
 from simulation.boards import Boards
-from simulation.play import CALL_TIMEOUT_SECONDS, CannotRun, Day, Outcome
+from simulation.play import (ACCESS_REFUSALS, CALL_TIMEOUT_SECONDS, CHANGING_ROLES, CannotRun, Day, Outcome, refusal,
+                             role_clients)
 from simulation.scenario import LARGE, OPENS_AT, SMALL, DayPlan, build_day
 
 CONNECT_SECONDS = 10.0
@@ -39,6 +61,7 @@ DEFAULT_REPORT = Path("opd-day-report.html")  # in the current directory (.gitig
 # The settings the simulation assumes (SPEC §14 defaults, UTC, no automatic no-shows); the test clock is on.
 SERVER_SETTINGS = {"TIMEZONE": "UTC", "NO_SHOW_GRACE_PERIOD_MINUTES": 15, "AUTO_NO_SHOW": "false",
                    "MAX_WAITLIST_SIZE": 50}
+KEY_MAKER = Actor("simulation", "operator")  # the audit log's "who" for the keys made for the simulation's own server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,21 +72,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--boards", type=int, default=0, metavar="N",
                         help="run N display boards beside the day and check their pictures at the end (default 0)")
     parser.add_argument("--address", help="HOST:PORT of a running server started with OPD_TEST_CLOCK=1")
+    parser.add_argument("--keys", type=Path, metavar="FILE",
+                        help="a TOML file of role = \"key\" lines: the API keys of the server given with --address "
+                             f"(each of {', '.join(CHANGING_ROLES)}; display is optional)")
     parser.add_argument("--report", type=Path, default=DEFAULT_REPORT, metavar="PATH",
                         help=f"where to write the end-of-day report (default {DEFAULT_REPORT})")
     args = parser.parse_args(argv)
     if args.boards < 0:
         parser.error("--boards must be 0 or more")
+    keys: dict[str, str] = {}
+    if args.keys is not None:
+        if not args.address:
+            parser.error("--keys goes with --address: the simulation's own server gets keys it makes itself")
+        try:
+            keys = read_keys(args.keys)
+        except (OSError, ValueError) as error:
+            parser.error(f"--keys {args.keys}: {error}")
     console = Console()
     if not console.is_terminal:
         console = Console(width=WIDTH_WHEN_NOT_A_TERMINAL)
     plan = build_day(args.seed, LARGE if args.large else SMALL)
     try:
         if args.address:
-            outcome = play(plan, args.address, console, args.boards, args.report)
+            outcome = play(plan, args.address, keys, console, args.boards, args.report)
         else:
-            with ServerProcess(settings=SERVER_SETTINGS) as server:
-                outcome = play(plan, server.address, console, args.boards, args.report)
+            server = ServerProcess(settings=SERVER_SETTINGS)
+            keys = add_keys(server.database_url)  # before it starts, so that it requires them from its first call
+            with server:
+                outcome = play(plan, server.address, keys, console, args.boards, args.report)
     except (CannotRun, ServerFailed) as error:
         console.print(f"[red]simulation: {error}[/red]")
         return 2
@@ -71,23 +107,48 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if outcome.violations else 2 if outcome.report_error else 0
 
 
-def play(plan: DayPlan, address: str, console: Console, board_count: int = 0,
+def read_keys(path: Path) -> dict[str, str]:
+    """The --keys file's role → key table; a ValueError names an unknown role, a missing one, or a key that is empty
+    or not a string."""
+    with path.open("rb") as file:
+        keys = tomllib.load(file)
+    unknown = [role for role in keys if role not in ROLES]
+    if unknown:
+        raise ValueError(f"unknown role {', '.join(map(repr, unknown))}; the roles are {', '.join(ROLES)}")
+    missing = [role for role in CHANGING_ROLES if role not in keys]
+    if missing:
+        raise ValueError(f"no key for the role {', '.join(missing)}; each of {', '.join(CHANGING_ROLES)} needs one")
+    not_keys = [role for role, key in keys.items() if not isinstance(key, str) or not key.strip()]
+    if not_keys:
+        raise ValueError(f"the key of {', '.join(not_keys)} is empty or not a string")
+    return keys
+
+
+def add_keys(database_url: str) -> dict[str, str]:
+    """One key per role in the database, made as `opd-grpc keys add` makes them: role → key."""
+    with offline_service(database_url, Settings().rules()) as service:
+        return {role: service.add_key(f"simulation {role}", role, KEY_MAKER)[1] for role in ROLES}
+
+
+def play(plan: DayPlan, address: str, keys: Mapping[str, str], console: Console, board_count: int = 0,
          report_path: Path | None = None) -> Outcome:
-    """Plays the day; with `report_path`, then writes the end-of-day report there."""
+    """Plays the day with a client per role presenting `keys` (role → key; none for a server without keys), each
+    key first tried with GetTime (open to every role) so that a refused one stops the run naming its role; with
+    `report_path`, then writes the end-of-day report there."""
     with grpc.insecure_channel(address) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=CONNECT_SECONDS)
         except grpc.FutureTimeoutError:
             raise CannotRun(f"no server answers at {address}") from None
         clock = test_clock_pb2_grpc.TestClockServiceStub(channel)
-        try:
-            clock.GetTime(test_clock_pb2.GetTimeRequest(), timeout=CONNECT_SECONDS)
-        except grpc.RpcError as error:
-            raise CannotRun(f"the server at {address} has no test clock ({error.code().name}); "
-                            "start it with OPD_TEST_CLOCK=1") from None
-        client = OPDClient(channel=channel, timeout=CALL_TIMEOUT_SECONDS)
-        day = Day(plan, client, clock)
-        boards = Boards(client, plan, board_count, day.date) if board_count else None
+        clients = role_clients(channel, keys, CALL_TIMEOUT_SECONDS)
+        for role, client in clients.items():
+            try:
+                clock.GetTime(test_clock_pb2.GetTimeRequest(), timeout=CONNECT_SECONDS, metadata=client.metadata)
+            except grpc.RpcError as error:
+                raise CannotRun(_will_not_play(address, role, keys, OPDError.from_rpc_error(error))) from None
+        day = Day(plan, clients, clock)
+        boards = Boards(clients["display"], plan, board_count, day.date) if board_count else None
         if boards is not None:
             day.on_open, day.on_minute = boards.open, boards.minute
         with boards or contextlib.nullcontext():
@@ -99,10 +160,20 @@ def play(plan: DayPlan, address: str, console: Console, board_count: int = 0,
         if report_path is not None:
             outcome.report_path = report_path
             try:
-                outcome.report = write_report(client, day.date, outcome.doctors, report_path)
+                outcome.report = write_report(clients["display"], day.date, outcome.doctors, report_path)
             except (OPDError, OSError) as error:
                 outcome.report_error = str(error)
         return outcome
+
+
+def _will_not_play(address: str, role: str, keys: Mapping[str, str], error: OPDError) -> str:
+    """Why the server at `address` cannot play the day, from its answer to `role`'s first call (GetTime)."""
+    if error.code is grpc.StatusCode.UNAUTHENTICATED and not keys:
+        return (f"the server at {address} requires API keys (SPEC §13); give one per role with --keys FILE "
+                f"[{error}]")
+    if error.code in ACCESS_REFUSALS:
+        return refusal("GetTime", role, error)
+    return f"the server at {address} has no test clock ({error.code.name}); start it with OPD_TEST_CLOCK=1"
 
 
 def _run_with_progress(day: Day, console: Console) -> Outcome:

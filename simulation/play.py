@@ -5,6 +5,10 @@ cancellations, check-ins of patients who are there, the desk's no-show marks, an
 CompleteToken. Every answer goes into the ledger, the server's choices (bump victim, promoted heads, the called
 patient) are compared with what SPEC §5–7 say, and SPEC §3 is checked through the API after each step (or, with
 `check_every_minutes`, after each batch of minutes).
+
+Each call goes through the client of the role that SPEC §13 gives it, presenting that role's key: a call refused
+for its key or role is a violation like any other unexpected refusal, and the admin's refused clock or clinic
+stops the day (`CannotRun`).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
+import grpc
 from google.protobuf import timestamp_pb2
 
 from clients.library import OPDClient, OPDError
@@ -56,10 +61,28 @@ EVENTS = {
     "queue_empty": "CallNext on an empty queue",
     "turned_away": "turned away (waitlist full or slot closed)",
 }
+# The roles that change the day (SPEC §13), each with a key of its own; `display` reads, and so may any role.
+CHANGING_ROLES = ("admin", "reception", "triage", "doctor")
+ACCESS_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 class CannotRun(Exception):
-    """The day cannot be played: no suitable server, or it refused to set up the clinic."""
+    """The day cannot be played: no suitable server, or it refused to set up the clinic or move its clock."""
+
+
+def role_clients(channel: grpc.Channel, keys: Mapping[str, str], timeout: float) -> dict[str, OPDClient]:
+    """A client per role on the one `channel`, each presenting its role's key (none without keys: a development
+    server). Without a display key, `display` reads with the admin key."""
+    clients = {role: OPDClient(channel=channel, timeout=timeout, api_key=keys.get(role)) for role in CHANGING_ROLES}
+    clients["display"] = OPDClient(channel=channel, timeout=timeout, api_key=keys.get("display", keys.get("admin")))
+    return clients
+
+
+def refusal(what: str, role: str, error: OPDError) -> str:
+    """A refused call as the summary says it; one refused for its key or role (SPEC §13) names the role."""
+    if error.code in ACCESS_REFUSALS:
+        return f"{what}: the {role} key was refused: {error}"
+    return f"{what}: refused {error.code.name} {error.reason} ({error.message})"
 
 
 @dataclass(frozen=True)
@@ -74,6 +97,11 @@ class Allocation:
     preferred_slot_time: str
     flexible: bool
     request_id: str
+
+    @property
+    def role(self) -> str:
+        """Who books it (SPEC §13): triage an emergency, through either call; reception every other source."""
+        return "triage" if self.source == pb.SOURCE_EMERGENCY else "reception"
 
     @property
     def about(self) -> str:
@@ -136,7 +164,7 @@ class Outcome:
 @dataclass
 class Day:
     plan: DayPlan
-    client: OPDClient
+    clients: dict[str, OPDClient]  # by role, see `role_clients`
     clock: test_clock_pb2_grpc.TestClockServiceStub
     check_every_minutes: int = 0  # 0: after every step
     on_open: Callable[[list[str]], None] = lambda doctor_ids: None  # the doctors exist, the day is about to start
@@ -178,7 +206,7 @@ class Day:
         self._check()
         stats = {}
         for doctor in self.doctors:
-            answer = self._read(partial(self.client.get_stats, self.date, doctor.doctor_id))
+            answer = self._read(partial(self.clients["display"].get_stats, self.date, doctor.doctor_id))
             if len(answer.stats) != 1:
                 self._violation(f"{doctor.doctor_id}: GetStats answered {len(answer.stats)} entries, not 1")
                 continue
@@ -216,20 +244,23 @@ class Day:
 
     def _open_clinic(self) -> None:
         for plan in self.plan.doctors:
-            created = self._step(f"CreateDoctor {plan.name}", partial(
-                self.client.create_doctor, plan.name, plan.specialization, request_id=self._request_id()))
+            what = f"CreateDoctor {plan.name}"
+            created = self._step("admin", what, partial(OPDClient.create_doctor, name=plan.name,
+                                                        specialization=plan.specialization,
+                                                        request_id=self._request_id()))
             if isinstance(created, OPDError):
-                raise CannotRun(f"cannot create doctor {plan.name}: {created.message}")
+                raise CannotRun(refusal(what, "admin", created))
             doctor = created.doctor
             self.tally[doctor.doctor_id] = Counter()
             specs = [pb.SlotSpec(date=self.date, start_time=s.start_time, end_time=s.end_time,
                                  max_capacity=s.capacity, consultation_minutes=s.consultation_minutes)
                      for s in plan.slots]
-            answer = self._step(f"CreateSlots {doctor.doctor_id}", partial(
-                self.client.create_slots, doctor.doctor_id, specs, request_id=self._request_id()),
-                on_answer=lambda a: [self.ledger.add_slot(s) for s in a.slots])
+            what = f"CreateSlots {doctor.doctor_id}"
+            answer = self._step("admin", what, partial(OPDClient.create_slots, doctor_id=doctor.doctor_id,
+                                                       slots=specs, request_id=self._request_id()),
+                                on_answer=lambda a: [self.ledger.add_slot(s) for s in a.slots])
             if isinstance(answer, OPDError):
-                raise CannotRun(f"cannot create the slots of {doctor.doctor_id}: {answer.message}")
+                raise CannotRun(refusal(what, "admin", answer))
             self.doctors.append(DoctorAtWork(doctor.doctor_id, plan.slots[0].starts_at,
                                              plan.slots[0].consultation_minutes))
 
@@ -263,7 +294,7 @@ class Day:
 
     def _allocate(self, request: Allocation, on_answer: Callable[[Any], None] | None = None, expect: str = "",
                   accept: set[str] | frozenset[str] = frozenset()) -> Any:
-        return self._step(request.about, partial(request.send, self.client), on_answer, expect, accept)
+        return self._step(request.role, request.about, request.send, on_answer, expect, accept)
 
     def _all_closed(self, doctor_id: str, preferred: str) -> bool:
         """SPEC §4: the asked slot, or without one every slot of the day, has ended."""
@@ -325,10 +356,11 @@ class Day:
         if record.status not in ACTIVE or record.status == pb.STATUS_CALLED:
             return
         reason = "left the queue" if record.status == pb.STATUS_CHECKED_IN else "patient cancelled"
-        cancel = partial(self.client.cancel_token, visit.token_id, reason, request_id=self._request_id())
-        answer = self._release(f"CancelToken {visit.token_id}", cancel, record, "promoted_on_cancel")
+        cancel = partial(OPDClient.cancel_token, token_id=visit.token_id, reason=reason,
+                         request_id=self._request_id())
+        answer = self._release("reception", f"CancelToken {visit.token_id}", cancel, record, "promoted_on_cancel")
         if visit.plan.cancel_sent_twice and not isinstance(answer, OPDError):
-            again = self._step(f"CancelToken {visit.token_id}", cancel)
+            again = self._step("reception", f"CancelToken {visit.token_id}", cancel)
             if again == answer:
                 self.tally[visit.doctor_id]["retries_replayed"] += 1
             else:
@@ -345,8 +377,8 @@ class Day:
             return
         early = self.now < eta + NO_SHOW_GRACE
         visit.no_show_tried_early |= early
-        answer = self._release(f"MarkNoShow {visit.token_id}",
-                               partial(self.client.mark_no_show, visit.token_id, request_id=self._request_id()),
+        answer = self._release("doctor", f"MarkNoShow {visit.token_id}",
+                               partial(OPDClient.mark_no_show, token_id=visit.token_id, request_id=self._request_id()),
                                self.ledger.tokens[visit.token_id], "promoted_on_no_show",
                                expect="GRACE_PERIOD_NOT_ELAPSED" if early else "")
         if isinstance(answer, OPDError):
@@ -354,7 +386,7 @@ class Day:
         else:
             self.tally[visit.doctor_id]["no_shows"] += 1
 
-    def _release(self, what: str, call: Callable[[], Any], record: TokenRecord, counter: str,
+    def _release(self, role: str, what: str, call: Callable[[OPDClient], Any], record: TokenRecord, counter: str,
                  expect: str = "") -> Any:
         """A cancel or no-show: a freed seat must go to the slot's waitlist head (SPEC §6)."""
         heads = self.ledger.waitlist(record.slot_id)[:1] if record.status in SEAT_HOLDING else []
@@ -368,7 +400,7 @@ class Day:
                 self._absorb(promoted)
             self.tally[record.doctor_id][counter] += len(answer.promoted)
 
-        return self._step(what, call, released, expect=expect)
+        return self._step(role, what, call, released, expect=expect)
 
     def _change_capacity(self, doctor_index: int, slot_index: int, extra: int) -> None:
         """Raises a slot's capacity (the waitlist heads take the new seats), then tries to cut it below its
@@ -387,21 +419,22 @@ class Day:
                 self._absorb(promoted)
             self.tally[doctor_id]["promoted_on_capacity_raise"] += len(answer.promoted)
 
-        self._step(f"UpdateSlotCapacity {slot.slot_id}", partial(
-            self.client.update_slot_capacity, slot.slot_id, slot.max_capacity + extra, request_id=self._request_id()),
-            raised)
+        self._step("admin", f"UpdateSlotCapacity {slot.slot_id}", partial(
+            OPDClient.update_slot_capacity, slot_id=slot.slot_id, max_capacity=slot.max_capacity + extra,
+            request_id=self._request_id()), raised)
         holders = self.ledger.seat_holders(slot.slot_id)
         if holders > 1:
-            answer = self._step(f"UpdateSlotCapacity {slot.slot_id}", partial(
-                self.client.update_slot_capacity, slot.slot_id, holders - 1, request_id=self._request_id()),
+            answer = self._step("admin", f"UpdateSlotCapacity {slot.slot_id}", partial(
+                OPDClient.update_slot_capacity, slot_id=slot.slot_id, max_capacity=holders - 1,
+                request_id=self._request_id()),
                 lambda a: self.ledger.add_slot(a.slot), expect="CAPACITY_BELOW_SEAT_HOLDERS")
             self.tally[doctor_id]["capacity_cut_refused"] += isinstance(answer, OPDError)
 
     # ---- the clinic -------------------------------------------------------------------------------
 
     def _check_in(self, visit: Visit) -> None:
-        self._step(f"CheckInToken {visit.token_id}",
-                   partial(self.client.check_in_token, visit.token_id, request_id=self._request_id()),
+        self._step("reception", f"CheckInToken {visit.token_id}",
+                   partial(OPDClient.check_in_token, token_id=visit.token_id, request_id=self._request_id()),
                    lambda a: self._absorb(a.token))
         self.doctors[visit.plan.doctor].told_queue_empty = False
 
@@ -417,7 +450,7 @@ class Day:
                 self._complete(doctor)
             if not doctor.told_queue_empty:
                 doctor.told_queue_empty = True
-                self._step(f"CallNext {doctor.doctor_id}", self._call_next(doctor),
+                self._step("doctor", f"CallNext {doctor.doctor_id}", self._call_next(doctor),
                            lambda a: self._absorb(a.token), expect="QUEUE_EMPTY")
                 self.tally[doctor.doctor_id]["queue_empty"] += 1
             return
@@ -440,35 +473,35 @@ class Day:
             doctor.busy_until = self.now + length * MINUTE
             doctor.completes_by_calling_next = self.rng.random() < COMPLETES_BY_CALLING_NEXT
 
-        answer = self._step(f"CallNext {doctor.doctor_id}", self._call_next(doctor), called)
+        answer = self._step("doctor", f"CallNext {doctor.doctor_id}", self._call_next(doctor), called)
         if isinstance(answer, OPDError):
             doctor.current = ""  # the server disagrees with the ledger, which the checks report
 
-    def _call_next(self, doctor: DoctorAtWork) -> Callable[[], pb.CallNextResponse]:
-        return partial(self.client.call_next, doctor.doctor_id, self.date, request_id=self._request_id())
+    def _call_next(self, doctor: DoctorAtWork) -> Callable[[OPDClient], pb.CallNextResponse]:
+        return partial(OPDClient.call_next, doctor_id=doctor.doctor_id, date=self.date, request_id=self._request_id())
 
     def _complete(self, doctor: DoctorAtWork) -> None:
-        self._step(f"CompleteToken {doctor.current}",
-                   partial(self.client.complete_token, doctor.current, request_id=self._request_id()),
+        self._step("doctor", f"CompleteToken {doctor.current}",
+                   partial(OPDClient.complete_token, token_id=doctor.current, request_id=self._request_id()),
                    lambda a: self._absorb(a.token))
         doctor.current = ""
 
     # ---- calls, checks and bookkeeping ----------------------------------------------------------------
 
-    def _step(self, what: str, call: Callable[[], Any], on_answer: Callable[[Any], None] | None = None,
-              expect: str = "", accept: set[str] | frozenset[str] = frozenset()) -> Any:
-        """One call that may change state (`what` names the call and what it is about): its answer goes to
-        `on_answer`, then (per step) SPEC §3 is checked. A refusal is answered as the `OPDError`; `expect` names
-        the refusal reason SPEC requires, `accept` refusals that may happen."""
+    def _step(self, role: str, what: str, call: Callable[[OPDClient], Any],
+              on_answer: Callable[[Any], None] | None = None, expect: str = "",
+              accept: set[str] | frozenset[str] = frozenset()) -> Any:
+        """One call that may change state, made with `role`'s client (`what` names the call and what it is
+        about): its answer goes to `on_answer`, then (per step) SPEC §3 is checked. A refusal is answered as the
+        `OPDError`; `expect` names the refusal reason SPEC requires, `accept` refusals that may happen."""
         answer: Any
         self.calls += 1
         try:
-            answer = call()
-        except OPDError as refusal:
-            answer = refusal
-            if refusal.reason != expect and refusal.reason not in accept:
-                self._violation(f"{what}: refused {refusal.code.name} {refusal.reason} "
-                                f"({refusal.message}){f', expected {expect}' if expect else ''}")
+            answer = call(self.clients[role])
+        except OPDError as error:
+            answer = error
+            if error.reason != expect and error.reason not in accept:
+                self._violation(refusal(what, role, error) + (f", expected {expect}" if expect else ""))
         else:
             if expect:
                 self._violation(f"{what}: answered OK, SPEC says {expect}")
@@ -486,7 +519,7 @@ class Day:
     def _check(self) -> None:
         """SPEC §3 through the API, for every doctor of the day, against the ledger of answers."""
         for doctor in self.doctors:
-            day = checks.fetch_day(self.client, doctor.doctor_id, self.date)
+            day = checks.fetch_day(self.clients["display"], doctor.doctor_id, self.date)
             self.calls += 1 + len(day.slots) + max(1, -(-len(day.tokens) // checks.PAGE_SIZE))
             for problem in checks.invariant_violations(day) + checks.answer_violations(day, self.ledger):
                 self._violation(problem)
@@ -514,9 +547,14 @@ class Day:
         return str(uuid.uuid4())
 
     def _set_clock(self, now: dt.datetime) -> None:
+        """Moves the test clock with the admin's key; the day cannot go on if it does not move."""
         stamp = timestamp_pb2.Timestamp()
         stamp.FromDatetime(now)
-        self._read(partial(self.clock.SetTime, test_clock_pb2.SetTimeRequest(time=stamp), timeout=CALL_TIMEOUT_SECONDS))
+        try:
+            self._read(partial(self.clock.SetTime, test_clock_pb2.SetTimeRequest(time=stamp),
+                               timeout=CALL_TIMEOUT_SECONDS, metadata=self.clients["admin"].metadata))
+        except grpc.RpcError as error:
+            raise CannotRun(refusal(f"SetTime {now:%H:%M}", "admin", OPDError.from_rpc_error(error))) from None
         self.now = now
 
 

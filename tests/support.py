@@ -23,11 +23,8 @@ from opd_grpc._gen.opd.v1 import opd_pb2_grpc, test_clock_pb2, test_clock_pb2_gr
 from opd_grpc.api.convert import timestamp
 from opd_grpc.server import OPDServer
 from opd_grpc.engine.access import Actor
-from opd_grpc.engine.clock import WallClock
-from opd_grpc.engine.service import OPDService
+from opd_grpc.offline import offline_service
 from opd_grpc.settings import Settings
-from opd_grpc.storage import schema
-from opd_grpc.storage.store import SqlStore
 
 KEY_MAKER = Actor("tests", "operator")  # the audit log's "who" for keys the tests make
 DAY = "2030-01-07"  # a Monday, far from the wall clock
@@ -114,20 +111,13 @@ class LiveServer:
 
 def add_key(database_url: str, role: str, name: str = "test key") -> str:
     """A new API key with `role` in the database (as `opd-grpc keys add` makes one); answers its text."""
-    store = SqlStore(database_url)
-    try:
-        schema.prepare(store.engine, migrate=False)
-        return OPDService(store, WallClock(), Settings().rules()).add_key(name, role, KEY_MAKER)[1]
-    finally:
-        store.close()
+    with offline_service(database_url, Settings().rules()) as service:
+        return service.add_key(name, role, KEY_MAKER)[1]
 
 
 def revoke_key(database_url: str, key: str) -> None:
-    store = SqlStore(database_url)
-    try:
-        OPDService(store, WallClock(), Settings().rules()).revoke_key(key.split("_")[1], KEY_MAKER)
-    finally:
-        store.close()
+    with offline_service(database_url, Settings().rules()) as service:
+        service.revoke_key(key.split("_")[1], KEY_MAKER)
 
 
 def bearer(key: str) -> tuple[tuple[str, str], ...]:

@@ -1,5 +1,8 @@
-"""`make sim`: the simulated OPD day runs clean against a real server process (with display boards beside it too),
-and its checks can fail."""
+"""`make sim`: the simulated OPD day runs clean against a real server process through a key per role (with display
+boards beside it too), a keyed server given with --address plays with the keys of --keys, and its checks can fail.
+
+The tests whose server runs on the suite's database (`fresh_database`) run on PostgreSQL too; the others bring
+their own SQLite file or need no server."""
 
 from __future__ import annotations
 
@@ -8,27 +11,37 @@ import datetime as dt
 import re
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
+import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
 from clients import board as board_module
 from clients.board import BoardState
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
+from opd_grpc._gen.opd.v1 import opd_pb2_grpc
 from opd_grpc.engine import model
+from opd_grpc.engine.access import ROLES
+from opd_grpc.process import ServerProcess
 from simulation import __main__ as cli
 from simulation.boards import Board, BoardPlan, board_mismatches
 from simulation.checks import DayState, answer_violations, invariant_violations
 from simulation.ledger import Ledger
 from simulation.scenario import SMALL
-from tests.support import LiveServer
-
-pytestmark = pytest.mark.backend_independent
+from tests.support import LiveServer, add_key, bearer, fresh_database
 
 ROOT = Path(__file__).resolve().parents[2]
 DATE = "2030-01-07"
+# The roles in the audit log of the seed-7 day, by call (SPEC §13): the keys of the simulation's own server are
+# made by its "operator", and triage books emergencies through AllocateToken too (SOURCE_EMERGENCY).
+ROLES_BY_CALL = {
+    "AddApiKey": {"operator"}, "CreateDoctor": {"admin"}, "CreateSlots": {"admin"}, "UpdateSlotCapacity": {"admin"},
+    "AllocateToken": {"reception", "triage"}, "AllocateEmergency": {"triage"}, "CheckInToken": {"reception"},
+    "CancelToken": {"reception"}, "CallNext": {"doctor"}, "CompleteToken": {"doctor"}, "MarkNoShow": {"doctor"},
+}
 
 
 def event_count(summary: str, label: str) -> int:
@@ -39,6 +52,7 @@ def event_count(summary: str, label: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.backend_independent
 def test_the_seed_7_day_has_waitlists_promotions_and_bumps_and_no_violation(tmp_path: Path) -> None:
     report = tmp_path / "day.html"
     completed = subprocess.run([sys.executable, "-m", "simulation", "--seed", "7", "--report", str(report)], cwd=ROOT,
@@ -54,13 +68,38 @@ def test_the_seed_7_day_has_waitlists_promotions_and_bumps_and_no_violation(tmp_
     assert f"day report: {report}" in summary and report.read_text().startswith("<!DOCTYPE html>")
 
 
-@pytest.mark.slow
-def test_boards_beside_the_day_end_showing_what_the_server_says_and_one_of_them_resumed(tmp_path: Path) -> None:
-    completed = subprocess.run([sys.executable, "-m", "simulation", "--seed", "7", "--boards", "3", "--report",
-                                str(tmp_path / "day.html")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    summary = completed.stdout
+def audit_log(address: str, admin_key: str) -> list[pb.AuditEntry]:
+    """Every row of the server's audit log, read with the admin key."""
+    entries: list[pb.AuditEntry] = []
+    page_token = ""
+    with grpc.insecure_channel(address) as channel:
+        stub = opd_pb2_grpc.OPDTokenServiceStub(channel)
+        while True:
+            page = stub.ListAuditEntries(pb.ListAuditEntriesRequest(page_size=500, page_token=page_token),
+                                         metadata=bearer(admin_key))
+            entries += page.entries
+            if not (page_token := page.next_page_token):
+                return entries
 
-    assert completed.returncode == 0, summary + completed.stderr
+
+@pytest.mark.slow
+@pytest.mark.backend_independent
+def test_make_sim_plays_through_a_key_per_role_and_its_boards_end_showing_what_the_server_says(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    audit: list[pb.AuditEntry] = []
+    play = cli.play
+
+    def play_then_read_the_audit_log(plan: Any, address: str, keys: dict[str, str], *args: Any) -> Any:
+        outcome = play(plan, address, keys, *args)
+        audit.extend(audit_log(address, keys["admin"]))  # before the simulation stops its server
+        return outcome
+
+    monkeypatch.setattr(cli, "play", play_then_read_the_audit_log)
+
+    code = cli.main(["--seed", "7", "--boards", "3", "--report", str(tmp_path / "day.html")])  # as `make sim`
+
+    summary = capsys.readouterr().out
+    assert code == 0, summary
     assert summary.rstrip().splitlines()[-1] == "violations: 0"
     line = re.search(r"^boards: 3 \(.*\); events received (\d+) / (\d+) / (\d+); resumes (\d+), reconnects \d+; "
                      r"mismatches (\d+)$", summary, re.MULTILINE)
@@ -68,8 +107,14 @@ def test_boards_beside_the_day_end_showing_what_the_server_says_and_one_of_them_
     assert all(int(line[n]) > 0 for n in (1, 2, 3)), line[0]
     assert int(line[4]) >= 1, line[0]
     assert line[5] == "0", line[0]
+    roles_by_call = defaultdict(set)
+    for entry in audit:
+        roles_by_call[entry.method].add(entry.role)
+    assert roles_by_call == ROLES_BY_CALL
+    assert {entry.outcome for entry in audit} == {pb.AUDIT_OUTCOME_CHANGED}  # nothing denied
 
 
+@pytest.mark.backend_independent
 def test_the_simulation_exits_1_and_names_the_violations_when_freed_seats_are_not_given_away(
         live: LiveServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     monkeypatch.setattr(model.DoctorDay, "_fill_seats", lambda self, slot, now, caused_by: [])  # a broken §6
@@ -84,6 +129,92 @@ def test_the_simulation_exits_1_and_names_the_violations_when_freed_seats_are_no
     assert "violations: 0" not in out
 
 
+# ---- keys given with --keys ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def keyed_server(tmp_path: Path) -> Iterator[tuple[ServerProcess, dict[str, str]]]:
+    """`python -m opd_grpc` with the simulation's settings on a database holding a key per role, and the keys."""
+    with fresh_database(tmp_path) as url:
+        keys = {role: add_key(url, role) for role in ROLES}
+        with ServerProcess(url, settings=cli.SERVER_SETTINGS) as server:
+            yield server, keys
+
+
+def keys_file(folder: Path, keys: dict[str, str]) -> Path:
+    path = folder / "keys.toml"
+    path.write_text("".join(f'{role} = "{key}"\n' for role, key in keys.items()))
+    return path
+
+
+def one_line(out: str) -> str:
+    """The summary with rich's line wrapping undone."""
+    return " ".join(out.split())
+
+
+def test_a_keyed_server_plays_the_day_clean_with_the_keys_file_without_a_display_key(
+        keyed_server: tuple[ServerProcess, dict[str, str]], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    server, keys = keyed_server
+    del keys["display"]  # optional: the reads go with the admin key
+    monkeypatch.setattr(cli, "SMALL", dataclasses.replace(SMALL, doctors=1))
+
+    code = cli.main(["--seed", "7", "--address", server.address, "--keys", str(keys_file(tmp_path, keys)),
+                     "--report", str(tmp_path / "day.html")])
+
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.rstrip().splitlines()[-1] == "violations: 0"
+
+
+def test_a_keyed_server_without_the_keys_file_is_refused_before_the_day_with_exit_2(
+        keyed_server: tuple[ServerProcess, dict[str, str]], capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    server, _ = keyed_server
+
+    code = cli.main(["--seed", "7", "--address", server.address, "--report", str(tmp_path / "day.html")])
+
+    out = one_line(capsys.readouterr().out)
+    assert code == 2, out
+    assert f"simulation: the server at {server.address} requires API keys (SPEC §13); give one per role with " \
+           "--keys FILE [UNAUTHENTICATED (API_KEY_MISSING)" in out, out
+
+
+def test_a_key_under_the_wrong_role_is_a_violation_naming_the_call_and_the_role(
+        keyed_server: tuple[ServerProcess, dict[str, str]], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    server, keys = keyed_server
+    keys["triage"] = keys["reception"]  # the day's one doctor has an emergency through each call
+    monkeypatch.setattr(cli, "SMALL", dataclasses.replace(SMALL, doctors=1))
+
+    code = cli.main(["--seed", "7", "--address", server.address, "--keys", str(keys_file(tmp_path, keys)),
+                     "--report", str(tmp_path / "day.html")])
+
+    out = one_line(capsys.readouterr().out)
+    assert code == 1, out
+    for call in ("AllocateEmergency", "AllocateToken with SOURCE_EMERGENCY"):
+        assert re.search(rf"{call.split()[0]} DOC001 for [^:]+: the triage key was refused: PERMISSION_DENIED "
+                         rf"\(ROLE_NOT_ALLOWED\): The role 'reception' may not call {call}; it is for triage\.",
+                         out), (call, out)
+    assert "violations: 2" in out
+
+
+@pytest.mark.backend_independent
+@pytest.mark.parametrize("roles, arguments, problem", [
+    ((*ROLES, "nurse"), ["--address", "127.0.0.1:1"], "unknown role 'nurse'; the roles are admin, reception,"),
+    (("admin", "reception", "doctor"), ["--address", "127.0.0.1:1"], "no key for the role triage;"),
+    (ROLES, [], "--keys goes with --address"),
+])
+def test_an_unknown_or_missing_role_in_the_keys_file_or_keys_without_address_is_a_usage_error(
+        roles: tuple[str, ...], arguments: list[str], problem: str, capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    path = keys_file(tmp_path, {role: f"opd_0000000{n}_{'x' * 43}" for n, role in enumerate(roles)})
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*arguments, "--keys", str(path), "--report", str(tmp_path / "day.html")])
+
+    assert exit_.value.code == 2
+    assert problem in capsys.readouterr().err
 # ---- the checks on fabricated states -------------------------------------------------------------
 
 
@@ -163,6 +294,7 @@ def wrong_estimated_time(day: DayState) -> None:
     day.tokens[1].estimated_time.FromDatetime(dt.datetime(2030, 1, 7, 9, 5, tzinfo=dt.timezone.utc))
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("break_it, marker", [
     (overbooked, "(§3.1)"), (free_seat_with_a_waitlist, "(§3.2)"), (waitlist_out_of_order, "(§3.3)"),
     (gap_in_token_numbers, "(§3.4)"), (patient_with_two_active_tokens, "(§3.5)"),
@@ -177,6 +309,7 @@ def test_the_invariant_checks_catch_a_broken_day(break_it: Callable[[DayState], 
     assert any(marker in problem for problem in invariant_violations(day)), invariant_violations(day)
 
 
+@pytest.mark.backend_independent
 def test_the_answer_checks_catch_a_lost_token_a_changed_status_and_a_token_nobody_was_given() -> None:
     day = consistent_day()
     ledger = ledger_of(day)
@@ -233,10 +366,12 @@ def board_fed(updates: list[pb.WatchQueueResponse]) -> BoardState:
     return state
 
 
+@pytest.mark.backend_independent
 def test_a_board_fed_every_event_shows_what_the_server_says() -> None:
     assert board_mismatches(board_fed(day_updates()), "DOC001", len(DAY_EVENTS), server_tokens()) == []
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("skipping, expected", [
     (8, ["DOC001: the board is at sequence 7, the server at 8", "DOC001: now calling nobody, the server 1",
          "DOC001: next 4, 1, 2, the server 4, 2"]),
@@ -249,6 +384,7 @@ def test_a_board_one_event_short_is_a_mismatch(skipping: int, expected: list[str
     assert board_mismatches(state, "DOC001", len(DAY_EVENTS), server_tokens()) == expected
 
 
+@pytest.mark.backend_independent
 def test_a_board_that_orders_the_next_tokens_wrongly_is_a_mismatch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(board_module, "_call_order", lambda t: t.token_number)  # forgets priority
 
@@ -257,6 +393,7 @@ def test_a_board_that_orders_the_next_tokens_wrongly_is_a_mismatch(monkeypatch: 
     assert problems == ["DOC001: next 2, 4, the server 4, 2"]
 
 
+@pytest.mark.backend_independent
 def test_a_board_notes_an_event_that_does_not_follow_the_one_before() -> None:
     board = Board(BoardPlan("board 1", every_doctor=True), ["DOC001"], DATE)
 
