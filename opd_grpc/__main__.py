@@ -4,13 +4,17 @@
 without them the server refuses to start on an older schema (opd_grpc/storage/schema.py).
 
 `opd-grpc keys add --role ROLE --name WHO`, `keys list`, `keys revoke KEY_ID` manage the API keys (SPEC §13) in the
-settings' database; a running server sees the change within API_KEYS_REFRESH_SECONDS."""
+settings' database; a running server sees the change within API_KEYS_REFRESH_SECONDS.
+
+`opd-grpc backup --to PATH` writes a consistent copy of the settings' SQLite database to the new file PATH, beside
+a running server (opd_grpc/storage/backup.py); on PostgreSQL, pg_dump does that job."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 from opd_grpc.api import observe
 from opd_grpc.engine.access import ROLES, Actor
@@ -19,6 +23,7 @@ from opd_grpc.offline import offline_service
 from opd_grpc.server import serve
 from opd_grpc.settings import Settings, SettingsError
 from opd_grpc.storage import schema
+from opd_grpc.storage.backup import BackupError, backup
 
 # Who the audit log names for a key made or revoked on the command line: someone with the database's settings.
 OPERATOR = Actor("command", "operator")
@@ -33,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
                            help="upgrade the database's schema to this version's, then serve")
     migration.add_argument("--migrate-only", action="store_true",
                            help="upgrade the database's schema to this version's, then exit")
-    commands = parser.add_subparsers(dest="command", metavar="keys")
+    commands = parser.add_subparsers(dest="command")
     keys = commands.add_parser("keys", help="add, list or revoke API keys").add_subparsers(dest="action",
                                                                                             required=True)
     add = keys.add_parser("add", help="make a key and print it (once: only its hash is kept)")
@@ -42,18 +47,26 @@ def main(argv: list[str] | None = None) -> None:
     keys.add_parser("list", help="every key: id, role, name, made, revoked")
     revoke = keys.add_parser("revoke", help="revoke a key by its id (the 8 hex digits after opd_)")
     revoke.add_argument("key_id")
+    backup_command = commands.add_parser("backup", help="copy the SQLite database to a new file beside a running "
+                                                        "server")
+    backup_command.add_argument("--to", required=True, type=Path, metavar="PATH",
+                                help="the new file (never overwritten)")
     args = parser.parse_args(argv)
     observe.configure_logging()
     try:
         settings = Settings.load(file=args.config)
         if args.command == "keys":
             _keys(settings, args)
+        elif args.command == "backup":
+            made = backup(settings.DATABASE_URL, args.to)
+            print(f"opd-grpc: backed up {made.source} to {made.path} ({made.size_bytes:,} bytes, schema revision "
+                  f"{made.revision}, {made.tokens:,} tokens)", flush=True)
         elif args.migrate_only:
             schema.upgrade(settings.DATABASE_URL)
             print(f"opd-grpc: the database is at schema revision {schema.head()}", flush=True)
         else:
             asyncio.run(serve(settings, migrate=args.migrate))
-    except (SettingsError, schema.SchemaMismatch, EngineError, OSError) as exc:
+    except (SettingsError, schema.SchemaMismatch, EngineError, BackupError, OSError) as exc:
         sys.exit(f"opd-grpc: {exc}")
 
 
