@@ -11,7 +11,9 @@ admin creates the doctors and slots, changes capacities and moves the test clock
 but emergencies, checks in and cancels; triage books emergencies; doctor calls, completes and marks no-shows;
 display makes the reads (the checks, the boards, the report). A call refused for its key or role is a violation;
 a key refused before the day starts (an unknown one, or an admin key that may not set the clock or open the
-clinic) ends the run with exit code 2, naming its role.
+clinic) ends the run with exit code 2, naming its role, and so does a read refused for its key mid-day (no check
+could be made after it). A server that stops answering mid-day (UNAVAILABLE or DEADLINE_EXCEEDED, once the client
+library's retries are spent) ends the run at once with exit code 2 too, naming the simulated time and the call.
 
 Without --address it starts `python -m opd_grpc` on a temporary SQLite file, after making one key per role in its
 database, and stops it at the end. A server given with --address must run with OPD_TEST_CLOCK=1 and the defaults
@@ -39,6 +41,7 @@ from typing import Mapping
 
 import grpc
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from clients.library import OPDError
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             with server:
                 outcome = play(plan, server.address, keys, console, args.boards, args.report)
     except (CannotRun, ServerFailed) as error:
-        console.print(f"[red]simulation: {error}[/red]")
+        console.print(f"[red]simulation: {escape(str(error))}[/red]", highlight=False, soft_wrap=True)  # one line
         return 2
     report.render(outcome, console)
     return 1 if outcome.violations else 2 if outcome.report_error else 0
@@ -154,9 +157,12 @@ def play(plan: DayPlan, address: str, keys: Mapping[str, str], console: Console,
         with boards or contextlib.nullcontext():
             outcome = day.run() if plan.scale is not LARGE else _run_with_progress(day, console)
             if boards is not None:
-                outcome.boards = boards.finish()
-                for mismatch in outcome.boards.mismatches:
-                    outcome.violations.setdefault(mismatch, "end of the day")
+                finished = day.read("display", "the boards' last reads (WatchQueue, ListTokens)",
+                                    lambda display: boards.finish())
+                if not isinstance(finished, OPDError):
+                    outcome.boards = finished
+                    for mismatch in finished.mismatches:
+                        outcome.violations.setdefault(mismatch, "end of the day")
         if report_path is not None:
             outcome.report_path = report_path
             try:

@@ -8,7 +8,8 @@ patient) are compared with what SPEC §5–7 say, and SPEC §3 is checked throug
 
 Each call goes through the client of the role that SPEC §13 gives it, presenting that role's key: a call refused
 for its key or role is a violation like any other unexpected refusal, and the admin's refused clock or clinic
-stops the day (`CannotRun`).
+stops the day (`CannotRun`), as do a server that stops answering and a read (the checks, GetStats) refused for its
+key or role.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping, NoReturn
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -64,10 +65,19 @@ EVENTS = {
 # The roles that change the day (SPEC §13), each with a key of its own; `display` reads, and so may any role.
 CHANGING_ROLES = ("admin", "reception", "triage", "doctor")
 ACCESS_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+# The failures that end the day at once rather than count as a violation: the server is gone or cannot be reached
+# (UNAVAILABLE, once the client library's retries are spent) or did not answer within CALL_TIMEOUT_SECONDS
+# (DEADLINE_EXCEEDED). Every later call would fail alike, a violation per remaining step. The refusals SPEC defines
+# (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, a key or role refused for a
+# call) are the server's answer to one call: an unexpected one is a violation, and the day goes on.
+SERVER_STOPPED_ANSWERING = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# A read refused for its key or role ends the day too: every later check would be refused, so none could be made.
+READ_FAILURES_THAT_END_THE_DAY = SERVER_STOPPED_ANSWERING | frozenset(ACCESS_REFUSALS)
 
 
 class CannotRun(Exception):
-    """The day cannot be played: no suitable server, or it refused to set up the clinic or move its clock."""
+    """The day cannot be played: no suitable server, it refused to set up the clinic or move its clock, or it stopped
+    answering (or refused the reads' key) before the day was over."""
 
 
 def role_clients(channel: grpc.Channel, keys: Mapping[str, str], timeout: float) -> dict[str, OPDClient]:
@@ -206,7 +216,10 @@ class Day:
         self._check()
         stats = {}
         for doctor in self.doctors:
-            answer = self._read(partial(self.clients["display"].get_stats, self.date, doctor.doctor_id))
+            answer = self.read("display", f"GetStats {doctor.doctor_id}",
+                                partial(OPDClient.get_stats, date=self.date, doctor_id=doctor.doctor_id))
+            if isinstance(answer, OPDError):
+                continue
             if len(answer.stats) != 1:
                 self._violation(f"{doctor.doctor_id}: GetStats answered {len(answer.stats)} entries, not 1")
                 continue
@@ -249,7 +262,7 @@ class Day:
                                                         specialization=plan.specialization,
                                                         request_id=self._request_id()))
             if isinstance(created, OPDError):
-                raise CannotRun(refusal(what, "admin", created))
+                self._stop(what, "admin", created)
             doctor = created.doctor
             self.tally[doctor.doctor_id] = Counter()
             specs = [pb.SlotSpec(date=self.date, start_time=s.start_time, end_time=s.end_time,
@@ -260,7 +273,7 @@ class Day:
                                                        slots=specs, request_id=self._request_id()),
                                 on_answer=lambda a: [self.ledger.add_slot(s) for s in a.slots])
             if isinstance(answer, OPDError):
-                raise CannotRun(refusal(what, "admin", answer))
+                self._stop(what, "admin", answer)
             self.doctors.append(DoctorAtWork(doctor.doctor_id, plan.slots[0].starts_at,
                                              plan.slots[0].consultation_minutes))
 
@@ -494,14 +507,10 @@ class Day:
         """One call that may change state, made with `role`'s client (`what` names the call and what it is
         about): its answer goes to `on_answer`, then (per step) SPEC §3 is checked. A refusal is answered as the
         `OPDError`; `expect` names the refusal reason SPEC requires, `accept` refusals that may happen."""
-        answer: Any
-        self.calls += 1
-        try:
-            answer = call(self.clients[role])
-        except OPDError as error:
-            answer = error
-            if error.reason != expect and error.reason not in accept:
-                self._violation(refusal(what, role, error) + (f", expected {expect}" if expect else ""))
+        answer = self._call(role, what, call, SERVER_STOPPED_ANSWERING)
+        if isinstance(answer, OPDError):
+            if answer.reason != expect and answer.reason not in accept:
+                self._violation(refusal(what, role, answer) + (f", expected {expect}" if expect else ""))
         else:
             if expect:
                 self._violation(f"{what}: answered OK, SPEC says {expect}")
@@ -512,15 +521,43 @@ class Day:
             self._check()
         return answer
 
-    def _read(self, call: Callable[[], Any]) -> Any:
+    def read(self, role: str, what: str, call: Callable[[OPDClient], Any]) -> Any:
+        """A call that changes nothing of the day (the checks, GetStats, the boards' last reads), made with `role`'s
+        client; a refusal is a violation, answered as the `OPDError`."""
+        answer = self._call(role, what, call, READ_FAILURES_THAT_END_THE_DAY)
+        if isinstance(answer, OPDError):
+            self._violation(refusal(what, role, answer))
+        return answer
+
+    def _call(self, role: str, what: str, call: Callable[[OPDClient], Any],
+              ends_the_day: Collection[grpc.StatusCode]) -> Any:
+        """`call` with `role`'s client: its answer, or the `OPDError` it was refused with; a failure whose code is
+        one of `ends_the_day` ends the day there."""
         self.calls += 1
-        return call()
+        try:
+            return call(self.clients[role])
+        except OPDError as error:
+            if error.code in ends_the_day:
+                self._stop(what, role, error)
+            return error
+
+    def _stop(self, what: str, role: str, error: OPDError) -> NoReturn:
+        """Ends the day at `what`, made with `role`'s key: nothing after it could be played or checked."""
+        if error.code in SERVER_STOPPED_ANSWERING:
+            why = f"the server stopped answering at {self.now:%H:%M} ({what}: {error})"
+        else:
+            why = f"at {self.now:%H:%M}, {refusal(what, role, error)}"
+        raise CannotRun(f"{why}; the day was not finished") from None
 
     def _check(self) -> None:
         """SPEC §3 through the API, for every doctor of the day, against the ledger of answers."""
         for doctor in self.doctors:
-            day = checks.fetch_day(self.clients["display"], doctor.doctor_id, self.date)
-            self.calls += 1 + len(day.slots) + max(1, -(-len(day.tokens) // checks.PAGE_SIZE))
+            what = f"the §3 check of {doctor.doctor_id} (ListSlots, GetSlotStatus, ListTokens)"
+            day = self.read("display", what, partial(checks.fetch_day, doctor_id=doctor.doctor_id, date=self.date))
+            if isinstance(day, OPDError):
+                continue
+            # ListSlots is counted by read; then a GetSlotStatus per slot and the pages of ListTokens
+            self.calls += len(day.slots) + max(1, -(-len(day.tokens) // checks.PAGE_SIZE))
             for problem in checks.invariant_violations(day) + checks.answer_violations(day, self.ledger):
                 self._violation(problem)
         self.checks += 1
@@ -550,11 +587,18 @@ class Day:
         """Moves the test clock with the admin's key; the day cannot go on if it does not move."""
         stamp = timestamp_pb2.Timestamp()
         stamp.FromDatetime(now)
-        try:
-            self._read(partial(self.clock.SetTime, test_clock_pb2.SetTimeRequest(time=stamp),
-                               timeout=CALL_TIMEOUT_SECONDS, metadata=self.clients["admin"].metadata))
-        except grpc.RpcError as error:
-            raise CannotRun(refusal(f"SetTime {now:%H:%M}", "admin", OPDError.from_rpc_error(error))) from None
+
+        def set_time(admin: OPDClient) -> None:
+            try:
+                self.clock.SetTime(test_clock_pb2.SetTimeRequest(time=stamp), timeout=CALL_TIMEOUT_SECONDS,
+                                   metadata=admin.metadata)
+            except grpc.RpcError as error:  # the test clock's stub is not the client library's
+                raise OPDError.from_rpc_error(error) from None
+
+        what = f"SetTime {now:%H:%M}"
+        answer = self._call("admin", what, set_time, SERVER_STOPPED_ANSWERING)
+        if isinstance(answer, OPDError):
+            self._stop(what, "admin", answer)
         self.now = now
 
 

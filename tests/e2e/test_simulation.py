@@ -1,5 +1,6 @@
 """`make sim`: the simulated OPD day runs clean against a real server process through a key per role (with display
-boards beside it too), a keyed server given with --address plays with the keys of --keys, and its checks can fail.
+boards beside it too), a keyed server given with --address plays with the keys of --keys, its checks can fail, and a
+server that stops answering mid-day (or refuses the reads' key) ends the run at once with exit code 2.
 
 The tests whose server runs on the suite's database (`fresh_database`) run on PostgreSQL too; the others bring
 their own SQLite file or need no server."""
@@ -11,6 +12,7 @@ import datetime as dt
 import re
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,7 +24,7 @@ from google.protobuf import timestamp_pb2
 from clients import board as board_module
 from clients.board import BoardState
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
-from opd_grpc._gen.opd.v1 import opd_pb2_grpc
+from opd_grpc._gen.opd.v1 import opd_pb2_grpc, test_clock_pb2, test_clock_pb2_grpc
 from opd_grpc.engine import model
 from opd_grpc.engine.access import ROLES
 from opd_grpc.process import ServerProcess
@@ -31,7 +33,7 @@ from simulation.boards import Board, BoardPlan, board_mismatches
 from simulation.checks import DayState, answer_violations, invariant_violations
 from simulation.ledger import Ledger
 from simulation.scenario import SMALL
-from tests.support import LiveServer, add_key, bearer, fresh_database
+from tests.support import LiveServer, add_key, bearer, fresh_database, revoke_key
 
 ROOT = Path(__file__).resolve().parents[2]
 DATE = "2030-01-07"
@@ -215,6 +217,83 @@ def test_an_unknown_or_missing_role_in_the_keys_file_or_keys_without_address_is_
 
     assert exit_.value.code == 2
     assert problem in capsys.readouterr().err
+
+
+# ---- a server that stops answering mid-day -------------------------------------------------------
+
+MID_MORNING = dt.datetime(2030, 1, 7, 8, 30, tzinfo=dt.timezone.utc)  # bookings coming in, boards watching
+REACHES_MID_MORNING_WITHIN = 60.0  # seconds; the seed-7 day gets there in about 3
+# Seconds from the failure to the end of the run: the client library's retries of UNAVAILABLE take under 1, and the
+# boards' streams stop at once. A run that takes longer fails the test (TimeoutExpired).
+ENDS_WITHIN = 15.0
+
+
+def simulation_stopped_mid_morning(address: str, arguments: list[str], stop: Callable[[], object],
+                                   clock_key: str = "") -> subprocess.CompletedProcess[str]:
+    """`python -m simulation --seed 7 --address ADDRESS ARGUMENTS` in a child process; once the server's test clock
+    reads MID_MORNING (asked with `clock_key`), `stop()`, then the process once it has ended."""
+    command = [sys.executable, "-m", "simulation", "--seed", "7", "--address", address, *arguments]
+    simulation = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        give_up = time.monotonic() + REACHES_MID_MORNING_WITHIN
+        with grpc.insecure_channel(address) as channel:
+            clock = test_clock_pb2_grpc.TestClockServiceStub(channel)
+
+            def server_time() -> dt.datetime:
+                answer = clock.GetTime(test_clock_pb2.GetTimeRequest(), metadata=bearer(clock_key), timeout=5)
+                return answer.now.ToDatetime(dt.timezone.utc)
+
+            while server_time() < MID_MORNING:
+                assert simulation.poll() is None, simulation.communicate()
+                assert time.monotonic() < give_up, f"the day did not reach {MID_MORNING:%H:%M}"
+                time.sleep(0.01)
+        stop()
+        out, err = simulation.communicate(timeout=ENDS_WITHIN)
+        return subprocess.CompletedProcess(command, simulation.returncode, out, err)
+    finally:
+        if simulation.poll() is None:
+            simulation.kill()
+            simulation.communicate()
+
+
+@pytest.mark.backend_independent
+def test_a_server_killed_mid_day_ends_the_run_at_once_with_exit_2_naming_the_time_and_the_call(
+        tmp_path: Path) -> None:
+    server = ServerProcess(settings=cli.SERVER_SETTINGS)
+    server.start()
+    try:
+        ended = simulation_stopped_mid_morning(
+            server.address, ["--boards", "3", "--report", str(tmp_path / "day.html")], server.kill)
+    finally:
+        server.kill()  # (again, if the run failed before it was killed)
+
+    assert ended.returncode == 2, ended.stdout + ended.stderr
+    assert "Traceback" not in ended.stderr, ended.stderr
+    (line,) = ended.stdout.splitlines()  # no summary, no violation per remaining step
+    stopped = re.fullmatch(r"simulation: the server stopped answering at (\d\d:\d\d) \(\S.*: UNAVAILABLE: .+\); "
+                           r"the day was not finished", line)
+    assert stopped and stopped[1] >= f"{MID_MORNING:%H:%M}", line
+    assert not (tmp_path / "day.html").exists()
+
+
+def test_the_display_key_revoked_mid_day_ends_the_run_with_exit_2_naming_the_display_key(tmp_path: Path) -> None:
+    with fresh_database(tmp_path) as url:
+        keys = {role: add_key(url, role) for role in ROLES}
+        settings = {**cli.SERVER_SETTINGS, "API_KEYS_REFRESH_SECONDS": 0.2}
+        with ServerProcess(url, settings=settings) as server:
+            ended = simulation_stopped_mid_morning(
+                server.address, ["--keys", str(keys_file(tmp_path, keys)), "--report", str(tmp_path / "day.html")],
+                lambda: revoke_key(url, keys["display"]), clock_key=keys["admin"])
+
+    assert ended.returncode == 2, ended.stdout + ended.stderr
+    assert "Traceback" not in ended.stderr, ended.stderr
+    (line,) = ended.stdout.splitlines()
+    stopped = re.fullmatch(r"simulation: at (\d\d:\d\d), the §3 check of DOC\d+ \(ListSlots, GetSlotStatus, "
+                           r"ListTokens\): the display key was refused: UNAUTHENTICATED \(\w+\): .+; the day was not "
+                           r"finished", line)
+    assert stopped and stopped[1] >= f"{MID_MORNING:%H:%M}", line
+
+
 # ---- the checks on fabricated states -------------------------------------------------------------
 
 
