@@ -3,7 +3,8 @@
 Each call has its own deadline; a call that changes state always carries a `request_id` (SPEC §9), so it can be
 replayed safely: UNAVAILABLE (and, for those calls, DEADLINE_EXCEEDED) is retried with the same `request_id`.
 Refusals come back as `OPDError`s that a person can read. `watch` follows WatchQueue across reconnects and server
-restarts, resuming after the last sequence seen per doctor (SPEC §10).
+restarts, resuming after the last sequence seen per doctor (SPEC §10), and across a network path that died in
+silence: keepalive pings find the dead connection, and a watch that hears nothing, not even a heartbeat, reconnects.
 """
 
 from __future__ import annotations
@@ -27,6 +28,26 @@ from opd_grpc._gen.opd.v1 import opd_pb2_grpc
 DEFAULT_ADDRESS = "127.0.0.1:50051"  # the server's default LISTEN (SPEC §14)
 MAX_RECONNECT_DELAY = 2.0  # seconds; a watch keeps trying at least this often while the server is away
 LIST_PAGE_SIZE = 500
+DEFAULT_STALL_SECONDS = 30.0  # 3x the server's default WATCH_HEARTBEAT_SECONDS: two heartbeats lost is not yet a stall
+
+# Keepalive on the channels OPDClient opens (gRPC core's doc/keepalive.md). A path that dies in silence (a host
+# frozen or unplugged, a NAT that forgot the flow: packets dropped, no RST) would otherwise hang an open call until
+# TCP gives up, minutes to hours later; with these the connection is closed and the call fails UNAVAILABLE within
+# KEEPALIVE_PING_SECONDS + KEEPALIVE_ACK_SECONDS (15 s), and is retried or, for a watch, reconnected.
+KEEPALIVE_PING_SECONDS = 10  # ping after 10 s without a byte from the server; it permits pings every 5 s
+KEEPALIVE_ACK_SECONDS = 5  # an ack takes one round trip: no ack in 5 s is a dead path, not a slow one
+KEEPALIVE_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", KEEPALIVE_PING_SECONDS * 1000),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_ACK_SECONDS * 1000),
+    # What gRPC 1.85 actually waits for an ack before it closes the connection (1 min by default once keepalive
+    # is on): keepalive_timeout_ms alone left a black-holed connection open past 40 s.
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_ACK_SECONDS * 1000),
+    # No pings while no call is open: an idle client costs the server nothing.
+    ("grpc.keepalive_permit_without_calls", 0),
+    # By default a client stops pinging after 2 pings without sending data; a watch sends nothing after its
+    # request, so its connection would go unwatched from the third ping on.
+    ("grpc.http2.max_pings_without_data", 0),
+]
 
 
 class OPDError(Exception):
@@ -140,7 +161,8 @@ def server_zone(stats: pb.GetStatsResponse) -> dt.tzinfo:
 class OPDClient:
     """One connection to the OPD token service; a context manager that closes the channel it opened.
 
-    With `credentials` (see `tls_credentials`) the channel it opens speaks TLS; without, plaintext."""
+    With `credentials` (see `tls_credentials`) the channel it opens speaks TLS; without, plaintext. A channel it
+    opens pings the server while a call is open (KEEPALIVE_CHANNEL_OPTIONS); a `channel` passed in is used as is."""
 
     def __init__(self, address: str | None = None, *, channel: grpc.Channel | None = None, timeout: float = 5.0,
                  attempts: int = 4, backoff: float = 0.1, api_key: str | None = None,
@@ -149,7 +171,8 @@ class OPDClient:
             raise ValueError("give an address (and credentials) or a channel, not both")
         target = address or DEFAULT_ADDRESS
         self._owned_channel = None if channel is not None else (
-            grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target))
+            grpc.secure_channel(target, credentials, KEEPALIVE_CHANNEL_OPTIONS) if credentials
+            else grpc.insecure_channel(target, KEEPALIVE_CHANNEL_OPTIONS))
         self._stub = opd_pb2_grpc.OPDTokenServiceStub(channel or self._owned_channel)
         self.timeout = timeout
         self.attempts = max(1, attempts)
@@ -318,9 +341,17 @@ class OPDClient:
 
     def watch(self, doctor_ids: Iterable[str], date: str, *, after_sequence: int | None = None,
               after_sequences: dict[str, int] | None = None, reconnect: bool = True,
-              on_reconnect: Callable[[OPDError], object] | None = None) -> Watch:
-        """Follows the doctors' queues on `date`; iterate the answer for snapshots, events and heartbeats."""
-        return Watch(self, list(doctor_ids), date, after_sequence, after_sequences or {}, reconnect, on_reconnect)
+              on_reconnect: Callable[[OPDError], object] | None = None,
+              stall_seconds: float = DEFAULT_STALL_SECONDS) -> Watch:
+        """Follows the doctors' queues on `date`; iterate the answer for snapshots, events and heartbeats.
+
+        A stream that brings nothing for `stall_seconds` is taken for a dead connection and reconnected, like one
+        that failed UNAVAILABLE: set it to about 3x the server's WATCH_HEARTBEAT_SECONDS, so that only a lost
+        path, never a quiet queue, counts as one."""
+        if stall_seconds <= 0:
+            raise ValueError(f"stall_seconds must be positive, not {stall_seconds}")
+        return Watch(self, list(doctor_ids), date, after_sequence, after_sequences or {}, reconnect, on_reconnect,
+                     stall_seconds)
 
 
 class Watch:
@@ -328,15 +359,19 @@ class Watch:
 
     Iterating opens the stream; leaving the loop (or `close()` on the iterator) cancels it, and iterating again
     resumes after `last_sequences`. `cancel()` may be called from any thread and ends the iteration for good.
-    The stream has no deadline: it is meant to stay open."""
+    The stream has no deadline: it is meant to stay open. But the server sends at least a heartbeat on a quiet
+    stream, so a stream that brings nothing for `stall_seconds` while it is read has lost its server: it is cancelled
+    and reconnected, as after UNAVAILABLE. Keepalive pings alone cannot tell: a proxy in between answers them
+    itself, and a channel passed in to OPDClient may not ping at all."""
 
     def __init__(self, client: OPDClient, doctor_ids: list[str], date: str, after_sequence: int | None,
                  after_sequences: dict[str, int], reconnect: bool,
-                 on_reconnect: Callable[[OPDError], object] | None):
+                 on_reconnect: Callable[[OPDError], object] | None, stall_seconds: float):
         self.doctor_ids = doctor_ids
         self.date = date
         self.reconnect = reconnect
         self.on_reconnect = on_reconnect
+        self.stall_seconds = stall_seconds
         # The resume point per doctor: the last sequence seen, or the caller's start for doctors not seen yet.
         # A doctor that is absent here gets a snapshot (the caller asked for one and none has come yet).
         start = dict.fromkeys(doctor_ids, after_sequence) if after_sequence is not None else {}
@@ -360,32 +395,35 @@ class Watch:
 
     def __iter__(self) -> Iterator[pb.WatchQueueResponse]:
         delay = self._client.backoff
-        try:
-            while not self._cancelled.is_set():
-                self._call = self._client._stub.WatchQueue(self._request(), metadata=self._client.metadata)
-                if self._cancelled.is_set():  # cancel() ran before the call was stored
+        while not self._cancelled.is_set():
+            call = self._call = self._client._stub.WatchQueue(self._request(), metadata=self._client.metadata)
+            if self._cancelled.is_set():  # cancel() ran before the call was stored
+                call.cancel()
+                return
+            stall = _StallWatchdog(call, self.stall_seconds)
+            try:
+                for update in call:
+                    stall.pause()  # the time our caller spends on an update is not the network's
+                    delay = self._client.backoff
+                    if self._is_new(update):
+                        yield update
+                    stall.restart()
+                return  # the server ended the stream normally
+            except grpc.RpcError as failure:
+                if self._cancelled.is_set():
                     return
-                try:
-                    for update in self._call:
-                        delay = self._client.backoff
-                        if self._is_new(update):
-                            yield update
-                    return  # the server ended the stream normally
-                except grpc.RpcError as failure:
-                    if self._cancelled.is_set():
-                        return
-                    error = OPDError.from_rpc_error(failure)
-                    if not (self.reconnect and _worth_reconnecting(error)):
-                        raise error from None
-                self.reconnects += 1
-                if self.on_reconnect is not None:
-                    self.on_reconnect(error)
-                if self._cancelled.wait(delay):
-                    return
-                delay = min(max(delay, 0.01) * 2, MAX_RECONNECT_DELAY)
-        finally:
-            if self._call is not None:
-                self._call.cancel()
+                error = stall.error() if stall.fired else OPDError.from_rpc_error(failure)
+                if not (self.reconnect and _worth_reconnecting(error)):
+                    raise error from None
+            finally:
+                stall.stop()
+                call.cancel()
+            self.reconnects += 1
+            if self.on_reconnect is not None:
+                self.on_reconnect(error)
+            if self._cancelled.wait(delay):
+                return
+            delay = min(max(delay, 0.01) * 2, MAX_RECONNECT_DELAY)
 
     def _request(self) -> pb.WatchQueueRequest:
         """The caller's request, with each doctor seen so far resuming after its last sequence."""
@@ -404,8 +442,51 @@ class Watch:
         return True
 
 
+class _StallWatchdog:
+    """Cancels a call that has brought no message for `seconds` while it was being read: on a path that died in
+    silence no error ever comes, only silence. One thread per call, asleep until the deadline; `stop()` ends it."""
+
+    def __init__(self, call: Any, seconds: float):
+        self.seconds = seconds
+        self.fired = False
+        self._call = call
+        self._deadline: float | None = time.monotonic() + seconds  # None while the reader holds a message
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="opd-watch-stall", daemon=True)
+        self._thread.start()
+
+    def pause(self) -> None:
+        self._deadline = None
+
+    def restart(self) -> None:
+        self._deadline = time.monotonic() + self.seconds
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def error(self) -> Unavailable:
+        """What the watch reports for a stall: a dead connection, as UNAVAILABLE is."""
+        return Unavailable(grpc.StatusCode.UNAVAILABLE,
+                           f"no update came for {self.seconds:g} s, not even a heartbeat: the connection looks dead")
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(self._seconds_left()):
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() >= deadline:
+                self.fired = True
+                self._call.cancel()
+                return
+
+    def _seconds_left(self) -> float:
+        """Until the deadline; while paused, `seconds`: a restart meanwhile sets a deadline later than that."""
+        deadline = self._deadline
+        return self.seconds if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def _worth_reconnecting(error: OPDError) -> bool:
-    """The server went away (shutdown, crash, reset transport) or dropped us for reading too slowly."""
+    """The server went away (shutdown, crash, reset transport, a path gone silent) or dropped us for reading too
+    slowly."""
     if error.code is grpc.StatusCode.UNAVAILABLE or "RST_STREAM" in error.message:
         return True
     return error.code is grpc.StatusCode.ABORTED and error.reason == "WATCHER_FELL_BEHIND"

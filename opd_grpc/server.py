@@ -48,6 +48,17 @@ PRUNE_INTERVAL_SECONDS = 3600.0
 # calls end so.
 DRAIN_QUIET_SECONDS = 0.1
 DRAIN_MAX_SECONDS = 1.0
+# Keepalive (gRPC core's doc/keepalive.md). A client whose path died in silence (a board unplugged, a NAT that
+# forgot the flow: no RST) would keep its calls, and a WatchQueue stream its MAX_WATCHERS place, until TCP gives up,
+# minutes to hours later. The server pings a connection that has sent nothing for KEEPALIVE_PING_SECONDS and closes
+# it if no ack comes within KEEPALIVE_ACK_SECONDS: a dead client is dropped in about 30 s. Read when a server is
+# built (`_keepalive_options`).
+KEEPALIVE_PING_SECONDS = 20.0  # a ping per quiet connection every 20 s costs nothing; a live client answers at once
+KEEPALIVE_ACK_SECONDS = 10.0  # an ack takes one round trip: no ack in 10 s is a dead path, not a slow one
+# Clients may ping this often while a call is open (clients/library.py pings every 10 s). A client that pings more
+# often is a "strike"; after two, the server sends GOAWAY "too_many_pings" and every call on the connection ends,
+# so a board would reconnect for nothing. Half the library's interval leaves room for timer jitter.
+CLIENT_PING_MIN_SECONDS = 5.0
 OPD_SERVICE = opd_pb2.DESCRIPTOR.services_by_name["OPDTokenService"].full_name
 TEST_CLOCK_SERVICE = test_clock_pb2.DESCRIPTOR.services_by_name["TestClockService"].full_name
 
@@ -95,7 +106,7 @@ class OPDServer:
             maximum_concurrent_rpcs=settings.MAX_CONCURRENT_CALLS + settings.MAX_WATCHERS
             + max(64, settings.MAX_CONCURRENT_CALLS // 10),
             interceptors=[self.pipeline],
-            options=[("grpc.max_receive_message_length", 2 * settings.MAX_MESSAGE_BYTES)])
+            options=[("grpc.max_receive_message_length", 2 * settings.MAX_MESSAGE_BYTES), *_keepalive_options()])
         watch = QueueWatch(self.service, self.run, settings.WATCH_HEARTBEAT_SECONDS, settings.WATCH_BUFFER_EVENTS)
         opd_pb2_grpc.add_OPDTokenServiceServicer_to_server(OPDTokenServicer(self.service, self.run, watch),
                                                            self.server)
@@ -238,6 +249,22 @@ class OPDServer:
             except Exception:
                 log.exception("pruning history failed; it runs again in an hour")
             await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
+
+
+def _keepalive_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.keepalive_time_ms", int(KEEPALIVE_PING_SECONDS * 1000)),
+        ("grpc.keepalive_timeout_ms", int(KEEPALIVE_ACK_SECONDS * 1000)),
+        # What gRPC 1.85 actually waits for an ack before it closes the connection (1 min by default once keepalive
+        # is on): keepalive_timeout_ms alone left a black-holed connection open past 40 s.
+        ("grpc.http2.ping_timeout_ms", int(KEEPALIVE_ACK_SECONDS * 1000)),
+        # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; max_ping_strikes stays at its default, 2.
+        ("grpc.http2.min_ping_interval_without_data_ms", int(CLIENT_PING_MIN_SECONDS * 1000)),
+        # Without this, a connection with no call open permits one client ping in two hours, so a ping that
+        # crosses the end of a client's last call is a strike. It also lets the server ping idle connections:
+        # a dead one is closed too.
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
 
 
 async def _keep_full_collections_short() -> None:

@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import os
 import random
+import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -107,6 +108,92 @@ class LiveServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
+
+
+class Cuttable:
+    """A TCP proxy to `upstream` on a port of its own, for tests of a network that fails.
+
+    `cut()` closes every connection through it and refuses new ones (a host that went away); `stall()` closes them
+    and takes new ones but never answers (a network that drops packets, as a client that connects anew sees it);
+    `black_hole()` keeps every connection open, old and new, and moves no byte on any (a path that died in silence
+    under open connections: a host frozen or unplugged, a NAT that forgot the flow). `restore()` forwards again,
+    on the same port; after a black hole it delivers what was held back, as TCP does once the path is back."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream = upstream
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stalled = False
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._accept_in_thread()
+
+    def _accept_in_thread(self) -> None:
+        threading.Thread(target=self._accept, args=(self._listener,), name="proxy-accept", daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # cut
+                return
+            with self._lock:
+                self._open.append(client)
+                if self._stalled:
+                    continue
+            upstream = socket.create_connection(self.upstream)
+            with self._lock:
+                self._open.append(upstream)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), name="proxy-pump", daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                self._flowing.wait()  # black-holed: held, not lost
+                sink.sendall(data)
+        except OSError:
+            pass
+        self._flowing.wait()  # a close is held back too: a silent path carries no FIN
+        _close(sink)
+
+    def cut(self) -> None:
+        self._listener.close()
+        self._close_all()
+        self._flowing.set()  # what was held finds its connection closed
+
+    def stall(self) -> None:
+        with self._lock:
+            self._stalled = True
+        self._close_all()
+
+    def black_hole(self) -> None:
+        self._flowing.clear()
+
+    def restore(self) -> None:
+        if self._listener.fileno() == -1:
+            self._listener = socket.create_server(("127.0.0.1", self.port))
+            self._accept_in_thread()
+        with self._lock:
+            self._stalled = False
+        self._flowing.set()
+
+    def _close_all(self) -> None:
+        with self._lock:
+            for conn in self._open:
+                _close(conn)
+            self._open.clear()
+
+
+def _close(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    conn.close()
 
 
 def add_key(database_url: str, role: str, name: str = "test key") -> str:

@@ -5,7 +5,6 @@ health is SERVING and calls are served. The database is cut off by a TCP proxy i
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import urllib.request
@@ -18,85 +17,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
-from tests.support import TEST_DATABASE, LiveServer, failure, fresh_database, make_doctor
+from tests.support import TEST_DATABASE, Cuttable, LiveServer, failure, fresh_database, make_doctor
 
 pytestmark = pytest.mark.skipif(TEST_DATABASE != "postgresql", reason="a database reached over the network")
 
 OPD = "opd.v1.OPDTokenService"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 POSTGRES = ("127.0.0.1", 5432)
-
-
-class Cuttable:
-    """A TCP proxy to PostgreSQL on a port of its own. `cut()` closes every connection through it and refuses new
-    ones (a database host that went away); `stall()` closes them and takes new ones but never answers (a network
-    that drops packets); `restore()` forwards new connections again, on the same port."""
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._open: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._stalled = False
-        self._accept_in_thread()
-
-    def _accept_in_thread(self) -> None:
-        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:  # cut
-                return
-            with self._lock:
-                self._open.append(client)
-                if self._stalled:
-                    continue
-            upstream = socket.create_connection(POSTGRES)
-            with self._lock:
-                self._open.append(upstream)
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
-
-    def cut(self) -> None:
-        self._listener.close()
-        self._close_all()
-
-    def stall(self) -> None:
-        with self._lock:
-            self._stalled = True
-        self._close_all()
-
-    def restore(self) -> None:
-        if self._listener.fileno() == -1:
-            self._listener = socket.create_server(("127.0.0.1", self.port))
-            self._accept_in_thread()
-        with self._lock:
-            self._stalled = False
-
-    def _close_all(self) -> None:
-        with self._lock:
-            for conn in self._open:
-                _close(conn)
-            self._open.clear()
-
-
-def _pump(source: socket.socket, sink: socket.socket) -> None:
-    try:
-        while data := source.recv(65536):
-            sink.sendall(data)
-    except OSError:
-        pass
-    _close(sink)
-
-
-def _close(conn: socket.socket) -> None:
-    try:
-        conn.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    conn.close()
 
 
 def eventually(what: Callable[[], Any], wanted: Any, timeout: float = 10.0) -> None:
@@ -114,7 +41,7 @@ def database_up(metrics_port: int) -> float:
 
 
 def test_health_is_not_serving_while_the_database_is_out_of_reach_and_serving_once_it_is_back(tmp_path: Path):
-    proxy = Cuttable()
+    proxy = Cuttable(POSTGRES)
     with fresh_database(tmp_path) as url:
         live = LiveServer(url.replace(f"{POSTGRES[0]}:{POSTGRES[1]}", f"127.0.0.1:{proxy.port}"),
                           METRICS_LISTEN="127.0.0.1:0")
@@ -162,7 +89,7 @@ def test_a_database_that_stops_answering_turns_health_not_serving_and_a_hung_che
     """Packets dropped, not refused: a new connection hangs. Health must not wait for it to say NOT_SERVING, and
     once the network is back, the connection attempt that hung gives up (CONNECT_TIMEOUT_SECONDS) so that the
     next check finds the database and health is SERVING again."""
-    proxy = Cuttable()
+    proxy = Cuttable(POSTGRES)
     with fresh_database(tmp_path) as url:
         live = LiveServer(url.replace(f"{POSTGRES[0]}:{POSTGRES[1]}", f"127.0.0.1:{proxy.port}"))
         try:

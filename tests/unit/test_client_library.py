@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 import grpc
@@ -324,3 +325,50 @@ def test_leaving_the_loop_cancels_the_stream(server: Any) -> None:
     rpc.send_response(snapshot("DOC001", 1))
     assert pending.result() == snapshot("DOC001", 1)
     within(rpc.cancelled)  # returns once the client has cancelled the call
+
+
+def test_a_watch_that_hears_nothing_for_stall_seconds_reconnects_and_resumes(server: Any) -> None:
+    client, _ = client_of(server)
+    lost: list[OPDError] = []
+    watch = client.watch(["DOC001"], DAY, on_reconnect=lost.append, stall_seconds=0.5)
+    viewer = Viewer(watch)
+    _, _, rpc = within(server.take_unary_stream, METHOD["WatchQueue"])
+    rpc.send_response(snapshot("DOC001", 3))
+    assert viewer.next(1) == [("snapshot", "DOC001", 3)]
+    within(rpc.cancelled)  # nothing more came, not even a heartbeat: the watch gave the call up
+
+    _, second, rpc = within(server.take_unary_stream, METHOD["WatchQueue"])
+    assert dict(second.after_sequences) == {"DOC001": 3}
+    assert watch.reconnects == 1 and [type(e) for e in lost] == [Unavailable]
+    assert "no update came for 0.5 s" in lost[0].message
+    rpc.send_response(event("DOC001", 4))
+    assert viewer.next(1) == [("event", "DOC001", 4)]
+    watch.cancel()
+    viewer.finished.result()
+
+
+def test_the_time_a_caller_spends_on_an_update_is_not_a_stall(server: Any) -> None:
+    client, _ = client_of(server)
+    watch = client.watch(["DOC001"], DAY, stall_seconds=0.2)
+    updates = iter(watch)
+    pending = Background(next, updates)
+    _, _, rpc = within(server.take_unary_stream, METHOD["WatchQueue"])
+    rpc.send_response(snapshot("DOC001", 3))
+    assert pending.result() == snapshot("DOC001", 3)
+    time.sleep(0.5)  # busy drawing it, say; the watch is not reading meanwhile
+    rpc.send_response(event("DOC001", 4))
+
+    assert within(next, updates) == event("DOC001", 4)
+    assert watch.reconnects == 0
+    updates.close()
+    within(rpc.cancelled)
+    assert not [t for t in threading.enumerate() if t.name == "opd-watch-stall"]  # its watchdog ended with it
+
+
+def test_a_stalled_watch_without_reconnect_raises_unavailable(server: Any) -> None:
+    client, _ = client_of(server)
+    viewer = Viewer(client.watch(["DOC001"], DAY, reconnect=False, stall_seconds=0.2))
+    within(server.take_unary_stream, METHOD["WatchQueue"])
+
+    with pytest.raises(Unavailable, match="no update came for 0.2 s"):
+        viewer.finished.result()
