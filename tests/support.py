@@ -9,6 +9,7 @@ import os
 import random
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +195,14 @@ def _close(conn: socket.socket) -> None:
     except OSError:
         pass
     conn.close()
+
+
+def eventually(what: Callable[[], Any], wanted: Any, timeout: float = 10.0) -> None:
+    """Waits until `what()` answers `wanted`; fails with what it answered last once `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while (seen := what()) != wanted:
+        assert time.monotonic() < deadline, f"still {seen!r}, not {wanted!r}"
+        time.sleep(0.05)
 
 
 def add_key(database_url: str, role: str, name: str = "test key") -> str:

@@ -9,7 +9,6 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
 
 import grpc
 import pytest
@@ -17,20 +16,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
-from tests.support import TEST_DATABASE, Cuttable, LiveServer, failure, fresh_database, make_doctor
+from tests.support import TEST_DATABASE, Cuttable, LiveServer, eventually, failure, fresh_database, make_doctor
 
 pytestmark = pytest.mark.skipif(TEST_DATABASE != "postgresql", reason="a database reached over the network")
 
 OPD = "opd.v1.OPDTokenService"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 POSTGRES = ("127.0.0.1", 5432)
-
-
-def eventually(what: Callable[[], Any], wanted: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (seen := what()) != wanted:
-        assert time.monotonic() < deadline, f"still {seen!r}, not {wanted!r}"
-        time.sleep(0.1)
 
 
 def database_up(metrics_port: int) -> float:

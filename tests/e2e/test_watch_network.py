@@ -9,7 +9,7 @@ import contextlib
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import grpc
 import pytest
@@ -17,7 +17,7 @@ import pytest
 from clients.library import OPDClient, OPDError, Watch
 from opd_grpc import server as server_module
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
-from tests.support import DAY, Cuttable, LiveServer, make_doctor, patient
+from tests.support import DAY, Cuttable, LiveServer, eventually, make_doctor, patient
 
 pytestmark = pytest.mark.backend_independent  # its own SQLite file: what is tested is the network
 
@@ -72,13 +72,6 @@ class Board:
 def client_side_threads() -> set[threading.Thread]:
     """Threads other than the in-process server's pools, which start threads on demand."""
     return {t for t in threading.enumerate() if not t.name.startswith(("opd-engine", "asyncio_"))}
-
-
-def eventually(what: Callable[[], Any], wanted: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while (seen := what()) != wanted:
-        assert time.monotonic() < deadline, f"still {seen!r}, not {wanted!r}"
-        time.sleep(0.05)
 
 
 def allocate(desk: OPDClient, doctor: str, numbers: range) -> None:
