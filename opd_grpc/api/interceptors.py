@@ -102,8 +102,7 @@ class CallPipeline(grpc.aio.ServerInterceptor):
                 await context.abort_with_status(from_engine_error(refusal))
             except EngineError as refusal:
                 await context.abort_with_status(from_engine_error(refusal))
-            remaining = context.time_remaining()
-            if context.cancelled() or (remaining is not None and remaining <= 0):
+            if _caller_gone(context):
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "The caller's deadline passed before the "
                                                                        "call was started; nothing was done.")
             auth.CALLER.set(call.actor)
