@@ -118,10 +118,12 @@ class Cuttable:
     and takes new ones but never answers (a network that drops packets, as a client that connects anew sees it);
     `black_hole()` keeps every connection open, old and new, and moves no byte on any (a path that died in silence
     under open connections: a host frozen or unplugged, a NAT that forgot the flow). `restore()` forwards again,
-    on the same port; after a black hole it delivers what was held back, as TCP does once the path is back."""
+    on the same port; after a black hole it delivers what was held back, as TCP does once the path is back.
+    With `replies`, each connection gets `replies()`, which is handed every chunk the upstream sends on it."""
 
-    def __init__(self, upstream: tuple[str, int]):
+    def __init__(self, upstream: tuple[str, int], replies: Callable[[], Callable[[bytes], None]] | None = None):
         self.upstream = upstream
+        self._replies = replies
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self.address = f"127.0.0.1:{self.port}"
@@ -148,13 +150,16 @@ class Cuttable:
             upstream = socket.create_connection(self.upstream)
             with self._lock:
                 self._open.append(upstream)
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), name="proxy-pump", daemon=True).start()
+            heard = self._replies() if self._replies else None
+            for source, sink, hear in ((client, upstream, None), (upstream, client, heard)):
+                threading.Thread(target=self._pump, args=(source, sink, hear), name="proxy-pump", daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, hear: Callable[[bytes], None] | None) -> None:
         try:
             while data := source.recv(65536):
                 self._flowing.wait()  # black-holed: held, not lost
+                if hear is not None:
+                    hear(data)
                 sink.sendall(data)
         except OSError:
             pass

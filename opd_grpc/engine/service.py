@@ -80,6 +80,7 @@ class UnitOfWork(Protocol):
     def stored_request(self, request_id: str) -> StoredRequest | None: ...
     def store_request(self, request_id: str, stored: StoredRequest, now: dt.datetime) -> None: ...
     def day_version(self, key: DayKey) -> int | None: ...
+    def lock_day(self, key: DayKey, request_id: str | None) -> tuple[int | None, StoredRequest | None]: ...
     def load_day(self, key: DayKey, rules: Rules) -> DoctorDay: ...
     def save_day(self, day: DoctorDay) -> None: ...
     def events_after(self, key: DayKey, after: int, limit: int) -> list[QueueEvent]: ...
@@ -742,8 +743,8 @@ class OPDService:
         with self._locked([key]) as uow:
             # The day's row is locked first (PostgreSQL): a copy of this request that another replica committed
             # meanwhile is then visible to the replay check, instead of being run a second time.
-            version = uow.day_version(key)
-            if (replay := self._replay(uow, call.retry)) is not None:
+            version, stored = uow.lock_day(key, call.retry.request_id if call.retry else None)
+            if call.retry is not None and (replay := self._replay_of(call.retry, stored)) is not None:
                 return replay
             day = self._day(uow, key, version, create=missing_ok)
             try:
@@ -832,9 +833,11 @@ class OPDService:
         return doctor
 
     def _replay(self, uow: UnitOfWork, retry: Retry | None) -> Replay | None:
-        if retry is None:
-            return None
-        stored = uow.stored_request(retry.request_id)
+        return None if retry is None else self._replay_of(retry, uow.stored_request(retry.request_id))
+
+    @staticmethod
+    def _replay_of(retry: Retry, stored: StoredRequest | None) -> Replay | None:
+        """The first answer stored under the request's request_id, if one is (SPEC §9)."""
         if stored is None:
             return None
         if stored.method != retry.method or stored.fingerprint != retry.fingerprint:

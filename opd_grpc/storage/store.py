@@ -166,7 +166,7 @@ class SqlStore:
         if self._writer is not None and write:
             with self._writer:  # SQLite's one writer keeps its connection: no pool round trip per write
                 if self._writer_uow is None:
-                    self._writer_uow = SqlUnitOfWork(self.engine.connect(), self.hot, write=True)
+                    self._writer_uow = SqlUnitOfWork(self.engine.connect(), self.hot, write=True, pipelined=False)
                 uow = self._writer_uow
                 uow.committing = False
                 uow.cursor.execute("BEGIN IMMEDIATE")
@@ -180,7 +180,7 @@ class SqlStore:
                     conn.exec_driver_sql("BEGIN")
                 elif not write:  # one snapshot for the whole read (its day's rows match its version), no lock
                     conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                yield SqlUnitOfWork(conn, self.hot, write)
+                yield SqlUnitOfWork(conn, self.hot, write, pipelined=not self.is_sqlite)
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -237,34 +237,78 @@ class _Checkpointer:
 
 
 class SqlUnitOfWork:
-    def __init__(self, conn: Connection, hot: _HotStatements, write: bool):
-        self.conn = conn
+    def __init__(self, conn: Connection, hot: _HotStatements, write: bool, pipelined: bool):
+        self._conn = conn
         self.hot = hot
         self.write = write
         self.driver = conn.connection.dbapi_connection
         self.cursor = self.driver.cursor()
         self.committing = False
+        # With `pipelined` (PostgreSQL), the hot writes wait here and go to the database with the COMMIT, in one
+        # round trip (psycopg's pipeline mode) instead of one each: a statement that comes after them (a read, or
+        # one of SQLAlchemy's) sends them first, so every statement still runs in the order it was written.
+        self._waiting: list[tuple[str, Any, bool]] | None = [] if pipelined else None
+
+    @property
+    def conn(self) -> Connection:
+        """SQLAlchemy's connection, once the waiting writes have gone ahead of what it is used for."""
+        self._send_waiting(commit=False)
+        return self._conn
 
     def commit(self) -> None:
         """Ends the transaction, whether the hot statements (on the driver) or SQLAlchemy began it. A connection
         lost meanwhile leaves the outcome unknown (`committing` tells the store so)."""
         self.committing = True
-        self.conn.commit()
+        self._send_waiting(commit=True)
+        self._conn.commit()
         self.driver.commit()
         self.committing = False
 
     def rollback(self) -> None:
-        self.conn.rollback()
+        if self._waiting:
+            self._waiting.clear()
+        self._conn.rollback()
         self.driver.rollback()
+
+    def _written(self, statement: str, params: dict[str, Any]) -> None:
+        """A hot write, now or, pipelined, with what comes next."""
+        if self._waiting is None:
+            self.cursor.execute(statement, params)
+        else:
+            self._waiting.append((statement, params, False))
+
+    def _written_rows(self, statement: str, rows: list[dict[str, Any]]) -> None:
+        """A hot write of each of `rows`, now or, pipelined, with what comes next."""
+        if self._waiting is None:
+            self.cursor.executemany(statement, rows)
+        else:
+            self._waiting.append((statement, rows, True))
+
+    def _read(self, statement: str, params: Any) -> Any:
+        """A hot read's one row, after the waiting writes."""
+        self._send_waiting(commit=False)
+        return self.cursor.execute(statement, params).fetchone()
+
+    def _send_waiting(self, commit: bool) -> None:
+        if not self._waiting:
+            return
+        with self.driver.pipeline():
+            for statement, params, many in self._waiting:
+                if many:
+                    self.cursor.executemany(statement, params)
+                else:
+                    self.cursor.execute(statement, params)
+            self._waiting.clear()
+            if commit:  # as a statement: the driver's commit() would wait for its own sync, one more round trip
+                self.cursor.execute("COMMIT")
 
     # ---- idempotency ----
 
     def stored_request(self, request_id: str) -> StoredRequest | None:
-        row = self.cursor.execute(self.hot.stored_request, {"request_id": request_id}).fetchone()
-        return None if row is None else StoredRequest(row[0], bytes(row[1]), bytes(row[2]), row[3])
+        return _stored_request(self._read(self.hot.stored_request, {"request_id": request_id}))
 
     def store_request(self, request_id: str, stored: StoredRequest, now: dt.datetime) -> None:
-        self.cursor.execute(self.hot.insert_request, {
+        self._written(self.hot.insert_request, {
             "request_id": request_id, "method": stored.method, "fingerprint": stored.fingerprint,
             "response": stored.response, "refusal": stored.refusal, "created_at": _iso(now)})
 
@@ -348,8 +392,18 @@ class SqlUnitOfWork:
         """The day's last event sequence; in a change, locking its row for the transaction (a no-op lock on
         SQLite, where BEGIN IMMEDIATE already holds the database)."""
         statement = self.hot.day_version if self.write else self.hot.day_version_read
-        row = self.cursor.execute(statement, _key(key)).fetchone()
-        return None if row is None else row[0]
+        return _first(self._read(statement, _key(key)))
+
+    def lock_day(self, key: DayKey, request_id: str | None) -> tuple[int | None, StoredRequest | None]:
+        """A change's first reads: the day's version, its row locked for the transaction, then the stored answer
+        to `request_id`, if one is. Pipelined, both go in one round trip (with the transaction's BEGIN)."""
+        if self._waiting is None or request_id is None:
+            return self.day_version(key), None if request_id is None else self.stored_request(request_id)
+        self._send_waiting(commit=False)
+        with self.driver.pipeline():
+            version = self.cursor.execute(self.hot.day_version, _key(key))
+            stored = self.driver.cursor().execute(self.hot.stored_request, {"request_id": request_id})
+        return _first(version.fetchone()), _stored_request(stored.fetchone())
 
     def load_day(self, key: DayKey, rules: Rules) -> DoctorDay:
         params = _key(key)
@@ -384,26 +438,26 @@ class SqlUnitOfWork:
 
     def save_day(self, day: DoctorDay) -> None:
         """Writes what the day's rules changed: counters, slots, tokens and their events."""
-        run, hot = self.cursor, self.hot
+        write, write_rows, hot = self._written, self._written_rows, self.hot
         date = day.date.isoformat()
         counters = {"last_token_number": day.last_token_number, "last_sequence": day.last_sequence}
         if not day.exists:
-            run.execute(hot.insert_day, {"doctor_id": day.doctor_id, "date": date, **counters})
+            write(hot.insert_day, {"doctor_id": day.doctor_id, "date": date, **counters})
         elif day.pending_events:
-            run.execute(hot.update_day, {"k_doctor_id": day.doctor_id, "k_date": date, **counters})
+            write(hot.update_day, {"k_doctor_id": day.doctor_id, "k_date": date, **counters})
         if day.new_slots:
-            run.executemany(hot.insert_slot, [_slot_row(day.slots[s]) for s in day.new_slots])
+            write_rows(hot.insert_slot, [_slot_row(day.slots[s]) for s in day.new_slots])
         changed_slots = day.dirty_slots.difference(day.new_slots)
         if changed_slots:
-            run.executemany(hot.update_slot, [{"k_slot_id": s, "max_capacity": day.slots[s].max_capacity}
-                                              for s in changed_slots])
+            write_rows(hot.update_slot, [{"k_slot_id": s, "max_capacity": day.slots[s].max_capacity}
+                                         for s in changed_slots])
         if day.new_tokens:
-            run.executemany(hot.insert_token, [_token_row(day.tokens[t]) for t in day.new_tokens])
+            write_rows(hot.insert_token, [_token_row(day.tokens[t]) for t in day.new_tokens])
         changed_tokens = day.dirty_tokens.difference(day.new_tokens)
         if changed_tokens:
-            run.executemany(hot.update_token, [_token_update(day.tokens[t]) for t in changed_tokens])
+            write_rows(hot.update_token, [_token_update(day.tokens[t]) for t in changed_tokens])
         if day.pending_events:
-            run.executemany(hot.insert_event, [{
+            write_rows(hot.insert_event, [{
                 "doctor_id": e.doctor_id, "date": date, "sequence": e.sequence, "kind": e.kind.value,
                 "token_id": e.token_id, "token_number": e.token_number, "slot_id": e.slot_id,
                 "status": e.status.value if e.status else "", "caused_by_token_id": e.caused_by_token_id,
@@ -412,7 +466,7 @@ class SqlUnitOfWork:
     # ---- keys and the audit log (SPEC §13) ----
 
     def add_audit_entry(self, entry: AuditEntry) -> None:
-        self.cursor.execute(self.hot.insert_audit, {
+        self._written(self.hot.insert_audit, {
             "occurred_at": _iso(entry.occurred_at), "outcome": entry.outcome, "key_id": entry.key_id,
             "role": entry.role, "method": entry.method, "request_id": entry.request_id, "token_id": entry.token_id,
             "from_status": entry.from_status, "to_status": entry.to_status, "reason": entry.reason})
@@ -478,6 +532,14 @@ class SqlUnitOfWork:
 # PostgreSQL's codes for a race lost to a concurrent transaction: a key both inserted (the loser sees the
 # winner's row when it runs again), a serialization failure, a deadlock.
 _RACE_SQLSTATES = {"23505", "40001", "40P01"}
+
+
+def _first(row: Any) -> Any:
+    return None if row is None else row[0]
+
+
+def _stored_request(row: Any) -> StoredRequest | None:
+    return None if row is None else StoredRequest(row[0], bytes(row[1]), bytes(row[2]), row[3])
 
 
 def _iso(when: dt.datetime | None) -> str | None:
