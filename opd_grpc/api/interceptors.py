@@ -142,8 +142,11 @@ class CallPipeline(grpc.aio.ServerInterceptor):
 async def _failed(context: grpc.aio.ServicerContext, error: Exception, name: str) -> None:
     """A status the servicer chose passes on; a limit in flight is refused with its reason (the servicer itself
     answers the engine's refusals); anything else is a bug (never bad input, SPEC §12): logged, and answered
-    INTERNAL with no internals instead of gRPC's UNKNOWN with the exception's text."""
-    if isinstance(error, grpc.aio.AbortError):
+    INTERNAL with no internals instead of gRPC's UNKNOWN with the exception's text.
+    A call the servicer already aborted (its code is set) is not answered again, for gRPC refuses a second abort
+    (`UsageError`): the error is that abort's status failing to go out, as when the caller's connection had just
+    closed (`ExecuteBatchError`), which gRPC, handed the error, passes over in silence; anything else it logs."""
+    if isinstance(error, grpc.aio.AbortError) or context.code() is not None:
         raise error
     if isinstance(error, ResourceExhausted):
         await context.abort_with_status(from_engine_error(error))
