@@ -358,7 +358,9 @@ class Watch:
     """A WatchQueue stream that reconnects by itself and resumes where it left off, so each event comes once.
 
     Iterating opens the stream; leaving the loop (or `close()` on the iterator) cancels it, and iterating again
-    resumes after `last_sequences`. `cancel()` may be called from any thread and ends the iteration for good.
+    resumes after `last_sequences`. `cancel()` may be called from any thread and ends the iteration for good;
+    closing the client's channel (the client's `close()`, for one it opened) ends it with an OPDError (CANCELLED),
+    whether its stream is open or it is reconnecting.
     The stream has no deadline: it is meant to stay open. But the server sends at least a heartbeat on a quiet
     stream, so a stream that brings nothing for `stall_seconds` while it is read has lost its server: it is cancelled
     and reconnected, as after UNAVAILABLE. Keepalive pings alone cannot tell: a proxy in between answers them
@@ -396,7 +398,10 @@ class Watch:
     def __iter__(self) -> Iterator[pb.WatchQueueResponse]:
         delay = self._client.backoff
         while not self._cancelled.is_set():
-            call = self._call = self._client._stub.WatchQueue(self._request(), metadata=self._client.metadata)
+            try:
+                call = self._call = self._client._stub.WatchQueue(self._request(), metadata=self._client.metadata)
+            except ValueError as closed:  # what gRPC raises instead of opening a call on a closed channel
+                raise OPDError(grpc.StatusCode.CANCELLED, str(closed)) from None  # as a stream open then is ended
             if self._cancelled.is_set():  # cancel() ran before the call was stored
                 call.cancel()
                 return
