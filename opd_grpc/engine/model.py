@@ -296,6 +296,17 @@ class CapacityChange:
     promoted: list[TokenView]
 
 
+@dataclass(frozen=True)
+class DayChanges:
+    """The rows of a doctor-day that changed after a sequence: each change names its slot or token in its event,
+    so these, with the day's counters, are all that differs from a copy read at that sequence."""
+
+    slots: list[Slot]
+    tokens: list[Token]
+    last_token_number: int
+    last_sequence: int
+
+
 class DoctorDay:
     """One doctor's slots and tokens on one date: the unit of consistency, locked as a whole.
 
@@ -330,6 +341,13 @@ class DoctorDay:
         self.dirty_tokens: set[str] = set()
         self.new_slots: list[str] = []
         self.dirty_slots: set[str] = set()
+
+    def refreshed(self, changes: DayChanges) -> DoctorDay:
+        """The day as it is now, from this copy and the rows changed since (another replica's changes)."""
+        slots = {**self.slots, **{s.slot_id: s for s in changes.slots}}
+        tokens = {**self.tokens, **{t.token_id: t for t in changes.tokens}}
+        return DoctorDay(self.doctor_id, self.date, self.rules, slots.values(), tokens.values(),
+                         changes.last_token_number, changes.last_sequence)
 
     # ---- reading -------------------------------------------------------------------------------
 

@@ -27,7 +27,8 @@ from opd_grpc.engine.errors import (
     decode_refusal, encode_refusal, invalid,
 )
 from opd_grpc.engine.model import (
-    Allocation, CallResult, CapacityChange, DayStats, Doctor, DoctorDay, Patient, QueueEvent, Release, Rules,
+    Allocation, CallResult, CapacityChange, DayChanges, DayStats, Doctor, DoctorDay, Patient, QueueEvent, Release,
+    Rules,
     Slot, SlotStatus, Source, TokenView, day_of_slot_id, day_of_token_id,
 )
 from opd_grpc.engine.parse import Violations
@@ -82,6 +83,7 @@ class UnitOfWork(Protocol):
     def day_version(self, key: DayKey) -> int | None: ...
     def lock_day(self, key: DayKey, request_id: str | None) -> tuple[int | None, StoredRequest | None]: ...
     def load_day(self, key: DayKey, rules: Rules) -> DoctorDay: ...
+    def day_changes(self, key: DayKey, after: int) -> DayChanges | None: ...
     def save_day(self, day: DoctorDay) -> None: ...
     def events_after(self, key: DayKey, after: int, limit: int) -> list[QueueEvent]: ...
     def last_sequences(self, keys: list[DayKey]) -> dict[DayKey, int]: ...
@@ -178,6 +180,9 @@ def _retried(method: Callable[..., T]) -> Callable[..., T]:
     return run
 DEFAULT_PAGE_SIZE = 100
 _DAY_CACHE_SIZE = 4096
+# A cached day behind by at most this many events is brought up to date with the rows they name; further behind,
+# it is read again whole.
+_REFRESH_EVENTS = 256
 
 
 class OPDService:
@@ -813,7 +818,13 @@ class OPDService:
             if day is not None and day.last_sequence == version:
                 self._days.move_to_end(key)
                 return day
-        day = uow.load_day(key, self.rules)
+        # Behind: another replica changed the day since this one read it (PostgreSQL). Its events name the rows
+        # that changed, so only those are read, not the whole day, while the day's lock is held.
+        if day is not None and day.last_sequence < version <= day.last_sequence + _REFRESH_EVENTS and \
+                (changes := uow.day_changes(key, day.last_sequence)) is not None:
+            day = day.refreshed(changes)
+        else:
+            day = uow.load_day(key, self.rules)
         with self._guard:
             self._days[key] = day
             while len(self._days) > _DAY_CACHE_SIZE:

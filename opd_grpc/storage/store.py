@@ -25,7 +25,7 @@ from sqlalchemy.exc import DBAPIError
 from opd_grpc.engine.access import ApiKey
 from opd_grpc.engine.audit import AuditEntry
 from opd_grpc.engine.model import (
-    Doctor, DoctorDay, EventKind, Patient, QueueEvent, Rules, Slot, Source, Status, Token,
+    DayChanges, Doctor, DoctorDay, EventKind, Patient, QueueEvent, Rules, Slot, Source, Status, Token,
 )
 from opd_grpc.engine.errors import Conflict, Unavailable
 from opd_grpc.engine.schedule import Holiday, SlotTemplate, TemplateSlot
@@ -92,6 +92,10 @@ _EVENTS_AFTER = (select(events, tokens.c.source, tokens.c.created_at)
                  .where(*_of_day(events), events.c.sequence > bindparam("after"))
                  .order_by(events.c.sequence).limit(bindparam("limit")))
 _FIRST_EVENT = select(func.min(events.c.sequence)).where(*_of_day(events))
+_NAMED_AFTER = (select(events.c.sequence, events.c.token_id, events.c.slot_id)
+                .where(*_of_day(events), events.c.sequence > bindparam("after")).order_by(events.c.sequence))
+_TOKENS_BY_ID = select(tokens).where(tokens.c.token_id.in_(bindparam("ids", expanding=True)))
+_SLOTS_BY_ID = select(slots).where(slots.c.slot_id.in_(bindparam("ids", expanding=True)))
 _ANY_DOCTOR = select(doctors.c.doctor_id).limit(1)
 _KEYS_PER_QUERY = 500
 CONNECT_TIMEOUT_SECONDS = 5
@@ -412,6 +416,20 @@ class SqlUnitOfWork:
                          slots=[_slot(r) for r in self.conn.execute(_DAY_SLOTS, params)],
                          tokens=[_token(r) for r in self.conn.execute(_DAY_TOKENS, params)],
                          last_token_number=counters.last_token_number, last_sequence=counters.last_sequence)
+
+    def day_changes(self, key: DayKey, after: int) -> DayChanges | None:
+        """The rows that the day's events after sequence `after` name (a token's event, its token; a slot's, its
+        slot), and the day's counters; None when some of those events are no longer kept (pruned)."""
+        params = _key(key)
+        named = self.conn.execute(_NAMED_AFTER, {**params, "after": after}).all()
+        if not named or named[0].sequence != after + 1:
+            return None
+        token_ids = list({r.token_id for r in named if r.token_id})
+        slot_ids = list({r.slot_id for r in named if not r.token_id})
+        counters = self.conn.execute(_DAY_ROW, params).one()
+        changed_slots = [_slot(r) for r in self.conn.execute(_SLOTS_BY_ID, {"ids": slot_ids})] if slot_ids else []
+        changed_tokens = [_token(r) for r in self.conn.execute(_TOKENS_BY_ID, {"ids": token_ids})] if token_ids else []
+        return DayChanges(changed_slots, changed_tokens, counters.last_token_number, counters.last_sequence)
 
     def events_after(self, key: DayKey, after: int, limit: int) -> list[QueueEvent]:
         rows = self.conn.execute(_EVENTS_AFTER, {**_key(key), "after": after, "limit": limit})
