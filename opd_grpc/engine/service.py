@@ -28,8 +28,7 @@ from opd_grpc.engine.errors import (
 )
 from opd_grpc.engine.model import (
     Allocation, CallResult, CapacityChange, DayChanges, DayStats, Doctor, DoctorDay, Patient, QueueEvent, Release,
-    Rules,
-    Slot, SlotStatus, Source, TokenView, day_of_slot_id, day_of_token_id,
+    Rules, Slot, SlotStatus, Source, TokenView, day_of_slot_id, day_of_token_id,
 )
 from opd_grpc.engine.parse import Violations
 from opd_grpc.engine.schedule import (

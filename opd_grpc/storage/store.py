@@ -260,8 +260,9 @@ class SqlUnitOfWork:
         return self._conn
 
     def commit(self) -> None:
-        """Ends the transaction, whether the hot statements (on the driver) or SQLAlchemy began it. A connection
-        lost meanwhile leaves the outcome unknown (`committing` tells the store so)."""
+        """Ends the transaction, whether the hot statements (on the driver) or SQLAlchemy began it; pipelined, the
+        waiting writes go with the COMMIT. A connection lost meanwhile leaves the outcome unknown (`committing` tells
+        the store so)."""
         self.committing = True
         self._send_waiting(commit=True)
         self._conn.commit()
@@ -274,19 +275,19 @@ class SqlUnitOfWork:
         self._conn.rollback()
         self.driver.rollback()
 
-    def _written(self, statement: str, params: dict[str, Any]) -> None:
-        """A hot write, now or, pipelined, with what comes next."""
+    def _written(self, statement: str, params: Any, many: bool = False) -> None:
+        """A hot write (with `many`, one for each of the rows in `params`), now or, pipelined, with what comes
+        next."""
         if self._waiting is None:
-            self.cursor.execute(statement, params)
+            self._run(statement, params, many)
         else:
-            self._waiting.append((statement, params, False))
+            self._waiting.append((statement, params, many))
 
-    def _written_rows(self, statement: str, rows: list[dict[str, Any]]) -> None:
-        """A hot write of each of `rows`, now or, pipelined, with what comes next."""
-        if self._waiting is None:
-            self.cursor.executemany(statement, rows)
+    def _run(self, statement: str, params: Any, many: bool) -> None:
+        if many:
+            self.cursor.executemany(statement, params)
         else:
-            self._waiting.append((statement, rows, True))
+            self.cursor.execute(statement, params)
 
     def _read(self, statement: str, params: Any) -> Any:
         """A hot read's one row, after the waiting writes."""
@@ -297,11 +298,8 @@ class SqlUnitOfWork:
         if not self._waiting:
             return
         with self.driver.pipeline():
-            for statement, params, many in self._waiting:
-                if many:
-                    self.cursor.executemany(statement, params)
-                else:
-                    self.cursor.execute(statement, params)
+            for waiting in self._waiting:
+                self._run(*waiting)
             self._waiting.clear()
             if commit:  # as a statement: the driver's commit() would wait for its own sync, one more round trip
                 self.cursor.execute("COMMIT")
@@ -456,7 +454,7 @@ class SqlUnitOfWork:
 
     def save_day(self, day: DoctorDay) -> None:
         """Writes what the day's rules changed: counters, slots, tokens and their events."""
-        write, write_rows, hot = self._written, self._written_rows, self.hot
+        write, hot = self._written, self.hot
         date = day.date.isoformat()
         counters = {"last_token_number": day.last_token_number, "last_sequence": day.last_sequence}
         if not day.exists:
@@ -464,22 +462,22 @@ class SqlUnitOfWork:
         elif day.pending_events:
             write(hot.update_day, {"k_doctor_id": day.doctor_id, "k_date": date, **counters})
         if day.new_slots:
-            write_rows(hot.insert_slot, [_slot_row(day.slots[s]) for s in day.new_slots])
+            write(hot.insert_slot, [_slot_row(day.slots[s]) for s in day.new_slots], many=True)
         changed_slots = day.dirty_slots.difference(day.new_slots)
         if changed_slots:
-            write_rows(hot.update_slot, [{"k_slot_id": s, "max_capacity": day.slots[s].max_capacity}
-                                         for s in changed_slots])
+            write(hot.update_slot, [{"k_slot_id": s, "max_capacity": day.slots[s].max_capacity}
+                                    for s in changed_slots], many=True)
         if day.new_tokens:
-            write_rows(hot.insert_token, [_token_row(day.tokens[t]) for t in day.new_tokens])
+            write(hot.insert_token, [_token_row(day.tokens[t]) for t in day.new_tokens], many=True)
         changed_tokens = day.dirty_tokens.difference(day.new_tokens)
         if changed_tokens:
-            write_rows(hot.update_token, [_token_update(day.tokens[t]) for t in changed_tokens])
+            write(hot.update_token, [_token_update(day.tokens[t]) for t in changed_tokens], many=True)
         if day.pending_events:
-            write_rows(hot.insert_event, [{
+            write(hot.insert_event, [{
                 "doctor_id": e.doctor_id, "date": date, "sequence": e.sequence, "kind": e.kind.value,
                 "token_id": e.token_id, "token_number": e.token_number, "slot_id": e.slot_id,
                 "status": e.status.value if e.status else "", "caused_by_token_id": e.caused_by_token_id,
-                "occurred_at": _iso(e.occurred_at)} for e in day.pending_events])
+                "occurred_at": _iso(e.occurred_at)} for e in day.pending_events], many=True)
 
     # ---- keys and the audit log (SPEC §13) ----
 
