@@ -203,6 +203,8 @@ class OPDClient:
         for attempt in range(self.attempts):
             try:
                 return rpc(request, timeout=self.timeout, metadata=self.metadata)
+            except ValueError as error:
+                raise _closed(error) from None
             except grpc.RpcError as error:
                 if error.code() not in retryable or attempt + 1 == self.attempts:  # type: ignore[attr-defined]
                     raise OPDError.from_rpc_error(error) from None
@@ -354,6 +356,12 @@ class OPDClient:
                      stall_seconds)
 
 
+def _closed(error: ValueError) -> OPDError:
+    """What gRPC raises instead of starting a call on a closed channel (the client's `close()`), as an OPDError:
+    CANCELLED, what a call already under way is told when its channel closes."""
+    return OPDError(grpc.StatusCode.CANCELLED, str(error))
+
+
 class Watch:
     """A WatchQueue stream that reconnects by itself and resumes where it left off, so each event comes once.
 
@@ -400,8 +408,8 @@ class Watch:
         while not self._cancelled.is_set():
             try:
                 call = self._call = self._client._stub.WatchQueue(self._request(), metadata=self._client.metadata)
-            except ValueError as closed:  # what gRPC raises instead of opening a call on a closed channel
-                raise OPDError(grpc.StatusCode.CANCELLED, str(closed)) from None  # as a stream open then is ended
+            except ValueError as error:
+                raise _closed(error) from None
             if self._cancelled.is_set():  # cancel() ran before the call was stored
                 call.cancel()
                 return

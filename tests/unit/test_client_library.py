@@ -372,3 +372,11 @@ def test_a_stalled_watch_without_reconnect_raises_unavailable(server: Any) -> No
 
     with pytest.raises(Unavailable, match="no update came for 0.2 s"):
         viewer.finished.result()
+
+
+def test_a_call_after_close_raises_an_opd_error_not_grpcs_value_error() -> None:
+    client = OPDClient("127.0.0.1:1")  # closed before it ever connects: no server is needed
+    client.close()
+    with pytest.raises(OPDError) as raised:
+        client.get_doctor("DOC001")
+    assert raised.value.code == grpc.StatusCode.CANCELLED
