@@ -37,6 +37,13 @@ MORNING = dt.datetime(2030, 1, 7, 7, 0, tzinfo=dt.timezone.utc)
 # TEST_POSTGRES_URL, each test in a schema of its own.
 TEST_DATABASE = os.environ.get("TEST_DATABASE", "sqlite")
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+_POSTGRES_AT = sqlalchemy.engine.make_url(POSTGRES_URL)
+POSTGRES = (_POSTGRES_AT.host or "127.0.0.1", _POSTGRES_AT.port or 5432)  # where a proxy in front of it forwards
+
+
+def through(proxy: Cuttable, database_url: str) -> str:
+    """`database_url` (a schema of the PostgreSQL at POSTGRES) reached through `proxy` (a Cuttable to POSTGRES)."""
+    return database_url.replace(f"{POSTGRES[0]}:{POSTGRES[1]}", proxy.address)
 
 
 @contextlib.contextmanager

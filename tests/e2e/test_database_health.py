@@ -16,13 +16,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
-from tests.support import TEST_DATABASE, Cuttable, LiveServer, eventually, failure, fresh_database, make_doctor
+from tests.support import (
+    POSTGRES, TEST_DATABASE, Cuttable, LiveServer, eventually, failure, fresh_database, make_doctor, through,
+)
 
 pytestmark = pytest.mark.skipif(TEST_DATABASE != "postgresql", reason="a database reached over the network")
 
 OPD = "opd.v1.OPDTokenService"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-POSTGRES = ("127.0.0.1", 5432)
 
 
 def database_up(metrics_port: int) -> float:
@@ -35,7 +36,7 @@ def database_up(metrics_port: int) -> float:
 def test_health_is_not_serving_while_the_database_is_out_of_reach_and_serving_once_it_is_back(tmp_path: Path):
     proxy = Cuttable(POSTGRES)
     with fresh_database(tmp_path) as url:
-        live = LiveServer(url.replace(f"{POSTGRES[0]}:{POSTGRES[1]}", f"127.0.0.1:{proxy.port}"),
+        live = LiveServer(through(proxy, url),
                           METRICS_LISTEN="127.0.0.1:0")
         try:
             health = health_pb2_grpc.HealthStub(live.channel)
@@ -83,7 +84,7 @@ def test_a_database_that_stops_answering_turns_health_not_serving_and_a_hung_che
     next check finds the database and health is SERVING again."""
     proxy = Cuttable(POSTGRES)
     with fresh_database(tmp_path) as url:
-        live = LiveServer(url.replace(f"{POSTGRES[0]}:{POSTGRES[1]}", f"127.0.0.1:{proxy.port}"))
+        live = LiveServer(through(proxy, url))
         try:
             health = health_pb2_grpc.HealthStub(live.channel)
 

@@ -21,10 +21,8 @@ from opd_grpc.engine.service import AllocateCommand, Call, OPDService, Replay, R
 from opd_grpc.engine.schedule import SlotRequest
 from opd_grpc.offline import offline_service
 from opd_grpc.settings import Settings
-from tests.support import TEST_DATABASE, Cuttable, fresh_database
+from tests.support import DAY, POSTGRES, TEST_DATABASE, Cuttable, fresh_database, through
 
-POSTGRES = ("127.0.0.1", 5432)
-DAY = "2030-01-07"
 NOW = dt.datetime(2030, 1, 7, 7, 0, tzinfo=dt.timezone.utc)
 # The most a first allocation into a cached doctor-day waits for PostgreSQL: the pool's liveness ping, BEGIN (which
 # psycopg sends on its own), the day's lock with the request_id's answer, the writes with COMMIT. One statement at a
@@ -61,7 +59,7 @@ def counted(tmp_path: Path) -> Iterator[tuple[OPDService, RoundTrips]]:
     proxy = Cuttable(POSTGRES, replies=trips.reader)
     with fresh_database(tmp_path) as url:
         # Plain text on the wire, so that the proxy can read PostgreSQL's messages.
-        proxied = url.replace(f"{POSTGRES[0]}:{POSTGRES[1]}", proxy.address) + "&sslmode=disable&gssencmode=disable"
+        proxied = through(proxy, url) + "&sslmode=disable&gssencmode=disable"
         with offline_service(proxied, Settings().rules()) as service:
             yield service, trips
     proxy.cut()
