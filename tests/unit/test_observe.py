@@ -8,6 +8,8 @@ import io
 import json
 import logging
 import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any, Iterator
@@ -310,3 +312,32 @@ def test_server_process_asks_for_a_free_metrics_port_and_reads_where_metrics_are
         assert server.metrics_address == expected
     finally:
         server.kill()
+
+
+# Writes 4 MiB of log lines after it listens, far more than a pipe holds, then says it is done.
+CHATTY_SERVER = """
+import time
+print("opd-grpc listening on 127.0.0.1:4321 (database sqlite://)", flush=True)
+for n in range(40000):
+    print(f"access line {n} " + "x" * 90)
+print("done", flush=True)
+time.sleep(60)
+"""
+
+
+def test_server_process_output_goes_to_a_file_that_nothing_in_the_caller_reads_as_the_server_runs():
+    """A benchmark's client must not pay for the server's access log: no thread of ours reads it, and a server
+    that logs more than a pipe holds does not stall for want of a reader."""
+    threads = threading.active_count()
+    server = ServerProcess(settings={"METRICS_LISTEN": ""}, program=("-c", CHATTY_SERVER))
+    try:
+        server.start(timeout=20)
+        assert threading.active_count() == threads
+        deadline = time.monotonic() + 20
+        while server.output[-1:] != ["done\n"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.output[-2:] == [f"access line 39999 {'x' * 90}\n", "done\n"]
+        assert server.log_path.stat().st_size > 4_000_000
+    finally:
+        server.kill()
+    assert server.output[-1] == "done\n"  # kept once the server has ended and its folder is gone
