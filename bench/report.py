@@ -36,7 +36,7 @@ class Measurement:
     server_cpu_cores: float  # CPU time of the server process over the measurement's wall time
     client_cpu_cores: float
     server_cpu_ms_per_call: float  # steadier than calls/s when other work shares the machine
-    # The bench's client processes; the first is the bench's own, whose thread also drains the server's log lines.
+    # The bench's client processes, every thread (the server's log goes to a file: none of this reads it).
     client_cpu_ms_per_call: float = 0.0
 
     @classmethod
