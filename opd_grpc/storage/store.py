@@ -98,6 +98,8 @@ _TOKENS_BY_ID = select(tokens).where(tokens.c.token_id.in_(bindparam("ids", expa
 _SLOTS_BY_ID = select(slots).where(slots.c.slot_id.in_(bindparam("ids", expanding=True)))
 _ANY_DOCTOR = select(doctors.c.doctor_id).limit(1)
 _KEYS_PER_QUERY = 500
+# A read's transaction on PostgreSQL: one snapshot for all its statements, and no lock.
+_BEGIN_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 CONNECT_TIMEOUT_SECONDS = 5
 
 
@@ -170,7 +172,7 @@ class SqlStore:
         if self._writer is not None and write:
             with self._writer:  # SQLite's one writer keeps its connection: no pool round trip per write
                 if self._writer_uow is None:
-                    self._writer_uow = SqlUnitOfWork(self.engine.connect(), self.hot, write=True, pipelined=False)
+                    self._writer_uow = SqlUnitOfWork(self.engine.connect(), self.hot, write=True)
                 uow = self._writer_uow
                 uow.committing = False
                 uow.cursor.execute("BEGIN IMMEDIATE")
@@ -182,9 +184,12 @@ class SqlStore:
             with self.engine.connect() as conn:
                 if self.is_sqlite:
                     conn.exec_driver_sql("BEGIN")
-                elif not write:  # one snapshot for the whole read (its day's rows match its version), no lock
-                    conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                yield SqlUnitOfWork(conn, self.hot, write, pipelined=not self.is_sqlite)
+                    yield SqlUnitOfWork(conn, self.hot, write)
+                else:
+                    # The transaction is begun by hand (the driver in autocommit: psycopg would wait for its own
+                    # BEGIN), so that BEGIN goes with the unit of work's first statements.
+                    conn.execution_options(isolation_level="AUTOCOMMIT")
+                    yield SqlUnitOfWork(conn, self.hot, write, begin="BEGIN" if write else _BEGIN_SNAPSHOT)
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -241,17 +246,18 @@ class _Checkpointer:
 
 
 class SqlUnitOfWork:
-    def __init__(self, conn: Connection, hot: _HotStatements, write: bool, pipelined: bool):
+    def __init__(self, conn: Connection, hot: _HotStatements, write: bool, begin: str | None = None):
         self._conn = conn
         self.hot = hot
         self.write = write
         self.driver = conn.connection.dbapi_connection
         self.cursor = self.driver.cursor()
         self.committing = False
-        # With `pipelined` (PostgreSQL), the hot writes wait here and go to the database with the COMMIT, in one
-        # round trip (psycopg's pipeline mode) instead of one each: a statement that comes after them (a read, or
-        # one of SQLAlchemy's) sends them first, so every statement still runs in the order it was written.
-        self._waiting: list[tuple[str, Any, bool]] | None = [] if pipelined else None
+        # Pipelined (PostgreSQL: `begin` is the transaction's BEGIN, on a driver in autocommit), statements wait
+        # here and go to the database together, in one round trip (psycopg's pipeline mode) instead of one each:
+        # BEGIN with the first reads, the hot writes with the COMMIT. A statement that comes after waiting ones (a
+        # read, or one of SQLAlchemy's) sends them first, so every statement still runs in the order it was written.
+        self._waiting: list[tuple[str, Any, bool]] | None = None if begin is None else [(begin, None, False)]
 
     @property
     def conn(self) -> Connection:
@@ -290,19 +296,32 @@ class SqlUnitOfWork:
             self.cursor.execute(statement, params)
 
     def _read(self, statement: str, params: Any) -> Any:
-        """A hot read's one row, after the waiting writes."""
-        self._send_waiting(commit=False)
-        return self.cursor.execute(statement, params).fetchone()
+        """A hot read's one row, after the waiting statements (pipelined, in one round trip with them)."""
+        return self._reads((statement, params))[0]
+
+    def _reads(self, *reads: tuple[str, Any]) -> list[Any]:
+        """Hot reads' first rows, after the waiting statements; pipelined, all in one round trip. Each read has a
+        cursor of its own, for a cursor keeps only its last statement's rows."""
+        if self._waiting is None:
+            return [self.cursor.execute(statement, params).fetchone() for statement, params in reads]
+        with self.driver.pipeline():
+            self._run_waiting()
+            cursors = [self.driver.cursor().execute(statement, params) for statement, params in reads]
+        return [cursor.fetchone() for cursor in cursors]
 
     def _send_waiting(self, commit: bool) -> None:
         if not self._waiting:
             return
         with self.driver.pipeline():
-            for waiting in self._waiting:
-                self._run(*waiting)
-            self._waiting.clear()
+            self._run_waiting()
             if commit:  # as a statement: the driver's commit() would wait for its own sync, one more round trip
                 self.cursor.execute("COMMIT")
+
+    def _run_waiting(self) -> None:
+        assert self._waiting is not None
+        for waiting in self._waiting:
+            self._run(*waiting)
+        self._waiting.clear()
 
     # ---- idempotency ----
 
@@ -399,13 +418,11 @@ class SqlUnitOfWork:
     def lock_day(self, key: DayKey, request_id: str | None) -> tuple[int | None, StoredRequest | None]:
         """A change's first reads: the day's version, its row locked for the transaction, then the stored answer
         to `request_id`, if one is. Pipelined, both go in one round trip (with the transaction's BEGIN)."""
-        if self._waiting is None or request_id is None:
-            return self.day_version(key), None if request_id is None else self.stored_request(request_id)
-        self._send_waiting(commit=False)
-        with self.driver.pipeline():
-            version = self.cursor.execute(self.hot.day_version, _key(key))
-            stored = self.driver.cursor().execute(self.hot.stored_request, {"request_id": request_id})
-        return _first(version.fetchone()), _stored_request(stored.fetchone())
+        if request_id is None:
+            return self.day_version(key), None
+        version, stored = self._reads((self.hot.day_version, _key(key)),
+                                      (self.hot.stored_request, {"request_id": request_id}))
+        return _first(version), _stored_request(stored)
 
     def load_day(self, key: DayKey, rules: Rules) -> DoctorDay:
         params = _key(key)
