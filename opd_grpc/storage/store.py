@@ -261,7 +261,8 @@ class SqlUnitOfWork:
 
     @property
     def conn(self) -> Connection:
-        """SQLAlchemy's connection, once the waiting writes have gone ahead of what it is used for."""
+        """SQLAlchemy's connection, once the waiting statements (BEGIN, hot writes) have gone ahead of what it is used
+        for."""
         self._send_waiting(commit=False)
         return self._conn
 
