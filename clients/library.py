@@ -1,7 +1,8 @@
 """A thin typed client of opd.v1.OPDTokenService for hospital systems, the display board, opdctl and the simulation.
 
-Each call has its own deadline; a call that changes state always carries a `request_id` (SPEC §9), so it can be
-replayed safely: UNAVAILABLE (and, for those calls, DEADLINE_EXCEEDED) is retried with the same `request_id`.
+Each call has one deadline, `timeout` seconds from when it is made, that its retries share, as gRPC's own retries do;
+a call that changes state always carries a `request_id` (SPEC §9), so it can be replayed safely: UNAVAILABLE (and,
+for those calls, DEADLINE_EXCEEDED answered before the deadline) is retried with the same `request_id`.
 Refusals come back as `OPDError`s that a person can read. `watch` follows WatchQueue across reconnects and server
 restarts, resuming after the last sequence seen per doctor (SPEC §10), and across a network path that died in
 silence: keepalive pings find the dead connection, and a watch that hears nothing, not even a heartbeat, reconnects.
@@ -162,7 +163,9 @@ class OPDClient:
     """One connection to the OPD token service; a context manager that closes the channel it opened.
 
     With `credentials` (see `tls_credentials`) the channel it opens speaks TLS; without, plaintext. A channel it
-    opens pings the server while a call is open (KEEPALIVE_CHANNEL_OPTIONS); a `channel` passed in is used as is."""
+    opens pings the server while a call is open (KEEPALIVE_CHANNEL_OPTIONS); a `channel` passed in is used as is.
+    A call may take `timeout` seconds in all: its attempts (up to `attempts`) and the `backoff` between them
+    share it. A watch has no deadline (see Watch)."""
 
     def __init__(self, address: str | None = None, *, channel: grpc.Channel | None = None, timeout: float = 5.0,
                  attempts: int = 4, backoff: float = 0.1, api_key: str | None = None,
@@ -190,25 +193,30 @@ class OPDClient:
         self.close()
 
     def _call(self, method: str, request: Message) -> Any:
-        """Calls `method` with a deadline per attempt, retrying what is safe to retry; failures become OPDError.
+        """Calls `method`, retrying what is safe to retry, all within `timeout` seconds; failures become OPDError.
 
-        A request with a `request_id` field changes state: it gets a fresh id unless the caller gave one, and every
-        attempt sends that same id, so the server applies it once even if an earlier attempt did reach it."""
+        The deadline is the call's, not an attempt's: each attempt gets what is left of it, and no retry starts
+        (nor backoff sleeps) past it, so a server that hangs costs the caller `timeout` seconds, not `attempts` times
+        that. A request with a `request_id` field changes state: it gets a fresh id unless the caller gave one, and
+        every attempt sends that same id, so the server applies it once even if an earlier attempt did reach it."""
         retryable = {grpc.StatusCode.UNAVAILABLE}
         if "request_id" in request.DESCRIPTOR.fields_by_name:
             if not request.request_id:  # type: ignore[attr-defined]
                 request.request_id = str(uuid.uuid4())  # type: ignore[attr-defined]
             retryable.add(grpc.StatusCode.DEADLINE_EXCEEDED)
         rpc = getattr(self._stub, method)
+        deadline = time.monotonic() + self.timeout
         for attempt in range(self.attempts):
             try:
-                return rpc(request, timeout=self.timeout, metadata=self.metadata)
+                return rpc(request, timeout=max(0.0, deadline - time.monotonic()), metadata=self.metadata)
             except ValueError as error:
                 raise _closed(error) from None
             except grpc.RpcError as error:
-                if error.code() not in retryable or attempt + 1 == self.attempts:  # type: ignore[attr-defined]
+                pause = self.backoff * 2 ** attempt
+                if (error.code() not in retryable  # type: ignore[attr-defined]
+                        or attempt + 1 == self.attempts or time.monotonic() + pause >= deadline):
                     raise OPDError.from_rpc_error(error) from None
-            time.sleep(self.backoff * 2 ** attempt)
+            time.sleep(pause)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     # Doctors and slots

@@ -207,7 +207,7 @@ def _common_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
     group.add_argument("--json", action="store_true", default=default(False),
                        help="print the response as JSON (field names as in the proto), for scripts")
     group.add_argument("--timeout", type=float, default=default(5.0), metavar="SECONDS",
-                       help="how long each call may take (default 5)")
+                       help="how long each call may take, its retries included (default 5)")
     group.add_argument("--timezone", type=zone, default=default(env("OPD_TIMEZONE") or None), metavar="ZONE",
                        help="show times of day in this IANA time zone, e.g. Asia/Kolkata (env OPD_TIMEZONE; "
                             "default: the hospital's, the server's TIMEZONE)")

@@ -81,7 +81,7 @@ def server() -> Any:
 
 def client_of(server: Any, **options: Any) -> tuple[OPDClient, TimeoutRecorder]:
     recorder = TimeoutRecorder(server)
-    return OPDClient(channel=recorder, backoff=0.001, **options), recorder  # type: ignore[arg-type]
+    return OPDClient(channel=recorder, **{"backoff": 0.001, **options}), recorder  # type: ignore[arg-type]
 
 
 def rich_trailers(code: int, message: str, reason: str, violations: dict[str, str] | None = None) -> tuple:
@@ -108,13 +108,14 @@ def test_a_call_sends_the_request_fields_with_a_deadline_and_the_api_key(server:
     rpc.terminate(answer, (), OK, "")
 
     assert pending.result() == answer
-    assert recorder.timeouts == [("AllocateToken", 2.5)]
+    [(method, timeout)] = recorder.timeouts
+    assert method == "AllocateToken" and 2.0 < timeout <= 2.5
     assert ("authorization", "Bearer k-reception") in metadata
     assert (request.patient, request.doctor_id, request.date) == (patient, "DOC001", DAY)
     assert (request.source, request.preferred_slot_time, request.flexible) == (pb.SOURCE_WALK_IN, "09:00", True)
 
 
-def test_unavailable_is_retried_with_the_same_request_id_and_a_fresh_deadline(server: Any) -> None:
+def test_unavailable_is_retried_with_the_same_request_id_within_the_calls_one_deadline(server: Any) -> None:
     client, recorder = client_of(server, timeout=1.5)
     pending = Background(client.cancel_token, "DOC001-20300107-T001", "patient left")
     _, first, rpc = within(server.take_unary_unary, METHOD["CancelToken"])
@@ -125,7 +126,8 @@ def test_unavailable_is_retried_with_the_same_request_id_and_a_fresh_deadline(se
     assert pending.result().token.token_id == "DOC001-20300107-T001"
     assert len(first.request_id) == 36 and second.request_id == first.request_id
     assert (second.token_id, second.reason) == ("DOC001-20300107-T001", "patient left")
-    assert recorder.timeouts == [("CancelToken", 1.5), ("CancelToken", 1.5)]
+    [(_, first_timeout), (_, second_timeout)] = recorder.timeouts
+    assert 1.0 < second_timeout < first_timeout <= 1.5  # what is left of the call's 1.5 s, not 1.5 s afresh
 
 
 def test_a_callers_request_id_is_kept_and_a_change_is_retried_after_deadline_exceeded(server: Any) -> None:
@@ -195,6 +197,18 @@ def test_unavailable_on_every_attempt_raises_unavailable(server: Any) -> None:
     with pytest.raises(Unavailable, match="^UNAVAILABLE: connection refused$"):
         pending.result()  # a fourth attempt would still be waiting for an answer here
     assert len(set(ids)) == 1 and len(recorder.timeouts) == 3
+
+
+def test_no_retry_starts_once_its_backoff_would_pass_the_calls_deadline(server: Any) -> None:
+    client, recorder = client_of(server, timeout=1.0, backoff=0.4, attempts=4)
+    pending = Background(client.check_in_token, "DOC001-20300107-T001")
+    for _ in range(2):  # the first retry starts after 0.4 s; the next would wait 0.8 s more, past the 1 s
+        _, _, rpc = within(server.take_unary_unary, METHOD["CheckInToken"])
+        rpc.terminate(pb.CheckInTokenResponse(), (), grpc.StatusCode.UNAVAILABLE, "connection refused")
+
+    with pytest.raises(Unavailable, match="^UNAVAILABLE: connection refused$"):
+        pending.result()
+    assert len(recorder.timeouts) == 2
 
 
 def test_iter_tokens_follows_next_page_token_to_the_end(server: Any) -> None:
