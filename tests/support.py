@@ -157,6 +157,8 @@ class Cuttable:
             upstream = socket.create_connection(self.upstream)
             with self._lock:
                 self._open.append(upstream)
+            for end in (client, upstream):  # as libpq, PostgreSQL and gRPC set it: no 40 ms delayed-ACK stalls
+                end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             heard = self._replies() if self._replies else None
             for source, sink, hear in ((client, upstream, None), (upstream, client, heard)):
                 threading.Thread(target=self._pump, args=(source, sink, hear), name="proxy-pump", daemon=True).start()
