@@ -639,7 +639,6 @@ def test_a_server_that_is_not_there_is_exit_3_with_how_to_start_it():
     assert flag.code == 3 and f"running at {address}?" in flag.err  # --address wins over OPD_ADDRESS
 
 
-
 @pytest.mark.backend_independent
 def test_a_server_that_never_answers_costs_the_timeout_once_not_once_per_retry():
     """A change is retried (its request_id makes that safe), but within the one --timeout: a hung server (here a
@@ -647,7 +646,7 @@ def test_a_server_that_never_answers_costs_the_timeout_once_not_once_per_retry()
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
         hung.listen(8)
-        address = "127.0.0.1:%d" % hung.getsockname()[1]
+        address = f"127.0.0.1:{hung.getsockname()[1]}"
         started = time.monotonic()
         run = opdctl(address, "cancel", "DOC001-20300107-T001", "--timeout", "1")
         took = time.monotonic() - started
@@ -656,6 +655,7 @@ def test_a_server_that_never_answers_costs_the_timeout_once_not_once_per_retry()
     assert f"the server at {address} did not answer within 1 s" in run.err
     # Four attempts of 1 s each and their backoff took 4.7 s and more; opdctl's own start takes under a second.
     assert took < 3.0, f"opdctl took {took:.1f} s"
+
 
 def test_report_writes_the_days_page_and_sums_up_each_doctor(live: LiveServer, doctor: str, tmp_path: Path):
     allocate(live.stub, doctor, 1, slot_time="09:00")
