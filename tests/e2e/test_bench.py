@@ -154,3 +154,14 @@ def test_the_issue_fanout_targets_are_judged_on_p99_for_their_own_runs_only() ->
     assert verdicts == {(100, 10, 25.0): ("<= 25 ms", True), (100, 10, 25.1): ("<= 25 ms", False),
                         (1000, 2, 150.0): ("<= 150 ms", True), (1000, 2, 150.1): ("<= 150 ms", False),
                         (40, 10, 1): None}
+
+
+def test_churn_reports_the_servers_memory_after_the_day_is_filled_and_after_each_round() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.churn", "--watchers", "3", "--rounds", "2", "--events", "2", "--every", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert (report["tokens"], report["server_exit_code"]) == (14, 0)
+    assert [point["rounds"] for point in report["server_mib"]] == [0, 1, 2]
+    assert all(point["mib"] > 0 for point in report["server_mib"])
