@@ -30,6 +30,11 @@ DATE = "2031-03-03"
 SETTLE_SECONDS = 0.3  # after a round's cancels, for the server to end its streams before the memory is read
 
 
+def day_size(args: argparse.Namespace) -> int:
+    """Tokens in the day: one to cancel per event, and some left; a cancelled token stays in the day."""
+    return args.rounds * args.events + 10
+
+
 async def churn(address: str, pid: int, args: argparse.Namespace) -> list[tuple[int, float]]:
     """(rounds done, server MiB) after the day is filled (round 0) and every `args.every` rounds."""
     async with grpc.aio.insecure_channel(address) as channel:
@@ -37,9 +42,9 @@ async def churn(address: str, pid: int, args: argparse.Namespace) -> list[tuple[
         doctor_id = (await stub.CreateDoctor(pb.CreateDoctorRequest(
             name="Dr Churn", specialization="General Medicine", request_id=str(uuid.uuid4())))).doctor.doctor_id
         await stub.CreateSlots(pb.CreateSlotsRequest(doctor_id=doctor_id, request_id=str(uuid.uuid4()), slots=[
-            pb.SlotSpec(date=DATE, start_time="08:00", end_time="20:00", max_capacity=args.tokens)]))
+            pb.SlotSpec(date=DATE, start_time="08:00", end_time="20:00", max_capacity=day_size(args))]))
         tokens = []
-        for n in range(args.tokens):
+        for n in range(day_size(args)):
             answer = await stub.AllocateToken(pb.AllocateTokenRequest(
                 patient=pb.Patient(name=f"Churn Patient {n}", phone=f"+91-90000-{n:07d}", age=30),
                 doctor_id=doctor_id, date=DATE, source=pb.SOURCE_WALK_IN, request_id=str(uuid.uuid4())))
@@ -73,17 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.watchers, args.rounds, args.events, args.every) < 1:
         parser.error("--watchers, --rounds, --events and --every are at least 1")
-    args.tokens = args.rounds * args.events + 10  # one to cancel per event; a cancelled token stays in the day
     server = ServerProcess(test_clock=False, settings={"MAX_WATCHERS": Settings.MAX_WATCHERS + args.watchers})
     server.start()
     try:
         memory = asyncio.run(churn(server.address, server.pid, args))
     finally:
         exit_code = server.stop()
-    print(f"server {memory[0][1]:.1f} MiB with the day filled ({args.tokens} tokens), "
+    print(f"server {memory[0][1]:.1f} MiB with the day filled ({day_size(args)} tokens), "
           f"{memory[-1][1]:.1f} MiB after {args.rounds} rounds of {args.watchers} watchers")
     print(json.dumps({"watchers": args.watchers, "rounds": args.rounds, "events": args.events,
-                      "tokens": args.tokens, "server_exit_code": exit_code,
+                      "tokens": day_size(args), "server_exit_code": exit_code,
                       "server_mib": [{"rounds": done, "mib": mib} for done, mib in memory]}))
     return 0 if exit_code == 0 else 1
 

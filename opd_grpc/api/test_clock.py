@@ -47,7 +47,6 @@ class TestClockServicer(test_clock_pb2_grpc.TestClockServiceServicer):
         return pb.GetTimeResponse(now=timestamp(self.clock.now()))
 
 
-
 async def _refuse(context: Any, field: str, problem: str) -> None:
     await context.abort_with_status(rich_status(_INVALID_ARGUMENT, f"{field} {problem}", "INVALID_ARGUMENT",
                                                 [FieldViolation(field, problem)]))
