@@ -145,8 +145,10 @@ class Slot:
         return dt.datetime.combine(self.date, self.end_time, tz)
 
     def estimated_time(self, place: int, tz: dt.tzinfo) -> dt.datetime:
-        """SPEC §8: slot start + (place − 1) × consultation_minutes."""
-        return self.starts_at(tz) + dt.timedelta(minutes=(place - 1) * self.consultation_minutes)
+        """SPEC §8: slot start + (place − 1) × consultation_minutes, in real minutes: added in UTC, since across a
+        clock change minutes added to the wall clock would be an hour off."""
+        return self.starts_at(tz).astimezone(dt.timezone.utc) + dt.timedelta(
+            minutes=(place - 1) * self.consultation_minutes)
 
 
 @dataclass(eq=False)  # an entity: the same token is the same object, whatever its fields

@@ -372,3 +372,21 @@ def test_slot_times_are_wall_clock_times_of_the_hospital_time_zone(kolkata):
     error = refused(live.stub.AllocateToken, request(doctor, patient(3)))
     assert error.reason == "SLOT_CLOSED"
     assert spec_violations(live.stub, doctor) == []
+
+
+@pytest.fixture
+def london(tmp_path: Path) -> Iterator[LiveServer]:
+    """A server in Europe/London, whose clocks go back from 02:00 BST to 01:00 GMT on 2030-10-27."""
+    yield from live_server(tmp_path, TIMEZONE="Europe/London")
+
+
+def test_estimated_times_count_real_minutes_across_a_clock_change(london):
+    """A night sitting from 00:30 BST with 30-minute consultations sees its fourth patient 90 real minutes after
+    its start, at 01:00 Z, not at the 02:00 Z that adding minutes to the wall clock would give (the sixth's)."""
+    live = london
+    doctor = make_doctor(live.stub)
+    make_slots(live.stub, doctor, ("00:30", "04:00", 6), date="2030-10-27", consultation_minutes=30)
+    times = [allocate(live.stub, doctor, n, date="2030-10-27").token.estimated_time.ToDatetime()
+             for n in range(1, 7)]
+    start = dt.datetime(2030, 10, 26, 23, 30)  # 00:30 BST, in UTC
+    assert times == [start + dt.timedelta(minutes=30 * k) for k in range(6)]

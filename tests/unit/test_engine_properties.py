@@ -155,7 +155,8 @@ class ModelDay:
         if token.status in WITH_TIME:
             place = self.serving_order(token.slot_id).index(token) + 1
             slot = self.slots[token.slot_id]
-            return slot.start + dt.timedelta(minutes=(place - 1) * CONSULTATION_MINUTES), place, 0
+            start = slot.start.astimezone(dt.timezone.utc)  # real minutes, not the wall clock's
+            return start + dt.timedelta(minutes=(place - 1) * CONSULTATION_MINUTES), place, 0
         return None, 0, 0
 
     def move(self, token: ModelToken, to: Status, kind: str) -> None:
