@@ -19,11 +19,29 @@ BUMPABLE = frozenset({pb.STATUS_CONFIRMED, pb.STATUS_CHECKED_IN})
 
 
 def patient_key(patient: pb.Patient) -> str:
-    """SPEC §1: the same mrn, or without one the same phone and name (case and spacing folded)."""
+    """The mrn, or without one the phone and name (case and spacing folded): who a patient is, where each
+    patient always comes with an mrn or always without one, as in the scenarios."""
     if patient.mrn.strip():
         return "mrn:" + patient.mrn.strip().casefold()
+    return _contact(patient)
+
+
+def _contact(patient: pb.Patient) -> str:
     digits = "".join(ch for ch in patient.phone if ch.isdigit())
     return f"phone:{digits}:{' '.join(patient.name.split()).casefold()}"
+
+
+def one_patient_twice(tokens: list[pb.Token]) -> list[list[str]]:
+    """SPEC §3.5 over a day's active tokens: the ids of tokens of one patient (SPEC §1: the same mrn, or where
+    either has none, the same phone and name), in groups."""
+    by_mrn: dict[str, list[pb.Token]] = {}
+    by_contact: dict[str, list[pb.Token]] = {}
+    for t in tokens:
+        if mrn := t.patient.mrn.strip().casefold():
+            by_mrn.setdefault(mrn, []).append(t)
+        by_contact.setdefault(_contact(t.patient), []).append(t)
+    groups = list(by_mrn.values()) + [ts for ts in by_contact.values() if any(not t.patient.mrn.strip() for t in ts)]
+    return [[t.token_id for t in ts] for ts in groups if len(ts) > 1]
 
 
 def when(ts: object) -> dt.datetime:

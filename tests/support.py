@@ -27,6 +27,7 @@ from opd_grpc.server import OPDServer
 from opd_grpc.engine.access import Actor
 from opd_grpc.offline import offline_service
 from opd_grpc.settings import Settings
+from simulation.ledger import one_patient_twice
 
 KEY_MAKER = Actor("tests", "operator")  # the audit log's "who" for keys the tests make
 DAY = "2030-01-07"  # a Monday, far from the wall clock
@@ -339,13 +340,8 @@ def spec_violations(stub: opd_pb2_grpc.OPDTokenServiceStub, doctor_id: str, date
             problems.append(f"{slot.slot_id}: waitlist out of order")
         if [t.waitlist_position for t in status.waitlist] != list(range(1, len(waiting) + 1)):
             problems.append(f"{slot.slot_id}: waitlist positions are not 1..n")
-    active: dict[str, str] = {}
-    for t in tokens:
-        if t.status in ACTIVE:
-            who = t.patient.mrn or f"{t.patient.phone}/{' '.join(t.patient.name.split()).casefold()}"
-            if who in active:
-                problems.append(f"patient {who} holds {active[who]} and {t.token_id}")
-            active[who] = t.token_id
+    problems += [f"one patient holds {' and '.join(ids)}"
+                 for ids in one_patient_twice([t for t in tokens if t.status in ACTIVE])]
     return problems
 
 

@@ -120,12 +120,24 @@ class Patient:
     mrn: str = ""
 
     @functools.cached_property
-    def identity(self) -> str:
-        """SPEC §1: the same mrn, or without one the same phone and name (case and spacing folded)."""
-        if self.mrn:
-            return "mrn:" + self.mrn.strip().casefold()
+    def contact(self) -> str:
+        """The phone's digits and the name, case and spacing folded."""
         digits = "".join(ch for ch in self.phone if ch.isdigit())
         return f"phone:{digits}:{_SPACES.sub(' ', self.name.strip()).casefold()}"
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """The mrn, folded, or without one the contact: what the schema holds unique among a day's active tokens."""
+        return "mrn:" + self.mrn.strip().casefold() if self.mrn else self.contact
+
+    @functools.cached_property
+    def keys(self) -> tuple[str, ...]:
+        """What the same person shares with this one: the identity, and with an mrn the contact too."""
+        return (self.identity, self.contact) if self.mrn else (self.contact,)
+
+    def is_same_person(self, other: Patient) -> bool:
+        """SPEC §1: the same mrn; where either has none, the same phone and name. Two mrns are two people."""
+        return self.identity == other.identity if self.mrn and other.mrn else self.contact == other.contact
 
 
 @dataclass
@@ -329,12 +341,12 @@ class DoctorDay:
         self.by_slot: dict[str, list[Token]] = {slot_id: [] for slot_id in self.slots}
         # Kept by _new_token and _move, the only places where a token appears or changes status:
         self.holders: dict[str, int] = {slot_id: 0 for slot_id in self.slots}  # seat holders per slot
-        self.active: dict[str, Token] = {}  # SPEC §3.5: patient identity -> its one active token
+        self.active: dict[str, list[Token]] = {}  # SPEC §3.5: the active tokens under each of their patients' keys
         for t in self.tokens.values():
             self.by_slot[t.slot_id].append(t)
             self.holders[t.slot_id] += t.status in SEAT_HOLDING
             if t.status in ACTIVE:
-                self.active[t.patient.identity] = t
+                self._file_active(t)
         self.last_token_number = last_token_number
         self.last_sequence = last_sequence
         self.exists = exists
@@ -510,11 +522,16 @@ class DoctorDay:
 
     def _refuse_duplicate(self, patient: Patient) -> None:
         """SPEC §3.5: at most one active token per patient per doctor and date."""
-        t = self.active.get(patient.identity)
+        t = next((t for key in patient.keys for t in self.active.get(key, ()) if patient.is_same_person(t.patient)),
+                 None)
         if t is not None:
             raise AlreadyExists(f"This patient already holds token {t.token_number} ({t.token_id}, "
                                 f"{t.status.value}) with {self.doctor_id} on {self.date.isoformat()}.",
                                 "PATIENT_ALREADY_HAS_TOKEN")
+
+    def _file_active(self, token: Token) -> None:
+        for key in token.patient.keys:
+            self.active.setdefault(key, []).append(token)
 
     def _bump_victim(self, slot: Slot) -> Token | None:
         """SPEC §5: the CONFIRMED or CHECKED_IN non-emergency seat holder with the worst §2 order."""
@@ -532,7 +549,7 @@ class DoctorDay:
         self.tokens[token.token_id] = token
         self.by_slot[slot.slot_id].append(token)
         self.holders[slot.slot_id] += status in SEAT_HOLDING
-        self.active[patient.identity] = token
+        self._file_active(token)
         self.new_tokens.append(token.token_id)
         if before is not None:
             self._move(before, BUMP, now, caused_by=token.token_id)
@@ -628,7 +645,11 @@ class DoctorDay:
         self._check_move(token, move)
         self.holders[token.slot_id] += (move.to in SEAT_HOLDING) - (token.status in SEAT_HOLDING)
         if move.to in TERMINAL:
-            del self.active[token.patient.identity]
+            for key in token.patient.keys:
+                if len(sharing := self.active[key]) > 1:
+                    sharing.remove(token)
+                else:
+                    del self.active[key]
         previous, token.status = token.status, move.to
         token.updated_at = now
         self.dirty_tokens.add(token.token_id)

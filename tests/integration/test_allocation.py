@@ -293,6 +293,25 @@ def test_the_same_phone_and_name_in_other_case_and_spacing_is_the_same_patient(l
     assert spec_violations(live.stub, doctor) == []
 
 
+def test_phone_and_name_decide_where_either_request_has_no_mrn(live):
+    """SPEC §1: the same mrn, or, without one, the same phone and name. A desk that books Ravi without his record
+    number, after the portal booked him with it, books the same person; two record numbers are two people, even
+    a father and son of one name and one phone."""
+    doctor = make_doctor(live.stub)
+    make_slots(live.stub, doctor, ("09:00", "10:00", 5))
+    ravi = {"name": "Ravi Kumar", "phone": "+91-98450-11111"}
+    live.stub.AllocateToken(request(doctor, patient(1, **ravi, mrn="MRN-0042")))
+    error = refused(live.stub.AllocateToken, request(doctor, patient(1, name="ravi  KUMAR", phone="+91 98450 11111")))
+    assert (error.code, error.reason) == (grpc.StatusCode.ALREADY_EXISTS, "PATIENT_ALREADY_HAS_TOKEN")
+    live.stub.AllocateToken(request(doctor, patient(1, **ravi, mrn="MRN-0043")))         # his son
+    meera = {"name": "Meera Nair", "phone": "+91-98450-22222"}
+    live.stub.AllocateToken(request(doctor, patient(2, **meera)))
+    error = refused(live.stub.AllocateToken, request(doctor, patient(2, **meera, mrn="MRN-0077")))
+    assert (error.code, error.reason) == (grpc.StatusCode.ALREADY_EXISTS, "PATIENT_ALREADY_HAS_TOKEN")
+    assert statuses(live.stub, doctor) == {1: "CONFIRMED", 2: "CONFIRMED", 3: "CONFIRMED"}
+    assert spec_violations(live.stub, doctor) == []
+
+
 def test_a_patient_may_book_again_once_the_first_token_is_cancelled(live):
     doctor = make_doctor(live.stub)
     make_slots(live.stub, doctor, ("09:00", "10:00", 5))
