@@ -106,7 +106,10 @@ class OPDServer:
             maximum_concurrent_rpcs=settings.MAX_CONCURRENT_CALLS + settings.MAX_WATCHERS
             + max(64, settings.MAX_CONCURRENT_CALLS // 10),
             interceptors=[self.pipeline],
-            options=[("grpc.max_receive_message_length", 2 * settings.MAX_MESSAGE_BYTES), *_keepalive_options()])
+            options=[("grpc.max_receive_message_length", 2 * settings.MAX_MESSAGE_BYTES),
+                     # gRPC's default, SO_REUSEPORT, lets a second server bind the port in use and take a share of
+                     # the callers: the port is this server's alone, or it does not start (tls.bind).
+                     ("grpc.so_reuseport", 0), *_keepalive_options()])
         watch = QueueWatch(self.service, self.run, settings.WATCH_HEARTBEAT_SECONDS, settings.WATCH_BUFFER_EVENTS)
         opd_pb2_grpc.add_OPDTokenServiceServicer_to_server(OPDTokenServicer(self.service, self.run, watch),
                                                            self.server)
