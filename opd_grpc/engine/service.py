@@ -278,9 +278,9 @@ class OPDService:
             versions = {key: uow.day_version(key) for key in keys}  # the days' rows, locked before the replay check
             if (replay := self._replay(uow, call.retry)) is not None:
                 return replay
-            self._doctor(uow, doctor_id)
-            days = {key: self._day(uow, key, versions[key], create=True) for key in keys}
             try:
+                self._doctor(uow, doctor_id)
+                days = {key: self._day(uow, key, versions[key], create=True) for key in keys}
                 result = add(uow, days, now)
                 changed = [day for day in days.values() if day.pending_events]
                 for day in changed:
@@ -750,8 +750,8 @@ class OPDService:
             version, stored = uow.lock_day(key, call.retry.request_id if call.retry else None)
             if call.retry is not None and (replay := self._replay_of(call.retry, stored)) is not None:
                 return replay
-            day = self._day(uow, key, version, create=missing_ok)
             try:
+                day = self._day(uow, key, version, create=missing_ok)
                 result = rule(day, self.clock.now())
                 uow.save_day(day)
                 self._finish(uow, call, result, day.pending_events)
