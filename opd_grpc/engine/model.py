@@ -577,9 +577,13 @@ class DoctorDay:
         return self._release(token, NO_SHOW, now)
 
     def mark_overdue_no_shows(self, now: dt.datetime) -> list[Release]:
-        """SPEC §6 with AUTO_NO_SHOW: confirmed patients who never checked in, past their grace period."""
-        overdue = [t for t in self.tokens.values() if t.status is Status.CONFIRMED and self._no_show_due(t) <= now]
-        return [self._release(t, NO_SHOW, now) for t in sorted(overdue, key=lambda t: t.token_number)]
+        """SPEC §6 with AUTO_NO_SHOW: confirmed patients who never checked in, past their grace period. A patient
+        promoted into a seat freed here may be past it at once (a sitting long over): marked in the same pass."""
+        released: list[Release] = []
+        while overdue := [t for t in self.tokens.values()
+                          if t.status is Status.CONFIRMED and self._no_show_due(t) <= now]:
+            released += [self._release(t, NO_SHOW, now) for t in sorted(overdue, key=lambda t: t.token_number)]
+        return released
 
     def _no_show_due(self, token: Token) -> dt.datetime:
         """SPEC §6: no-show only from estimated_time + NO_SHOW_GRACE_PERIOD_MINUTES."""

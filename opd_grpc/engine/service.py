@@ -95,6 +95,7 @@ class UnitOfWork(Protocol):
     def doctors(self, offset: int, limit: int) -> list[Doctor]: ...
     def slots(self, doctor_id: str, date: dt.date | None, offset: int, limit: int) -> list[Slot]: ...
     def doctors_on(self, date: dt.date) -> list[str]: ...
+    def days_with_confirmed_tokens(self, after: DayKey | None, before: dt.date, limit: int) -> list[DayKey]: ...
     def add_audit_entry(self, entry: AuditEntry) -> None: ...
     def audit_entries(self, token_id: str, start: dt.datetime | None, end: dt.datetime | None, offset: int,
                       limit: int) -> list[AuditEntry]: ...
@@ -149,6 +150,7 @@ MAX_PAGE_OFFSET = 2 ** 31 - 1  # an offset that every database takes
 MAX_SLOT_CAPACITY = 1_000_000
 MAX_CONSULTATION_MINUTES = 24 * 60
 MAX_SLOT_SPAN_MINUTES = 1000 * 24 * 60
+NO_SHOW_BACKLOG_DAYS_PER_PASS = 20  # AUTO_NO_SHOW's earlier days at each pass (one a second) while it catches up
 MAX_IDENTITY = 300  # the width of tokens.patient_identity
 MAX_APPLY_DAYS = 366  # the dates ApplySlotTemplate covers at once
 # A weekly pattern's slots: 14 a day on every day of the week. One ApplySlotTemplate then makes at most 5,300 slots
@@ -194,6 +196,9 @@ class OPDService:
         self._days: collections.OrderedDict[DayKey, DoctorDay] = collections.OrderedDict()
         self._doctors: dict[str, Doctor] = {}
         self._doctor_lock = threading.Lock()
+        # AUTO_NO_SHOW: the service clock's date when a pass last had no backlog left, and where the backlog stands
+        self._no_shows_swept_to: dt.date | None = None
+        self._no_show_backlog_after: DayKey | None = None
         self.events = EventHub()
 
     # ---- doctors and slots --------------------------------------------------------------------
@@ -615,17 +620,29 @@ class OPDService:
 
     @_retried
     def mark_overdue_no_shows(self) -> int:
-        """Marks today's overdue confirmed tokens no-show (AUTO_NO_SHOW); answers how many."""
+        """Marks overdue confirmed tokens no-show (AUTO_NO_SHOW); answers how many. A pass looks at today and
+        yesterday (a grace period may end after midnight). Until a pass has run on a date no more than a day
+        behind (at the start, or after the service clock moved on by days: a server that was down, a test clock set
+        ahead), passes also work through the earlier days that still hold a confirmed token, a few at a time, so
+        that a long backlog does not hold the server up."""
         today = self.clock.now().astimezone(self.rules.timezone).date()
+        yesterday = today - dt.timedelta(days=1)
+        catching_up = self._no_shows_swept_to is None or self._no_shows_swept_to < yesterday
+        backlog: list[DayKey] = []
+        with self.store.unit_of_work(write=False) as uow:
+            keys = [(doctor_id, date) for date in (yesterday, today) for doctor_id in uow.doctors_on(date)]
+            if catching_up:
+                backlog = uow.days_with_confirmed_tokens(self._no_show_backlog_after, yesterday,
+                                                         NO_SHOW_BACKLOG_DAYS_PER_PASS)
         marked = 0
-        for date in (today - dt.timedelta(days=1), today):  # a grace period may end after midnight
-            with self.store.unit_of_work(write=False) as uow:
-                doctors = uow.doctors_on(date)
-            for doctor_id in doctors:
-                released = self._change((doctor_id, date), Call(SYSTEM, "AutoNoShow"),
-                                        lambda day, now: day.mark_overdue_no_shows(now))
-                assert not isinstance(released, Replay)
-                marked += len(released)
+        for key in backlog + keys:
+            released = self._change(key, Call(SYSTEM, "AutoNoShow"), lambda day, now: day.mark_overdue_no_shows(now))
+            assert not isinstance(released, Replay)
+            marked += len(released)
+        if catching_up and len(backlog) == NO_SHOW_BACKLOG_DAYS_PER_PASS:
+            self._no_show_backlog_after = backlog[-1]  # more next pass
+        else:
+            self._no_show_backlog_after, self._no_shows_swept_to = None, today
         return marked
 
     # ---- who may do what, and what they did (SPEC §13) ------------------------------------------------
@@ -753,8 +770,9 @@ class OPDService:
             try:
                 day = self._day(uow, key, version, create=missing_ok)
                 result = rule(day, self.clock.now())
-                uow.save_day(day)
-                self._finish(uow, call, result, day.pending_events)
+                if day.pending_events or call.retry is not None:  # else nothing changed (AUTO_NO_SHOW, none due)
+                    uow.save_day(day)
+                    self._finish(uow, call, result, day.pending_events)
             except EngineError as refusal:
                 self._forget([key])
                 self._refused(uow, call.retry, refusal)

@@ -356,6 +356,16 @@ class SqlUnitOfWork:
                                  .order_by(days.c.doctor_id))
         return list(rows.scalars())
 
+    def days_with_confirmed_tokens(self, after: DayKey | None, before: dt.date, limit: int) -> list[DayKey]:
+        """Up to `limit` doctor-days before `before`, in order of date then doctor from just after `after`, where a
+        token is still CONFIRMED: AUTO_NO_SHOW's backlog (a scan of the tokens, only while it catches up)."""
+        query = select(tokens.c.doctor_id, tokens.c.date).distinct().where(
+            tokens.c.status == Status.CONFIRMED.value, tokens.c.date < before.isoformat())
+        if after is not None:
+            query = query.where(tuple_(tokens.c.date, tokens.c.doctor_id) > tuple_(after[1].isoformat(), after[0]))
+        rows = self.conn.execute(query.order_by(tokens.c.date, tokens.c.doctor_id).limit(limit))
+        return [(doctor_id, dt.date.fromisoformat(date)) for doctor_id, date in rows]
+
     def slots(self, doctor_id: str, date: dt.date | None, offset: int, limit: int) -> list[Slot]:
         query = select(slots).where(slots.c.doctor_id == doctor_id)
         if date is not None:

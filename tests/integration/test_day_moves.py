@@ -226,6 +226,11 @@ def test_auto_no_show_marks_confirmed_tokens_past_their_grace_and_nothing_else(t
         assert status_of(live, waiting) == pb.STATUS_CONFIRMED  # promoted into the freed seat
         assert status_of(live, later) == pb.STATUS_CONFIRMED
         assert spec_violations(live.stub, doctor) == []
+        # One audit entry for the pass that marked one; none for the passes since, which changed nothing.
+        time.sleep(2.5)
+        passes = [e for e in live.stub.ListAuditEntries(pb.ListAuditEntriesRequest(page_size=1000)).entries
+                  if e.method == "AutoNoShow"]
+        assert [e.reason.split(" ", 2)[:2] for e in passes] == [["NO_SHOW", absent]]
 
 
 def test_auto_no_show_marks_a_token_whose_grace_ends_after_midnight(tmp_path: Path):
@@ -238,6 +243,25 @@ def test_auto_no_show_marks_a_token_whose_grace_ends_after_midnight(tmp_path: Pa
         assert late.estimated_time.ToDatetime(dt.timezone.utc) == MORNING.replace(hour=23, minute=50)
         live.set_time(MORNING.replace(hour=0, minute=6) + dt.timedelta(days=1))
         assert name(poll_status(live, late.token_id, pb.STATUS_NO_SHOW)) == "STATUS_NO_SHOW"
+
+
+def test_auto_no_show_catches_up_on_every_earlier_day_once_the_clock_has_moved_on_by_days(tmp_path: Path):
+    """A server that was down (or a test clock set ahead) finds confirmed tokens of days before yesterday: they
+    are marked too, more days than one pass takes (NO_SHOW_BACKLOG_DAYS_PER_PASS), and a patient promoted into a
+    freed seat of a day long over is marked in turn."""
+    with server(tmp_path, AUTO_NO_SHOW="true") as live:
+        doctor = make_doctor(live.stub)
+        dates = [(MORNING + dt.timedelta(days=n)).date().isoformat() for n in range(25)]
+        live.stub.CreateSlots(pb.CreateSlotsRequest(doctor_id=doctor, slots=[
+            pb.SlotSpec(date=date, start_time="09:00", end_time="10:00", max_capacity=1) for date in dates]))
+        absent = [allocate(live.stub, doctor, n, date=date).token.token_id for n, date in enumerate(dates)]
+        waiting = allocate(live.stub, doctor, 99, date=dates[0]).token
+        assert waiting.status == pb.STATUS_WAITLISTED
+        live.set_time(MORNING + dt.timedelta(days=40))
+        for token_id in absent + [waiting.token_id]:
+            assert name(poll_status(live, token_id, pb.STATUS_NO_SHOW, timeout=15)) == "STATUS_NO_SHOW", token_id
+        for date in dates:
+            assert spec_violations(live.stub, doctor, date) == []
 
 
 def poll_status(live: LiveServer, token_id: str, wanted: int, timeout: float = 5.0) -> int:
