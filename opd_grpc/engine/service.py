@@ -157,6 +157,9 @@ MAX_APPLY_DAYS = 366  # the dates ApplySlotTemplate covers at once
 # in one transaction (in about 0.2 s on SQLite, where other calls wait for it), and its answer stays far
 # under gRPC's 4 MiB.
 MAX_TEMPLATE_SLOTS = 100
+# A CreateSlots batch: about as many as one ApplySlotTemplate makes at most. A batch of 140,000 took 10 s in one
+# transaction, with every other call waiting on SQLite, and answered 8.7 MB, more than a stock client reads.
+MAX_CREATE_SLOTS = 5_000
 PRUNE_BATCH_ROWS = 1000
 PRUNE_PAUSE_SECONDS = 0.01  # between two batches of pruning: the changes waiting for the database go first
 MAX_WATCHED_DOCTORS = 50
@@ -240,6 +243,10 @@ class OPDService:
         v.doctor_id("doctor_id", doctor_id)
         if not requests:
             v.add("slots", "at least one slot is required")
+        if len(requests) > MAX_CREATE_SLOTS:
+            v.add("slots", f"{len(requests)} slots are more than one call takes ({MAX_CREATE_SLOTS}); send them in "
+                           "batches, or make them from a weekly pattern (ApplySlotTemplate)")
+            self._check(v, call)
         new = [self._new_slot(v, f"slots[{i}]", r) for i, r in enumerate(requests)]
         self._check(v, call)
 

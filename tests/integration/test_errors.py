@@ -21,6 +21,7 @@ from grpc_status import rpc_status
 
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from opd_grpc._gen.opd.v1 import opd_pb2_grpc, test_clock_pb2, test_clock_pb2_grpc
+from opd_grpc.engine.service import MAX_CREATE_SLOTS
 from opd_grpc.server import OPDServer
 from opd_grpc.settings import Settings
 from tests.support import (
@@ -95,6 +96,8 @@ def cases() -> list[Case]:
         Case("slots without doctor", "CreateSlots", lambda: new_slots(spec(), doctor_id=""), INVALID,
              "doctor_id"),
         Case("slots empty batch", "CreateSlots", lambda: new_slots(), INVALID, "slots"),
+        Case("slots more than one call takes", "CreateSlots", lambda: new_slots(*[spec()] * (MAX_CREATE_SLOTS + 1)),
+             INVALID, "slots"),
         Case("slot date 30 February", "CreateSlots", lambda: new_slots(spec(date="2030-02-30")), INVALID,
              "slots[0].date"),
         Case("slot date with slashes", "CreateSlots", lambda: new_slots(spec(date="2030/01/07")), INVALID,
