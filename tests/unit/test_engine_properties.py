@@ -86,6 +86,7 @@ def same_person(a: Patient, b: Patient) -> bool:
     return ("".join(filter(str.isdigit, a.phone)), " ".join(a.name.split()).casefold()) == \
         ("".join(filter(str.isdigit, b.phone)), " ".join(b.name.split()).casefold())
 
+
 # What the state machine met, over all its examples: the test fails if it never met the interesting cases.
 SEEN: collections.Counter[str] = collections.Counter()
 
