@@ -611,7 +611,8 @@ class DoctorDay:
             if waiting:
                 break
         else:
-            raise NotFound(f"Nobody is checked in and waiting for {self.doctor_id} on {self.date.isoformat()}.",
+            why = "" if self.slots else " (the doctor has no slots that day)"
+            raise NotFound(f"Nobody is checked in and waiting for {self.doctor_id} on {self.date.isoformat()}{why}.",
                            "QUEUE_EMPTY")
         nxt = min(waiting, key=_BY_ORDER)
         completed = None

@@ -521,7 +521,7 @@ class OPDService:
         v.doctor_id("doctor_id", doctor_id)
         day = v.date("date", date)
         self._check(v, call)
-        return self._change((doctor_id, day), call, lambda d, now: d.call_next(now))
+        return self._change((doctor_id, day), call, lambda d, now: d.call_next(now), missing_ok=True)
 
     @_retried
     def get_token(self, token_id: str) -> TokenView:

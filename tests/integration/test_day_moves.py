@@ -166,6 +166,9 @@ def test_call_next_takes_the_best_checked_in_token_of_the_earliest_slot_that_has
 
 def test_call_next_with_nobody_checked_in_is_queue_empty_and_the_called_token_stays_called(live):
     doctor = make_doctor(live.stub)
+    no_slots = refused(live.stub.CallNext, pb.CallNextRequest(doctor_id=doctor, date=DAY))
+    assert (no_slots.code, no_slots.reason) == (grpc.StatusCode.NOT_FOUND, "QUEUE_EMPTY")
+    assert "no slots that day" in no_slots.message
     make_slots(live.stub, doctor, ("09:00", "10:00", 3))
     first, _confirmed = (allocate(live.stub, doctor, n).token.token_id for n in (1, 2))
     empty = refused(live.stub.CallNext, pb.CallNextRequest(doctor_id=doctor, date=DAY))

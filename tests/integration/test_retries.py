@@ -261,18 +261,19 @@ def test_a_refused_allocation_takes_no_number_and_its_copy_books_nothing(live):
 
 
 def test_a_day_or_doctor_not_found_is_a_first_answer_too(live):
-    """SPEC §9: an allocation and a CallNext refused because the day had no slots, and slots refused because the
-    doctor did not exist, stay refused when their copies arrive after the slots or the doctor were made."""
+    """SPEC §9: an allocation and a CallNext refused because the day had no slots (nobody could be waiting), and
+    slots refused because the doctor did not exist, stay refused when their copies arrive after the slots or the
+    doctor were made."""
     doctor = make_doctor(live.stub)
     allocation = pb.AllocateTokenRequest(patient=patient(1), doctor_id=doctor, date=DAY, source=pb.SOURCE_WALK_IN,
                                          request_id=new_request_id())
     call_next = pb.CallNextRequest(doctor_id=doctor, date=DAY, request_id=new_request_id())
     assert refused(live.stub.AllocateToken, allocation).reason == "SLOT_NOT_FOUND"
-    assert refused(live.stub.CallNext, call_next).reason == "SLOT_NOT_FOUND"
+    assert refused(live.stub.CallNext, call_next).reason == "QUEUE_EMPTY"
     make_slots(live.stub, doctor, ("09:00", "10:00", 5))
     live.stub.CheckInToken(pb.CheckInTokenRequest(token_id=allocate(live.stub, doctor, 2).token.token_id))
     assert refused(live.stub.AllocateToken, allocation).reason == "SLOT_NOT_FOUND"
-    assert refused(live.stub.CallNext, call_next).reason == "SLOT_NOT_FOUND"
+    assert refused(live.stub.CallNext, call_next).reason == "QUEUE_EMPTY"
     assert statuses(live.stub, doctor) == {1: "CHECKED_IN"}
     slots = pb.CreateSlotsRequest(doctor_id="DOC002", request_id=new_request_id(), slots=[
         pb.SlotSpec(date=DAY, start_time="09:00", end_time="10:00")])
