@@ -1,7 +1,8 @@
 """The audit log's entries (SPEC §13): who, role, call, request_id, token, from → to, reason.
 
-One entry per committed change, written in its transaction (`OPDService._finish`), and one per denied attempt.
-An entry names tokens by id and never carries a patient's details."""
+The entries of a committed change are written in its transaction (`OPDService._finish`): the call's own, and one
+for each other token the change moved (a bump's victim, promoted tokens), so that every move of a token is found
+by its id. One entry per denied attempt. An entry names tokens by id and never carries a patient's details."""
 
 from __future__ import annotations
 
@@ -30,17 +31,27 @@ class AuditEntry:
     entry_id: int = 0  # given by the store
 
 
-def change_entry(actor: Actor, method: str, request_id: str, now: dt.datetime, result: Any,
-                 events: Sequence[QueueEvent], reason: str = "") -> AuditEntry:
-    """The entry of a committed change: its token's move (the token the call answers with), and as the reason the
-    `reason` given, else the other moves it caused, else what it made."""
+def change_entries(actor: Actor, method: str, request_id: str, now: dt.datetime, result: Any,
+                   events: Sequence[QueueEvent], reason: str = "") -> list[AuditEntry]:
+    """The entries of a committed change. The call's own: its token's move (the token the call answers with),
+    and as the reason the `reason` given, else the other moves it caused, else what it made. Then one for each
+    other token moved, its reason the kind of move and the token that caused it."""
     view = result if isinstance(result, TokenView) else getattr(result, "token", None)
     token_id = view.token.token_id if isinstance(view, TokenView) else ""
-    own = [e for e in events if token_id and e.token_id == token_id]
+    moved: dict[str, list[QueueEvent]] = {}
+    for e in events:
+        if e.token_id:
+            moved.setdefault(e.token_id, []).append(e)
+    own = moved.pop(token_id, [])
     others = "; ".join(_move(e) for e in events if e not in own)
-    return AuditEntry(now, CHANGED, actor.key_id, actor.role, method, request_id, token_id,
-                      _status(own[0].previous_status) if own else "", _status(own[-1].status) if own else "",
-                      reason or others or _made(result))
+
+    def entry(token: str, moves: list[QueueEvent], why: str) -> AuditEntry:
+        return AuditEntry(now, CHANGED, actor.key_id, actor.role, method, request_id, token,
+                          _status(moves[0].previous_status) if moves else "",
+                          _status(moves[-1].status) if moves else "", why)
+
+    return [entry(token_id, own, reason or others or _made(result))] + [
+        entry(token, moves, "; ".join(_cause(e) for e in moves)) for token, moves in moved.items()]
 
 
 def denied_entry(actor: Actor, method: str, request_id: str, now: dt.datetime, code: str,
@@ -57,6 +68,10 @@ def _move(event: QueueEvent) -> str:
         return f"{event.kind.value} {event.slot_id}"
     by = f" by {event.caused_by_token_id}" if event.caused_by_token_id else ""
     return f"{event.kind.value} {event.token_id} {_status(event.previous_status) or 'NEW'}→{_status(event.status)}{by}"
+
+
+def _cause(event: QueueEvent) -> str:
+    return f"{event.kind.value} by {event.caused_by_token_id}" if event.caused_by_token_id else event.kind.value
 
 
 def _made(result: Any) -> str:

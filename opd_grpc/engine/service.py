@@ -20,7 +20,7 @@ from operator import methodcaller
 from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
 from opd_grpc.engine.access import ROLES, SYSTEM, Actor, ApiKey, KeyRing, new_key
-from opd_grpc.engine.audit import CHANGED, AuditEntry, change_entry, denied_entry
+from opd_grpc.engine.audit import CHANGED, AuditEntry, change_entries, denied_entry
 from opd_grpc.engine.clock import Clock
 from opd_grpc.engine.errors import (
     AlreadyExists, Conflict, EngineError, FailedPrecondition, NotFound, OutOfRange, Unauthenticated, Unavailable,
@@ -891,14 +891,15 @@ class OPDService:
             uow.commit()
 
     def _finish(self, uow: UnitOfWork, call: Call, result: Any, events: Sequence[QueueEvent], reason: str = "") -> None:
-        """Stores the answer for its request_id (SPEC §9) and the change's audit entry (SPEC §13, with `reason` when
-        given), then commits: all in the change's own transaction."""
+        """Stores the answer for its request_id (SPEC §9) and the change's audit entries (SPEC §13, with `reason`
+        when given), then commits: all in the change's own transaction."""
         now, retry = self.clock.now(), call.retry
         if retry is not None:
             uow.store_request(retry.request_id, StoredRequest(retry.method, retry.fingerprint, retry.encode(result)),
                               now)
-        uow.add_audit_entry(change_entry(call.actor, call.method, retry.request_id if retry else "", now, result,
-                                         events, reason))
+        for entry in change_entries(call.actor, call.method, retry.request_id if retry else "", now, result, events,
+                                    reason):
+            uow.add_audit_entry(entry)
         uow.commit()
 
 

@@ -3,8 +3,9 @@ per role: admin makes doctors, slots and capacity changes and moves the test clo
 and cancels; triage books emergencies (bumps); the doctor calls, completes and marks no-shows. Mixed in: repeated
 request_ids (replays change nothing), refusals by the engine, and calls denied for their key or role.
 
-Afterwards the audit log holds exactly one CHANGED row per committed change, in order, each naming its caller,
-request_id, token and move, and one DENIED row per denied attempt; ListAuditEntries (all pages, by token, by a
+Afterwards the audit log holds, in order, one CHANGED row per committed change, naming its caller, request_id,
+token and move, followed by one for each other token the change moved (a bump's victim, promoted tokens, the
+token a CallNext completed), and one DENIED row per denied attempt; ListAuditEntries (all pages, by token, by a
 time range) answers the table's rows; the table refuses UPDATE and DELETE; and no phone number of the run is
 found in the server's whole output or in any audit row, while the same scan finds them in the tokens table."""
 
@@ -462,6 +463,20 @@ def check_change_row(row: dict[str, Any], made: Expected) -> None:
     assert all(token_id in row["reason"] for token_id in named), where
 
 
+def side_moves(made: Expected) -> list[tuple[str, tuple[str, ...], str, str]]:
+    """The other tokens a committed change moved, as its answer names them, each with the statuses it may have
+    moved from, the status it moved to and its row's reason."""
+    answer, moves = made.answer, []
+    if made.method in ("AllocateToken", "AllocateEmergency") and answer.HasField("bumped_token"):
+        moves.append((answer.bumped_token.token_id, ("CONFIRMED", "CHECKED_IN"), "WAITLISTED",
+                      f"BUMPED by {answer.token.token_id}"))
+    if made.method == "CallNext" and answer.HasField("completed_token"):
+        moves.append((answer.completed_token.token_id, ("CALLED",), "COMPLETED", "COMPLETED"))
+    freed_by = f" by {answer.token.token_id}" if made.method in ("CancelToken", "MarkNoShow") else ""
+    moves += [(t.token_id, ("WAITLISTED",), "CONFIRMED", f"PROMOTED{freed_by}") for t in getattr(answer, "promoted", ())]
+    return moves
+
+
 @pytest.fixture
 def database(tmp_path: Path) -> Iterator[str]:
     with fresh_database(tmp_path) as url:
@@ -495,19 +510,27 @@ def test_audit_log_has_one_row_per_change_and_denial_and_no_phone_anywhere(datab
 
 
 def check_audit_rows(clinic: Clinic, stored: list[tuple]) -> None:
-    """The run's rows (not the keys' own, key_id "tests") are the changes and denials made, one each, in order."""
+    """The run's rows (not the keys' own, key_id "tests") are the changes and denials made, in order: a change's
+    own row, then one for each other token it moved; a denial's row."""
     rows = [dict(zip(AUDIT_COLUMNS, r)) for r in stored if r[3] != "tests"]
     made = clinic.expected
     changes = [e for e in made if e.outcome == "CHANGED"]
-    assert sum(1 for r in rows if r["outcome"] == "CHANGED") == len(changes)
     assert sum(1 for r in rows if r["outcome"] == "DENIED") == sum(clinic.denials.values())
-    assert len(rows) == len(made)
-    for row, expected in zip(rows, made):
+    assert len(rows) == len(made) + sum(len(side_moves(e)) for e in changes)
+    remaining = iter(rows)
+    for expected in made:
+        row = next(remaining)
         who = (row["outcome"], row["method"], row["key_id"], row["role"])
         assert who == (expected.outcome, expected.method, expected.key_id, expected.role), (row, expected)
         if expected.outcome == "CHANGED":
             assert row["request_id"] == expected.request_id, row
             check_change_row(row, expected)
+            for token_id, before, after, reason in side_moves(expected):
+                side = next(remaining)
+                assert side["outcome"] == "CHANGED" and side["method"] == expected.method, (side, expected)
+                assert (side["key_id"], side["request_id"]) == (row["key_id"], row["request_id"]), side
+                assert (side["token_id"], side["to_status"], side["reason"]) == (token_id, after, reason), side
+                assert side["from_status"] in before, side
         else:
             assert row["token_id"] == row["from_status"] == row["to_status"] == "", row
     # the run reached every kind of row it is meant to check, so the checks above ran

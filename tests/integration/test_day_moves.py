@@ -229,11 +229,12 @@ def test_auto_no_show_marks_confirmed_tokens_past_their_grace_and_nothing_else(t
         assert status_of(live, waiting) == pb.STATUS_CONFIRMED  # promoted into the freed seat
         assert status_of(live, later) == pb.STATUS_CONFIRMED
         assert spec_violations(live.stub, doctor) == []
-        # One audit entry for the pass that marked one; none for the passes since, which changed nothing.
+        # The audit entries of the pass that marked one (its own, then one per token it moved); none for the passes
+        # since, which changed nothing.
         time.sleep(2.5)
-        passes = [e for e in live.stub.ListAuditEntries(pb.ListAuditEntriesRequest(page_size=1000)).entries
-                  if e.method == "AutoNoShow"]
-        assert [e.reason.split(" ", 2)[:2] for e in passes] == [["NO_SHOW", absent]]
+        passes = [(e.token_id, e.reason.split(" ", 2)[:2]) for e in live.stub.ListAuditEntries(
+            pb.ListAuditEntriesRequest(page_size=1000)).entries if e.method == "AutoNoShow"]
+        assert passes == [("", ["NO_SHOW", absent]), (absent, ["NO_SHOW"]), (waiting, ["PROMOTED", "by"])]
 
 
 def test_auto_no_show_marks_a_token_whose_grace_ends_after_midnight(tmp_path: Path):

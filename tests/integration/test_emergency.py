@@ -136,3 +136,21 @@ def test_the_victim_keeps_its_place_and_is_promoted_first_of_its_class(live):
     assert statuses(live.stub, doctor) == {1: "CANCELLED", 2: "CONFIRMED", 3: "WAITLISTED", 4: "CONFIRMED",
                                            5: "CANCELLED"}
     assert spec_violations(live.stub, doctor) == []
+
+
+def test_the_audit_log_of_a_bumped_token_holds_its_every_move(live):
+    """SPEC §13: a bump and the promotion after it are changes to the victim's token too, so a search of the audit
+    log by its id finds them, each under the call that caused it."""
+    doctor = make_doctor(live.stub)
+    make_slots(live.stub, doctor, ("09:00", "10:00", 1))
+    victim = allocate(live.stub, doctor, 1).token.token_id
+    rescue = emergency(live, doctor, 2, request_id="8c1f0a55-4a52-4a8e-9a53-0d1f8a2b7c11").token.token_id
+    live.stub.CancelToken(pb.CancelTokenRequest(token_id=rescue))
+    moves = [(e.method, e.request_id, pb.Status.Name(e.from_status), pb.Status.Name(e.to_status), e.reason)
+             for e in live.stub.ListAuditEntries(pb.ListAuditEntriesRequest(token_id=victim)).entries]
+    assert moves == [
+        ("AllocateToken", "", "STATUS_UNSPECIFIED", "STATUS_CONFIRMED", ""),
+        ("AllocateEmergency", "8c1f0a55-4a52-4a8e-9a53-0d1f8a2b7c11", "STATUS_CONFIRMED", "STATUS_WAITLISTED",
+         f"BUMPED by {rescue}"),
+        ("CancelToken", "", "STATUS_WAITLISTED", "STATUS_CONFIRMED", f"PROMOTED by {rescue}"),
+    ]
