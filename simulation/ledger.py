@@ -126,6 +126,14 @@ class Ledger:
                                     dt.timezone.utc)
         return start + dt.timedelta(minutes=serving.index(token) * slot.consultation_minutes)
 
+    def no_show_due(self, token_id: str, grace: dt.timedelta) -> dt.datetime:
+        """SPEC §6: the first moment a no-show is taken, the estimated time with the slot's patients already seen
+        or marked no-show still counted ahead, plus the grace period."""
+        token = self.tokens[token_id]
+        minutes = self.slots[token.slot_id].consultation_minutes
+        gone = sum(1 for t in self.of_slot(token.slot_id) if t.status in (pb.STATUS_COMPLETED, pb.STATUS_NO_SHOW))
+        return self.estimated_time(token_id) + dt.timedelta(minutes=gone * minutes) + grace
+
     def bump_victim(self, slot_id: str) -> TokenRecord | None:
         """SPEC §5: the CONFIRMED or CHECKED_IN non-emergency seat holder with the worst §2 order."""
         candidates = [t for t in self.of_slot(slot_id)

@@ -385,10 +385,10 @@ class Day:
         """SPEC §6: a confirmed patient who has not come is marked no-show once the grace period is over;
         the desk tries once too early, which must be refused. The estimated time is the ledger's (SPEC §8),
         which the checks compare with the server's."""
-        eta = self.ledger.estimated_time(visit.token_id)
-        if self.now < eta or (self.now < eta + NO_SHOW_GRACE and visit.no_show_tried_early):
+        due = self.ledger.no_show_due(visit.token_id, NO_SHOW_GRACE)
+        if self.now < due - NO_SHOW_GRACE or (self.now < due and visit.no_show_tried_early):
             return
-        early = self.now < eta + NO_SHOW_GRACE
+        early = self.now < due
         visit.no_show_tried_early |= early
         answer = self._release("doctor", f"MarkNoShow {visit.token_id}",
                                partial(OPDClient.mark_no_show, token_id=visit.token_id, request_id=self._request_id()),

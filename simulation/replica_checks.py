@@ -112,6 +112,7 @@ class ModelToken:
     patient: str
     status: str
     bumps: int = 0
+    moved_at: dt.datetime | None = None  # its last change of status (or its creation)
 
     @property
     def order(self) -> tuple[int, dt.datetime, int]:
@@ -139,6 +140,7 @@ class SequentialDay:
         self.completed_in: dict[str, int] = {}  # slot -> its COMPLETED tokens (they keep their seats)
         self.last_number = 0
         self.events: list[Event] = []
+        self.now: dt.datetime | None = None  # the service clock of the call being made: the time of its moves
 
     # ---- reading ----
 
@@ -189,7 +191,7 @@ class SequentialDay:
             del self.active[token.patient]
             self.active_in[token.slot_id].remove(token)
             self.completed_in[token.slot_id] += to == "COMPLETED"
-        token.status = to
+        token.status, token.moved_at = to, self.now
         self._record(kind, token, caused_by)
 
     def _fill(self, slot: ModelSlot, caused_by: str) -> list[ModelToken]:
@@ -244,10 +246,11 @@ class SequentialDay:
     def allocate(self, doctor_date: str, patient: str, source: str, preferred: str, flexible: bool,
                  now: dt.datetime) -> dict[str, Any]:
         slot, how, victim = self.decide_allocation(patient, source, preferred, flexible, now)
+        self.now = now
         self.last_number += 1
         status = "WAITLISTED" if how == "waitlist" else "CONFIRMED"
         token = ModelToken(f"{doctor_date}-T{self.last_number}", self.last_number, slot.slot_id, source, now,
-                           patient, status)
+                           patient, status, moved_at=now)
         self.tokens[token.token_id] = token
         self.active[patient] = token
         self.active_in[slot.slot_id].append(token)
@@ -259,13 +262,19 @@ class SequentialDay:
                 "bumped": self.view(victim) if victim else None}
 
     def _release(self, token: ModelToken, to: str, now: dt.datetime, dry: bool) -> dict[str, Any]:
+        self.now = now
         allowed = ACTIVE if to == "CANCELLED" else IN_QUEUE
         if token.status not in allowed:
             raise Refused("FAILED_PRECONDITION", "ILLEGAL_STATE_TRANSITION")
         if to == "NO_SHOW":
-            eta = self.view(token)[6]
-            assert eta is not None
-            if now < eta + self.grace:
+            eta, slot = self.view(token)[6], self.slots[token.slot_id]
+            assert eta is not None and token.moved_at is not None
+            gone = sum(1 for t in self.tokens.values()
+                       if t.slot_id == token.slot_id and t.status in ("COMPLETED", "NO_SHOW"))
+            since = eta + gone * dt.timedelta(minutes=slot.minutes)
+            if token.status == "CONFIRMED":  # not come: the grace also runs from its seat, up to the slot's end
+                since = max(since, min(token.moved_at, slot.end))
+            if now < since + self.grace:
                 raise Refused("FAILED_PRECONDITION", "GRACE_PERIOD_NOT_ELAPSED")
         if dry:
             return {}
@@ -281,6 +290,7 @@ class SequentialDay:
         return self._release(self._token(token_id), "NO_SHOW", now, dry)
 
     def check_in(self, token_id: str, now: dt.datetime, dry: bool = False) -> dict[str, Any]:
+        self.now = now
         token = self._token(token_id)
         if token.status != "CONFIRMED":
             raise Refused("FAILED_PRECONDITION", "ILLEGAL_STATE_TRANSITION")
@@ -290,6 +300,7 @@ class SequentialDay:
 
     def call_next(self, now: dt.datetime, dry: bool = False) -> dict[str, Any]:
         """SPEC §7: the best CHECKED_IN token of the earliest slot that has one; the CALLED one is completed."""
+        self.now = now
         for slot in self.slots.values():
             waiting = self._of_slot(slot.slot_id, frozenset({"CHECKED_IN"}))
             if waiting:
@@ -306,6 +317,7 @@ class SequentialDay:
         return {"token": self.view(nxt), "completed": self.view(called[-1]) if called else None}
 
     def set_capacity(self, slot_id: str, capacity: int, now: dt.datetime, dry: bool = False) -> dict[str, Any]:
+        self.now = now
         slot = self.slots.get(slot_id)
         if slot is None:
             raise Refused("NOT_FOUND", "SLOT_NOT_FOUND")

@@ -6,9 +6,11 @@ The run gets a schema of its own in the database (dropped at the end). Each repl
 `application_name` of the run's (`opd-stress-<schema>-r<i>`), so that `--faults backend` terminates only its
 backends. The clinic: two doctors on 2030-01-07, each with slot A 09:00-11:00 and slot B 11:00-12:00 of capacity 6
 (one-minute consultations) and waitlists of at most 6. Every replica's test clock stands at 10:00 for the whole
-run: slot A's patients are past their no-show grace (no-shows succeed there), slot B's are not (they are refused),
-and both slots take new tokens. A completed patient keeps a seat (SPEC §1), so after each completion a client
-raises that slot's capacity to 6 + its completions (UpdateSlotCapacity), which keeps about six seats in play.
+run: with no grace period (NO_SHOW_GRACE_PERIOD_MINUTES=0), slot A's patients are due (no-shows succeed there while
+their estimated times, counting the patients seen or marked no-show ahead, are not past 10:00), slot B's are not
+(they are refused), and both slots take new tokens. A completed patient keeps a seat (SPEC §1), so after each
+completion a client raises that slot's capacity to 6 + its completions (UpdateSlotCapacity), which keeps about six
+seats in play.
 
 Clients send each call to the replicas in turn, as a load balancer would, always with a fresh request_id. A call
 that gets no answer (UNAVAILABLE, DEADLINE_EXCEEDED, a reset) is sent again with the same request_id to the next
@@ -56,7 +58,9 @@ SLOTS = (("09:00", "11:00"), ("11:00", "12:00"))  # A: open and past the no-show
 DOCTORS = 2
 CAPACITY = 6
 MAX_WAITLIST = 6
-GRACE_MINUTES = 15
+# No grace: every token is seated at 10:00, and SPEC §6's grace also runs from a seat's time, so with any grace
+# no no-show would be taken in this run.
+GRACE_MINUTES = 0
 SERVER_SETTINGS = {"TIMEZONE": "UTC", "NO_SHOW_GRACE_PERIOD_MINUTES": GRACE_MINUTES, "AUTO_NO_SHOW": "false",
                    "MAX_WAITLIST_SIZE": MAX_WAITLIST}
 PATIENTS = 3000

@@ -51,6 +51,8 @@ TERMINAL = frozenset({Status.COMPLETED, Status.CANCELLED, Status.NO_SHOW})
 ACTIVE = frozenset(Status) - TERMINAL
 # Seat holders that still wait for (or are in) their consultation, and so have an estimated time.
 IN_QUEUE = frozenset({Status.CONFIRMED, Status.CHECKED_IN, Status.CALLED})
+# Tokens that held a seat and are done with it: still counted ahead of the rest for the no-show grace (SPEC §6).
+_GONE_AHEAD = frozenset({Status.COMPLETED, Status.NO_SHOW})
 
 
 class EventKind(enum.StrEnum):
@@ -109,6 +111,7 @@ class Doctor:
 
 
 _SPACES = re.compile(r"\s+")
+GENDERS = frozenset({"", "FEMALE", "MALE", "OTHER"})  # "": not given
 
 
 @dataclass(frozen=True)
@@ -567,13 +570,12 @@ class DoctorDay:
     def mark_no_show(self, token_id: str, now: dt.datetime) -> Release:
         token = self.token(token_id)
         self._check_move(token, NO_SHOW)
-        due = self._no_show_due(token)
+        due, since = self._no_show_due(token)
         if now < due:
             local = due.astimezone(self.rules.timezone)
             raise FailedPrecondition(
                 f"Token {token.token_number} ({token_id}) can be marked no-show from {local:%Y-%m-%d %H:%M}, "
-                f"{self.rules.no_show_grace_period_minutes} minutes after its estimated time.",
-                "GRACE_PERIOD_NOT_ELAPSED")
+                f"{self.rules.no_show_grace_period_minutes} minutes after {since}.", "GRACE_PERIOD_NOT_ELAPSED")
         return self._release(token, NO_SHOW, now)
 
     def mark_overdue_no_shows(self, now: dt.datetime) -> list[Release]:
@@ -581,15 +583,31 @@ class DoctorDay:
         promoted into a seat freed here may be past it at once (a sitting long over): marked in the same pass."""
         released: list[Release] = []
         while overdue := [t for t in self.tokens.values()
-                          if t.status is Status.CONFIRMED and self._no_show_due(t) <= now]:
+                          if t.status is Status.CONFIRMED and self._no_show_due(t)[0] <= now]:
             released += [self._release(t, NO_SHOW, now) for t in sorted(overdue, key=lambda t: t.token_number)]
         return released
 
-    def _no_show_due(self, token: Token) -> dt.datetime:
-        """SPEC §6: no-show only from estimated_time + NO_SHOW_GRACE_PERIOD_MINUTES."""
-        eta = self.view(token).estimated_time
-        assert eta is not None  # every seat holder still in the queue has one
-        return eta + dt.timedelta(minutes=self.rules.no_show_grace_period_minutes)
+    def _no_show_due(self, token: Token) -> tuple[dt.datetime, str]:
+        """SPEC §6: no-show only from estimated_time + NO_SHOW_GRACE_PERIOD_MINUTES; and what the grace runs from,
+        for a person. Taken literally that time moves earlier whenever a patient ahead is seen or marked no-show,
+        and lies in the past for a patient seated in a sitting already under way: a patient told 09:50 could be
+        marked at 09:15, one booked at 09:20 was overdue at once, and with AUTO_NO_SHOW one absent patient emptied
+        the whole slot, each marking making the next patient overdue. So the time counts the slot's patients
+        already seen or marked no-show as still ahead, and a patient who has not come is given the grace from
+        when they got their seat (a CONFIRMED token's last move) if that is later, up to the slot's end (a seat
+        given in a sitting long over, as when AUTO_NO_SHOW catches up, is no promise). Never earlier than SPEC's."""
+        slot = self.slots[token.slot_id]
+        place = self.view(token).queue_position
+        gone = sum(1 for t in self.by_slot[token.slot_id] if t.status in _GONE_AHEAD)
+        since = slot.estimated_time(place + gone, self.rules.timezone)
+        patients = f"{gone} patient" if gone == 1 else f"{gone} patients"
+        why = "its estimated time" + (f" with the {patients} already seen or marked no-show in its slot still "
+                                      "counted ahead of it" if gone else "")
+        seated = min(token.updated_at, slot.ends_at(self.rules.timezone))
+        if token.status is Status.CONFIRMED and seated > since:
+            since = seated
+            why = f"it got its seat ({since.astimezone(self.rules.timezone):%H:%M})"
+        return since + dt.timedelta(minutes=self.rules.no_show_grace_period_minutes), why
 
     def check_in(self, token_id: str, now: dt.datetime) -> TokenView:
         token = self.token(token_id)

@@ -97,9 +97,13 @@ class Clinic:
         return self.stub.CallNext(pb.CallNextRequest(doctor_id=doctor_id, date=DAY), **self.as_("doctor")).token.token_id
 
     def overdue(self) -> str:
-        """A confirmed token due at 08:00 that has not come: past its 15-minute grace at 09:00."""
+        """A confirmed token due at 08:00, booked at 07:30, that has not come: past its 15-minute grace at 09:00."""
         doctor_id, _ = self.new_doctor()
-        return self.confirmed(doctor_id)
+        self.live.set_time(at("07:30"))
+        try:
+            return self.confirmed(doctor_id)
+        finally:
+            self.live.set_time(NOW)
 
     def templated_doctor(self) -> str:
         """A doctor of its own with a weekly pattern (Tuesdays 09:00-10:00) and no slot on a Tuesday yet."""

@@ -116,6 +116,7 @@ class ModelToken:
     status: Status
     queue_time: dt.datetime
     patient: Patient
+    moved_at: dt.datetime  # its last change of status (or its creation)
 
     def order(self) -> tuple[int, dt.datetime, int]:
         """SPEC §2."""
@@ -141,8 +142,9 @@ class Expectation:
 class ModelDay:
     """One doctor's day as the SPEC says it must be."""
 
-    def __init__(self, doctor_id: str, slots: list[ModelSlot]):
+    def __init__(self, doctor_id: str, slots: list[ModelSlot], clock: TestClock):
         self.doctor_id = doctor_id
+        self.clock = clock
         self.slots = {s.slot_id: s for s in slots}
         self.tokens: dict[str, ModelToken] = {}
         self.token_events: list[tuple[str, str, Status]] = []  # (token_id, kind, status after the change)
@@ -173,8 +175,20 @@ class ModelDay:
             return start + dt.timedelta(minutes=(place - 1) * CONSULTATION_MINUTES), place, 0
         return None, 0, 0
 
+    def no_show_due(self, token: ModelToken) -> dt.datetime:
+        """SPEC §6's first minute for a no-show: the grace period after the estimated time with the slot's patients
+        already seen or marked no-show counted ahead of it, or, for a patient who has not come, after the time
+        they got their seat if later (but not after the slot's end)."""
+        eta, place, _ = self.expected_view(token)
+        assert eta is not None
+        since = eta + dt.timedelta(minutes=len(self.in_slot(token.slot_id, {Status.COMPLETED, Status.NO_SHOW}))
+                                   * CONSULTATION_MINUTES)
+        if token.status is Status.CONFIRMED:
+            since = max(since, min(token.moved_at, self.slots[token.slot_id].end))
+        return since + dt.timedelta(minutes=GRACE_MINUTES)
+
     def move(self, token: ModelToken, to: Status, kind: str) -> None:
-        token.status = to
+        token.status, token.moved_at = to, self.clock.now()
         self.token_events.append((token.token_id, kind, to))
 
     def fill_seats(self, slot_id: str) -> list[ModelToken]:
@@ -234,7 +248,7 @@ class ModelDay:
     def allocate(self, plan: AllocationPlan, patient: Patient, source: Source, now: dt.datetime) -> ModelToken:
         number = len(self.tokens) + 1
         token = ModelToken(f"{self.doctor_id}-{DATE:%Y%m%d}-T{number}", number, plan.slot_id, source,
-                           plan.status, now, patient)
+                           plan.status, now, patient, now)
         self.tokens[token.token_id] = token
         if plan.victim is not None:
             self.move(plan.victim, Status.WAITLISTED, "BUMPED")
@@ -315,7 +329,7 @@ class EngineMachine(RuleBasedStateMachine):
             assert not isinstance(created, Replay)
             self.days[doctor.doctor_id] = ModelDay(doctor.doctor_id, [
                 ModelSlot(s.slot_id, self.local(s.start_time), self.local(s.end_time), s.max_capacity)
-                for s in created])
+                for s in created], self.clock)
         for args in bookings:
             self.allocate_and_check(args, None)
 
@@ -434,11 +448,8 @@ class EngineMachine(RuleBasedStateMachine):
             refusals.append((NotFound, None))
         elif token.status not in (WITH_TIME if to is Status.NO_SHOW else NOT_FINAL):
             refusals.append((FailedPrecondition, None))
-        elif to is Status.NO_SHOW:
-            eta, _, _ = day.expected_view(token)
-            assert eta is not None
-            if self.clock.now() < eta + dt.timedelta(minutes=GRACE_MINUTES):
-                refusals.append((FailedPrecondition, "GRACE_PERIOD_NOT_ELAPSED"))
+        elif to is Status.NO_SHOW and self.clock.now() < day.no_show_due(token):
+            refusals.append((FailedPrecondition, "GRACE_PERIOD_NOT_ELAPSED"))
         move = self.service.cancel if to is Status.CANCELLED else self.service.mark_no_show
         try:
             result = move(token_id, Call(ANONYMOUS, "CancelToken" if to is Status.CANCELLED else "MarkNoShow"))
@@ -462,9 +473,8 @@ class EngineMachine(RuleBasedStateMachine):
     def mark_no_show(self, data: st.DataObject, when: str) -> None:
         """SPEC §6, now or at its edge: the clock moved to the minute the first grace period ends, or one
         minute before, and that token marked."""
-        due = sorted((eta + dt.timedelta(minutes=GRACE_MINUTES), token.token_id)
-                     for day in self.days.values() for token in day.tokens.values()
-                     for eta, _, _ in [day.expected_view(token)] if eta is not None)
+        due = sorted((day.no_show_due(token), token.token_id)
+                     for day in self.days.values() for token in day.tokens.values() if token.status in WITH_TIME)
         if when == "now" or not due:
             self.release(self.pick_token(data, WITH_TIME), Status.NO_SHOW, "NO_SHOW")
             return
@@ -586,6 +596,23 @@ class EngineMachine(RuleBasedStateMachine):
         note("raised a capacity for a waitlist" if promoted else "changed a capacity")
         if len(promoted) > 1:
             note("promoted more than one at once")
+
+    @rule()
+    def auto_no_show_pass(self) -> None:
+        """SPEC §6 with AUTO_NO_SHOW: a pass marks the confirmed tokens past their grace, in token number order,
+        each freed seat going to the waitlist at once, and again while that leaves some overdue (a patient promoted
+        after the grace the slot's seats allow). Marking one never makes the rest overdue."""
+        now, marked = self.clock.now(), 0
+        for day in self.days.values():
+            while overdue := sorted((t for t in day.tokens.values()
+                                     if t.status is Status.CONFIRMED and day.no_show_due(t) <= now),
+                                    key=lambda t: t.number):
+                for token in overdue:
+                    day.move(token, Status.NO_SHOW, "NO_SHOW")
+                    day.fill_seats(token.slot_id)
+                marked += len(overdue)
+        assert self.service.mark_overdue_no_shows() == marked
+        note("AUTO_NO_SHOW marked a token" if marked else "AUTO_NO_SHOW marked nobody")
 
     @rule(minutes=st.sampled_from([5, 10, 20, 30]))
     def advance_clock(self, minutes: int) -> None:
@@ -721,6 +748,7 @@ MUST_MEET = {
     "raised a capacity for a waitlist", "moved to a later slot", "NO_SHOW a token", "called the next patient",
     "refused: AlreadyExists", "refused: FailedPrecondition SLOT_CLOSED",
     "refused: FailedPrecondition GRACE_PERIOD_NOT_ELAPSED", "caught up with another replica's changes",
+    "AUTO_NO_SHOW marked a token",
 }
 
 
