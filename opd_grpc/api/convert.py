@@ -32,9 +32,18 @@ def timestamp(when: dt.datetime) -> timestamp_pb2.Timestamp:
     return ts
 
 
-def allocate_command(r: pb.AllocateTokenRequest | pb.AllocateEmergencyRequest, source: Source | None) -> AllocateCommand:
+def source(number: int) -> Source | int | None:
+    """The Source of an enum number: None when unset, and a number the enum does not have handed on as it is, for
+    the engine to refuse."""
+    return SOURCE_FROM_PB.get(number, number or None)
+
+
+def allocate_command(r: pb.AllocateTokenRequest | pb.AllocateEmergencyRequest,
+                     source: Source | int | None) -> AllocateCommand:
+    """The patient's gender as the engine names it: "" when unset, and a number the enum does not have as its
+    digits, for the engine to refuse."""
     p = r.patient
-    patient = Patient(p.name, p.phone, p.age, GENDER_FROM_PB.get(p.gender, ""), p.mrn)
+    patient = Patient(p.name, p.phone, p.age, GENDER_FROM_PB.get(p.gender, str(p.gender) if p.gender else ""), p.mrn)
     return AllocateCommand(patient, r.doctor_id, r.date, r.preferred_slot_time, source, r.flexible)
 
 

@@ -126,7 +126,7 @@ class OPDTokenServicer(opd_pb2_grpc.OPDTokenServiceServicer):
     # ---- tokens ----
 
     async def AllocateToken(self, request: pb.AllocateTokenRequest, context: Any) -> pb.AllocateTokenResponse:
-        command = convert.allocate_command(request, convert.SOURCE_FROM_PB.get(request.source))
+        command = convert.allocate_command(request, convert.source(request.source))
         return await self._change(context, request, pb.AllocateTokenResponse,
                                   functools.partial(convert.allocation, response=pb.AllocateTokenResponse),
                                   self.service.allocate, command)

@@ -13,6 +13,7 @@ from opd_grpc.engine.clock import TestClock
 from opd_grpc.engine.errors import FieldViolation
 
 _INVALID_ARGUMENT = 3
+_NANOS = 1_000_000_000  # a Timestamp's and a Duration's nanos lie below this
 
 
 class TestClockServicer(test_clock_pb2_grpc.TestClockServiceServicer):
@@ -24,6 +25,8 @@ class TestClockServicer(test_clock_pb2_grpc.TestClockServiceServicer):
     async def SetTime(self, request: pb.SetTimeRequest, context: Any) -> pb.SetTimeResponse:
         if not request.HasField("time"):
             await _refuse(context, "time", "is required")
+        if not 0 <= request.time.nanos < _NANOS:
+            await _refuse(context, "time", f"has nanos {request.time.nanos}, not between 0 and {_NANOS - 1}")
         try:
             when = request.time.ToDatetime(tzinfo=dt.timezone.utc)
         except (ValueError, OverflowError):
@@ -31,12 +34,17 @@ class TestClockServicer(test_clock_pb2_grpc.TestClockServiceServicer):
         return pb.SetTimeResponse(now=timestamp(self.clock.set(when)))
 
     async def AdvanceTime(self, request: pb.AdvanceTimeRequest, context: Any) -> pb.AdvanceTimeResponse:
+        if not request.HasField("duration"):
+            await _refuse(context, "duration", 'is required (e.g. {"duration": "600s"})')
+        seconds, nanos = request.duration.seconds, request.duration.nanos
+        if seconds < 0 or nanos < 0:
+            await _refuse(context, "duration", "is negative; use SetTime to go back")
+        if nanos >= _NANOS:
+            await _refuse(context, "duration", f"has nanos {nanos}, not between 0 and {_NANOS - 1}")
         try:
             by = request.duration.ToTimedelta()
         except (ValueError, OverflowError):
             await _refuse(context, "duration", "is not a valid duration")
-        if by < dt.timedelta(0):
-            await _refuse(context, "duration", "is negative; use SetTime to go back")
         try:
             now = self.clock.advance(by)
         except OverflowError:

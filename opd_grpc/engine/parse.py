@@ -116,6 +116,12 @@ class Violations:
             raise InvalidArgument(self.items)
 
 
+def canonical_uuid(text: str) -> str:
+    """A request_id in one spelling of its UUID (lower case, with hyphens), so that one UUID written in capitals
+    or without hyphens is still the same request_id (SPEC §9); text that is no UUID is kept, for its refusal."""
+    return str(uuid.UUID(text)) if is_uuid(text) else text
+
+
 def is_uuid(text: str) -> bool:
     """A UUID in a form that fits the request_id columns: hex digits, with or without hyphens."""
     if len(text) > REQUEST_ID_MAX:

@@ -27,10 +27,10 @@ from opd_grpc.engine.errors import (
     decode_refusal, encode_refusal, invalid,
 )
 from opd_grpc.engine.model import (
-    Allocation, CallResult, CapacityChange, DayChanges, DayStats, Doctor, DoctorDay, Patient, QueueEvent, Release,
-    Rules, Slot, SlotStatus, Source, TokenView, day_of_slot_id, day_of_token_id,
+    GENDERS, Allocation, CallResult, CapacityChange, DayChanges, DayStats, Doctor, DoctorDay, Patient, QueueEvent,
+    Release, Rules, Slot, SlotStatus, Source, TokenView, day_of_slot_id, day_of_token_id,
 )
-from opd_grpc.engine.parse import Violations
+from opd_grpc.engine.parse import Violations, canonical_uuid
 from opd_grpc.engine.schedule import (
     WEEKDAYS, Application, Holiday, SlotRequest, SlotTemplate, TemplateSlot, dates, expand, in_order, overlapping,
 )
@@ -56,6 +56,9 @@ class Retry:
     method: str
     fingerprint: bytes
     encode: Callable[[Any], bytes]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "request_id", canonical_uuid(self.request_id))
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ class AllocateCommand:
     doctor_id: str
     date: str
     preferred_slot_time: str
-    source: Source | None
+    source: Source | int | None  # None: not given; an int: a number the Source enum does not have
     flexible: bool
 
 
@@ -487,14 +490,18 @@ class OPDService:
             v.add("patient.name", f"is longer than {MAX_IDENTITY} characters once its case is folded")
         if not 0 <= p.age <= 150:
             v.add("patient.age", f"{p.age} is not an age in years (0 to 150)")
+        if p.gender not in GENDERS:
+            v.add("patient.gender", f"{p.gender} is not one of GENDER_FEMALE, GENDER_MALE, GENDER_OTHER (or leave "
+                                    "it out)")
         v.doctor_id("doctor_id", cmd.doctor_id)
         date = v.date("date", cmd.date)
         preferred = v.time("preferred_slot_time", cmd.preferred_slot_time) if cmd.preferred_slot_time else None
-        if cmd.source is None:
-            v.add("source", "is required: one of SOURCE_EMERGENCY, SOURCE_PAID_PRIORITY, SOURCE_FOLLOW_UP, "
+        if not isinstance(cmd.source, Source):
+            given = "is required" if cmd.source is None else f"{cmd.source} is not a source"
+            v.add("source", f"{given}: one of SOURCE_EMERGENCY, SOURCE_PAID_PRIORITY, SOURCE_FOLLOW_UP, "
                             "SOURCE_ONLINE_BOOKING, SOURCE_WALK_IN")
         self._check(v, call)
-        assert cmd.source is not None
+        assert isinstance(cmd.source, Source)
         source = cmd.source
         return self._change((cmd.doctor_id, date), call,
                             lambda day, now: day.allocate(patient, source, preferred, cmd.flexible, now))

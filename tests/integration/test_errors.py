@@ -149,6 +149,8 @@ def cases() -> list[Case]:
              "patient.age"),
         Case("patient aged -1", "AllocateToken", lambda: allocation(patient=patient(9, age=-1)), INVALID,
              "patient.age"),
+        Case("patient of an unknown gender", "AllocateToken", lambda: allocation(patient=patient(9, gender=99)),
+             INVALID, "patient.gender"),
         Case("allocate without doctor", "AllocateToken", lambda: allocation(doctor_id=""), INVALID, "doctor_id"),
         Case("allocate without date", "AllocateToken", lambda: allocation(date=""), INVALID, "date"),
         Case("allocate 30 February", "AllocateToken", lambda: allocation(date="2030-02-30"), INVALID, "date"),

@@ -323,3 +323,19 @@ def test_a_change_run_again_after_a_lost_race_answers_and_stores_what_it_committ
     assert lost  # the first attempt did lose its race
     assert answer.created_at == booked.created_at  # 07:05, not the failed attempt's 07:00
     assert again == answer  # and the stored answer is that one too
+
+
+def test_one_uuid_is_one_request_id_however_it_is_written(live):
+    """SPEC §9: a request_id is a UUID, and a UUID in capitals or without its hyphens is the same UUID: a retry
+    written so gets the first answer, not a second doctor or a PATIENT_ALREADY_HAS_TOKEN."""
+    request_id = new_request_id()
+    spellings = (request_id, request_id.upper(), request_id.replace("-", ""))
+    doctors = {live.stub.CreateDoctor(pb.CreateDoctorRequest(name="Dr Asha Rao", specialization="General Medicine",
+                                                             request_id=r)).doctor.doctor_id for r in spellings}
+    assert len(doctors) == 1
+    (doctor,) = doctors
+    make_slots(live.stub, doctor, ("09:00", "10:00", 5))
+    booking = new_request_id().upper()
+    answers = [allocate(live.stub, doctor, 1, request_id=r).token for r in (booking, booking.lower())]
+    assert answers[0] == answers[1]
+    assert len(all_tokens(live.stub, doctor)) == 1

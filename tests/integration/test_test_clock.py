@@ -29,6 +29,12 @@ def test_advance_moves_the_clock_the_rules_read(live):
     ("SetTime", tc.SetTimeRequest(time=timestamp_pb2.Timestamp(seconds=10**13)), "time"),
     ("AdvanceTime", tc.AdvanceTimeRequest(duration=duration_pb2.Duration(seconds=-60)), "duration"),
     ("AdvanceTime", tc.AdvanceTimeRequest(duration=duration_pb2.Duration(seconds=10**12)), "duration"),
+    ("SetTime", tc.SetTimeRequest(time=timestamp_pb2.Timestamp(seconds=1_900_000_000, nanos=10**9)), "time"),
+    ("SetTime", tc.SetTimeRequest(time=timestamp_pb2.Timestamp(seconds=1_900_000_000, nanos=-1)), "time"),
+    ("AdvanceTime", tc.AdvanceTimeRequest(), "duration"),
+    ("AdvanceTime", tc.AdvanceTimeRequest(duration=duration_pb2.Duration(nanos=-5)), "duration"),
+    ("AdvanceTime", tc.AdvanceTimeRequest(duration=duration_pb2.Duration(seconds=1, nanos=-5)), "duration"),
+    ("AdvanceTime", tc.AdvanceTimeRequest(duration=duration_pb2.Duration(nanos=10**9)), "duration"),
 ])
 def test_times_the_clock_cannot_hold_are_invalid_and_change_nothing(live, call, request_, field):
     failure = refused(getattr(live.clock, call), request_)
