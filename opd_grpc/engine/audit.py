@@ -1,8 +1,8 @@
 """The audit log's entries (SPEC §13): who, role, call, request_id, token, from → to, reason.
 
 The entries of a committed change are written in its transaction (`OPDService._finish`): the call's own, and one
-for each other token the change moved (a bump's victim, promoted tokens), so that every move of a token is found
-by its id. One entry per denied attempt. An entry names tokens by id and never carries a patient's details."""
+for each move of another token (a bump's victim, promoted tokens), so that every move of a token is found by its
+id. One entry per denied attempt. An entry names tokens by id and never carries a patient's details."""
 
 from __future__ import annotations
 
@@ -35,23 +35,20 @@ def change_entries(actor: Actor, method: str, request_id: str, now: dt.datetime,
                    events: Sequence[QueueEvent], reason: str = "") -> list[AuditEntry]:
     """The entries of a committed change. The call's own: its token's move (the token the call answers with),
     and as the reason the `reason` given, else the other moves it caused, else what it made. Then one for each
-    other token moved, its reason the kind of move and the token that caused it."""
+    other move of a token, its reason the kind of move and the token that caused it (a token promoted and marked
+    no-show in one change has two)."""
     view = result if isinstance(result, TokenView) else getattr(result, "token", None)
     token_id = view.token.token_id if isinstance(view, TokenView) else ""
-    moved: dict[str, list[QueueEvent]] = {}
-    for e in events:
-        if e.token_id:
-            moved.setdefault(e.token_id, []).append(e)
-    own = moved.pop(token_id, [])
-    others = "; ".join(_move(e) for e in events if e not in own)
+    own = [e for e in events if token_id and e.token_id == token_id]
+    others = [e for e in events if e not in own]
 
-    def entry(token: str, moves: list[QueueEvent], why: str) -> AuditEntry:
+    def entry(token: str, moves: Sequence[QueueEvent], why: str) -> AuditEntry:
         return AuditEntry(now, CHANGED, actor.key_id, actor.role, method, request_id, token,
                           _status(moves[0].previous_status) if moves else "",
                           _status(moves[-1].status) if moves else "", why)
 
-    return [entry(token_id, own, reason or others or _made(result))] + [
-        entry(token, moves, "; ".join(_cause(e) for e in moves)) for token, moves in moved.items()]
+    return [entry(token_id, own, reason or "; ".join(map(_move, others)) or _made(result))] + [
+        entry(e.token_id, [e], _cause(e)) for e in others if e.token_id]
 
 
 def denied_entry(actor: Actor, method: str, request_id: str, now: dt.datetime, code: str,

@@ -243,7 +243,8 @@ class OPDTokenServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MarkNoShow(self, request, context):
-        """MarkNoShow marks a seat holder who did not come, once the grace period after its estimated time is over.
+        """MarkNoShow marks a seat holder who did not come, once the grace period after its estimated time is over (the
+        time counting the slot's patients already seen or marked no-show as still ahead of it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
