@@ -2,11 +2,13 @@
 
 Start it against a running server (tokens are shown by number only, never a patient's name or phone):
 
-    python -m clients.board [--address 127.0.0.1:50051] [--api-key KEY] [--date YYYY-MM-DD] [--next 5] [--once] \\
-        DOC001 [DOC002 ...]
+    python -m clients.board [--address 127.0.0.1:50051] [--api-key KEY] [--date YYYY-MM-DD] [--timezone ZONE] \\
+        [--next 5] [--heartbeat-seconds 10] [--once] DOC001 [DOC002 ...]
 
 It follows WatchQueue through the client library, which reconnects and resumes after the last sequence by itself;
-Ctrl-C ends it. `python -m clients.board --demo-svg docs/board.svg` draws a made-up day as an SVG, for the README.
+without --date it shows the hospital's today (in --timezone, default $OPD_TIMEZONE or this machine's) and moves on
+to the next day at midnight. Ctrl-C ends it. `python -m clients.board --demo-svg docs/board.svg` draws a made-up
+day as an SVG, for the README.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import grpc
 from rich.align import Align
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -34,7 +38,7 @@ from clients.library import DEFAULT_ADDRESS, OPDClient, OPDError, tls_credential
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 
 PANELS_PER_ROW = 3
-STALE_AFTER = dt.timedelta(seconds=25)  # heartbeats come every 10 s on a quiet stream; two missed ones mean trouble
+HEARTBEAT_SECONDS = 10.0  # the server's WATCH_HEARTBEAT_SECONDS by default: a quiet stream hears this often
 REDRAW_SECONDS = 1.0  # the clock and the connection line stay fresh between updates
 
 # Block digits, five rows high: legible from the back of a waiting room on an ordinary terminal.
@@ -139,22 +143,26 @@ class BoardState:
 
 
 class Watch(Protocol):
-    """What the client library's watch gives: the updates, resumed across reconnects, and how many there were."""
+    """What the client library's watch gives: the updates, resumed across reconnects, how many reconnects were
+    tried, and whether the stream is up."""
 
     reconnects: int
+    connected: bool
 
     def __iter__(self) -> Iterator[pb.WatchQueueResponse]: ...
 
 
-def connection_line(last_heard: dt.datetime | None, now: dt.datetime, reconnects: int) -> str:
-    """"live" while updates or heartbeats keep coming, "reconnecting…" once they stop."""
+def connection_line(last_heard: dt.datetime | None, now: dt.datetime, reconnects: int, connected: bool = True,
+                    heartbeat_seconds: float = HEARTBEAT_SECONDS) -> str:
+    """"live" while the stream is up and updates or heartbeats keep coming; "reconnecting…" while the library
+    reconnects, or once two and a half heartbeats have been missed."""
     if last_heard is None:
         line = "connecting…"
-    elif now - last_heard > STALE_AFTER:
+    elif not connected or now - last_heard > dt.timedelta(seconds=2.5 * heartbeat_seconds):
         line = "reconnecting…"
     else:
         line = "live"
-    return f"{line} (reconnected {reconnects}×)" if reconnects else line
+    return f"{line} ({reconnects} reconnect {'attempt' if reconnects == 1 else 'attempts'})" if reconnects else line
 
 
 def _doctor_panel(state: BoardState, doctor_id: str, name: str | None, next_count: int) -> Panel:
@@ -197,9 +205,11 @@ def render(state: BoardState, names: dict[str, str] | None = None, next_count: i
     return Group(grid, footer)
 
 
-def follow(stream: Watch, state: BoardState, console: Console,
-           names: dict[str, str] | None = None, next_count: int = 5, once: bool = False) -> None:
-    """Draw the board and redraw it on every update (and every second); with `once`, draw the snapshots and stop.
+def follow(stream: Watch, state: BoardState, console: Console, names: dict[str, str] | None = None,
+           next_count: int = 5, once: bool = False, heartbeat_seconds: float = HEARTBEAT_SECONDS,
+           until: Callable[[], bool] = lambda: False) -> None:
+    """Draw the board and redraw it on every update (and every second); with `once`, draw the snapshots and stop;
+    stop too once `until()` is true (a new day).
 
     The stream is read on a thread so that the board still shows "reconnecting…" while the library waits
     to reconnect. An error the library gives up on is raised here."""
@@ -214,12 +224,13 @@ def follow(stream: Watch, state: BoardState, console: Console,
             updates.put(error)
 
     def draw() -> RenderableType:
-        line = connection_line(state.last_heard, dt.datetime.now(dt.timezone.utc), stream.reconnects)
+        line = connection_line(state.last_heard, dt.datetime.now(dt.timezone.utc), stream.reconnects,
+                               stream.connected, heartbeat_seconds)
         return render(state, names, next_count, line)
 
     threading.Thread(target=pump, name="board-watch", daemon=True).start()
     with Live(draw(), console=console, auto_refresh=False, transient=once) as live:
-        while not (once and state.ready()):
+        while not (once and state.ready()) and not until():
             try:
                 item = updates.get(timeout=REDRAW_SECONDS)
                 while True:  # apply a burst at once, then draw once
@@ -291,8 +302,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="for mutual TLS: this client certificate (PEM) (default: $OPD_CLIENT_CERT)")
     parser.add_argument("--key-file", default=os.environ.get("OPD_CLIENT_KEY"), type=Path, metavar="FILE",
                         help="for mutual TLS: its private key (PEM) (default: $OPD_CLIENT_KEY)")
-    parser.add_argument("--date", default=dt.date.today().isoformat(), help="YYYY-MM-DD (default: today)")
-    parser.add_argument("--next", type=int, default=5, dest="next_count", help="how many next tokens to show")
+    parser.add_argument("--date", help="YYYY-MM-DD (default: the hospital's today, moving on at midnight)")
+    parser.add_argument("--timezone", type=_zone, default=os.environ.get("OPD_TIMEZONE") or None,
+                        help="the hospital's TIMEZONE, which says when its day begins (default: $OPD_TIMEZONE, "
+                             "else this machine's)")
+    parser.add_argument("--next", type=_positive(int), default=5, dest="next_count",
+                        help="how many next tokens to show")
+    parser.add_argument("--heartbeat-seconds", type=_positive(float), default=HEARTBEAT_SECONDS,
+                        help="the server's WATCH_HEARTBEAT_SECONDS: a stream silent for three of them is reconnected "
+                             f"(default {HEARTBEAT_SECONDS:g})")
     parser.add_argument("--once", action="store_true", help="draw the current queues once and exit")
     parser.add_argument("--demo-svg", metavar="PATH", help="draw a made-up board into an SVG file and exit")
     args = parser.parse_args(argv)
@@ -306,18 +324,61 @@ def main(argv: list[str] | None = None) -> int:
                        if args.ca_cert or args.cert or args.key_file else None)
     except (OSError, ValueError) as error:
         parser.error(f"cannot use the TLS files: {error}")
+    zone: dt.tzinfo | None = args.timezone
     console = Console()
     try:
         with OPDClient(args.address, api_key=args.api_key, credentials=credentials) as client:
-            names = {d: client.get_doctor(d).doctor.name for d in args.doctor_ids}
-            with client.watch(args.doctor_ids, args.date) as watch:
-                follow(watch, BoardState(args.doctor_ids, args.date), console, names, args.next_count, args.once)
+            names = _names(client, args.doctor_ids)
+            while True:
+                date = args.date or hospital_today(zone)
+                with client.watch(args.doctor_ids, date, stall_seconds=3 * args.heartbeat_seconds) as watch:
+                    try:
+                        follow(watch, BoardState(args.doctor_ids, date), console, names, args.next_count, args.once,
+                               args.heartbeat_seconds, until=lambda shown=date: not args.date and hospital_today(zone) != shown)
+                    except OPDError as error:
+                        if error.code is not grpc.StatusCode.OUT_OF_RANGE:
+                            raise
+                        continue  # the server no longer has the events after ours (a restore): start afresh
+                if args.once or args.date:
+                    break
     except OPDError as error:
         Console(stderr=True).print(f"[red]The board cannot show these queues:[/] {error}")
         return 1
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _names(client: OPDClient, doctor_ids: list[str]) -> dict[str, str]:
+    """The doctors' names for the panels' titles; none while the server cannot be reached (the watch waits for it),
+    and an unknown doctor refused at once."""
+    try:
+        return {d: client.get_doctor(d).doctor.name for d in doctor_ids}
+    except OPDError as error:
+        if error.code is grpc.StatusCode.UNAVAILABLE:
+            return {}
+        raise
+
+
+def hospital_today(zone: dt.tzinfo | None) -> str:
+    """The hospital's date now: in its time zone, or this machine's."""
+    return dt.datetime.now(zone).date().isoformat() if zone else dt.date.today().isoformat()
+
+
+def _zone(name: str) -> dt.tzinfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise argparse.ArgumentTypeError(f"{name!r} is not an IANA time zone (e.g. Asia/Kolkata)") from None
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+        return value
+    return parse
 
 
 if __name__ == "__main__":

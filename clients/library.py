@@ -395,7 +395,8 @@ class Watch:
         start = dict.fromkeys(doctor_ids, after_sequence) if after_sequence is not None else {}
         self.last_sequences: dict[str, int] = {**start, **after_sequences}
         self._after_sequence = after_sequence
-        self.reconnects = 0
+        self.reconnects = 0  # attempts to reconnect, successful or not
+        self.connected = False  # whether the stream open now has brought an update (False while reconnecting)
         self._client = client
         self._call: Any = None
         self._cancelled = threading.Event()
@@ -425,7 +426,7 @@ class Watch:
             try:
                 for update in call:
                     stall.pause()  # the time our caller spends on an update is not the network's
-                    delay = self._client.backoff
+                    delay, self.connected = self._client.backoff, True
                     if self._is_new(update):
                         yield update
                     stall.restart()
@@ -439,6 +440,7 @@ class Watch:
             finally:
                 stall.stop()
                 call.cancel()
+                self.connected = False
             self.reconnects += 1
             if self.on_reconnect is not None:
                 self.on_reconnect(error)
@@ -506,8 +508,10 @@ class _StallWatchdog:
 
 
 def _worth_reconnecting(error: OPDError) -> bool:
-    """The server went away (shutdown, crash, reset transport, a path gone silent) or dropped us for reading too
-    slowly."""
+    """The server went away (shutdown, crash, reset transport, a path gone silent), has no room for a watcher just
+    now, or dropped us for reading too slowly."""
     if error.code is grpc.StatusCode.UNAVAILABLE or "RST_STREAM" in error.message:
         return True
+    if error.code is grpc.StatusCode.RESOURCE_EXHAUSTED and error.reason == "TOO_MANY_WATCHERS":
+        return True  # the server may still count this watch's own stream from before a network failure
     return error.code is grpc.StatusCode.ABORTED and error.reason == "WATCHER_FELL_BEHIND"

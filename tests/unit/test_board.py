@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import threading
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from rich.console import Console
 
-from clients.board import (BoardState, big_number, connection_line, demo_state, follow, main, render,
-                           save_picture)
+from clients.board import (BoardState, big_number, connection_line, demo_state, follow, hospital_today, main,
+                           render, save_picture)
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 
 pytestmark = pytest.mark.backend_independent
@@ -170,22 +172,53 @@ def test_many_doctors_wrap_three_to_a_row_and_wait_for_their_snapshot():
     assert not state.ready()
 
 
-def test_the_connection_line_says_reconnecting_once_the_stream_goes_quiet():
+def test_the_connection_line_says_reconnecting_once_the_stream_goes_quiet_or_while_the_library_reconnects():
     assert connection_line(None, NOON, 0) == "connecting…"
     assert connection_line(NOON, NOON + dt.timedelta(seconds=12), 0) == "live"
-    assert connection_line(NOON, NOON + dt.timedelta(seconds=40), 1) == "reconnecting… (reconnected 1×)"
-    assert connection_line(NOON, NOON + dt.timedelta(seconds=1), 2) == "live (reconnected 2×)"
+    assert connection_line(NOON, NOON + dt.timedelta(seconds=40), 1) == "reconnecting… (1 reconnect attempt)"
+    assert connection_line(NOON, NOON + dt.timedelta(seconds=1), 2) == "live (2 reconnect attempts)"
+    # A server restarting: heard a second ago, but the stream is down.
+    assert connection_line(NOON, NOON + dt.timedelta(seconds=1), 3, connected=False) == \
+        "reconnecting… (3 reconnect attempts)"
+    # A server whose heartbeats come every 40 s is not taken for lost after 30 s of quiet.
+    assert connection_line(NOON, NOON + dt.timedelta(seconds=60), 0, heartbeat_seconds=40) == "live"
+
+
+def test_without_a_date_the_board_shows_the_hospitals_today_and_moves_on_at_midnight():
+    """The date is the one in the hospital's time zone, not the board machine's: 25 hours apart, these two zones
+    never share a date."""
+    assert hospital_today(ZoneInfo("Pacific/Kiritimati")) != hospital_today(ZoneInfo("Pacific/Pago_Pago"))
+    state = BoardState(["DOC001"], DATE)
+    endless = FakeWatch([snapshot([token(4, pb.STATUS_CALLED, called_minute=1)])], then_wait=True)
+    console = Console(record=True, width=120, file=io.StringIO())
+    midnight = threading.Event()
+    threading.Timer(0.3, midnight.set).start()
+    follow(endless, state, console, until=midnight.is_set)  # returns at the new day, for main to watch it
+    assert state.now_calling("DOC001").token_number == 4
+
+
+def test_a_board_refuses_a_next_count_that_is_not_positive(capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit):
+        main(["--next", "-2", "DOC001"])
+    assert "-2 is not a positive number" in capsys.readouterr().err
 
 
 class FakeWatch:
-    """What the client library's watch gives: updates, and how often it reconnected."""
+    """What the client library's watch gives: updates (then, if asked, nothing for ever), how often it tried to
+    reconnect, and whether it is connected."""
 
-    def __init__(self, updates: list[pb.WatchQueueResponse]):
-        self.updates = updates
+    def __init__(self, updates: list[pb.WatchQueueResponse], then_wait: bool = False):
+        self.updates = updates + ([None] if then_wait else [])
         self.reconnects = 1
+        self.connected = True
+        self.stopped = threading.Event()
 
     def __iter__(self):
-        return iter(self.updates)
+        for update in self.updates:
+            if update is None:
+                self.stopped.wait()
+                return
+            yield update
 
 
 def test_follow_once_draws_the_board_when_every_snapshot_is_in():
@@ -199,7 +232,7 @@ def test_follow_once_draws_the_board_when_every_snapshot_is_in():
 
     text = console.export_text()
     assert all(row in text for row in big_number(4))
-    assert "Next  7" in text and "Waitlist  1" in text and "reconnected 1×" in text
+    assert "Next  7" in text and "Waitlist  1" in text and "1 reconnect attempt" in text
     assert two.last_sequence("DOC001") == 10  # stopped once both snapshots were in, before the event
 
 

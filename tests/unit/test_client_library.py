@@ -270,14 +270,16 @@ def test_watch_resumes_after_unavailable_from_the_last_sequences_and_shows_nothi
     for update in (snapshot("DOC001", 3), snapshot("DOC002", 0), event("DOC001", 4)):
         rpc.send_response(update)
     assert viewer.next(3) == [("snapshot", "DOC001", 3), ("snapshot", "DOC002", 0), ("event", "DOC001", 4)]
+    assert watch.connected
     rpc.terminate((), grpc.StatusCode.UNAVAILABLE, "server shutting down")
 
     _, second, rpc = within(server.take_unary_stream, METHOD["WatchQueue"])
+    assert not watch.connected  # a board says "reconnecting…" until the new stream brings something
     assert dict(second.after_sequences) == {"DOC001": 4, "DOC002": 0}
     for update in (event("DOC001", 4), event("DOC001", 5), event("DOC002", 1)):  # 4 replayed: dropped
         rpc.send_response(update)
     assert viewer.next(2) == [("event", "DOC001", 5), ("event", "DOC002", 1)]
-    assert watch.last_sequences == {"DOC001": 5, "DOC002": 1}
+    assert watch.connected and watch.last_sequences == {"DOC001": 5, "DOC002": 1}
     assert watch.reconnects == 1 and [e.code for e in lost] == [grpc.StatusCode.UNAVAILABLE]
 
     watch.cancel()
@@ -300,6 +302,25 @@ def test_watch_that_fell_behind_resumes_keeping_the_callers_start_for_doctors_no
 
     _, second, rpc = within(server.take_unary_stream, METHOD["WatchQueue"])
     assert second.after_sequence == 7 and dict(second.after_sequences) == {"DOC001": 8, "DOC002": 2}
+    watch.cancel()
+    viewer.finished.result()
+
+
+def test_watch_refused_for_too_many_watchers_tries_again(server: Any) -> None:
+    """After a network failure the server may still count the watch's old stream for a while: no room is a
+    reason to try again, not to give up."""
+    client, _ = client_of(server)
+    watch = client.watch(["DOC001"], DAY)
+    viewer = Viewer(watch)
+    _, _, rpc = within(server.take_unary_stream, METHOD["WatchQueue"])
+    message = "The server already serves MAX_WATCHERS streams; try again later."
+    rpc.terminate(rich_trailers(code_pb2.RESOURCE_EXHAUSTED, message, "TOO_MANY_WATCHERS"),
+                  grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+    _, again, rpc = within(server.take_unary_stream, METHOD["WatchQueue"])
+    assert list(again.doctor_ids) == ["DOC001"] and watch.reconnects == 1
+    rpc.send_response(snapshot("DOC001", 2))
+    assert viewer.next(1) == [("snapshot", "DOC001", 2)]
     watch.cancel()
     viewer.finished.result()
 
