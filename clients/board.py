@@ -328,10 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         with OPDClient(args.address, api_key=args.api_key, credentials=credentials) as client:
-            names = _names(client, args.doctor_ids)
+            names = _names(client, args.doctor_ids, wait=not args.once)
             while True:
                 date = args.date or hospital_today(zone)
-                with client.watch(args.doctor_ids, date, stall_seconds=3 * args.heartbeat_seconds) as watch:
+                with client.watch(args.doctor_ids, date, reconnect=not args.once,
+                                  stall_seconds=3 * args.heartbeat_seconds) as watch:
                     try:
                         follow(watch, BoardState(args.doctor_ids, date), console, names, args.next_count, args.once,
                                args.heartbeat_seconds, until=lambda shown=date: not args.date and hospital_today(zone) != shown)
@@ -349,13 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _names(client: OPDClient, doctor_ids: list[str]) -> dict[str, str]:
-    """The doctors' names for the panels' titles; none while the server cannot be reached (the watch waits for it),
-    and an unknown doctor refused at once."""
+def _names(client: OPDClient, doctor_ids: list[str], wait: bool) -> dict[str, str]:
+    """The doctors' names for the panels' titles. A board left running (`wait`) goes on without them while the
+    server cannot be reached, for its watch waits for the server; `--once` reports it, as any refusal."""
     try:
         return {d: client.get_doctor(d).doctor.name for d in doctor_ids}
     except OPDError as error:
-        if error.code is grpc.StatusCode.UNAVAILABLE:
+        if wait and error.code is grpc.StatusCode.UNAVAILABLE:
             return {}
         raise
 
