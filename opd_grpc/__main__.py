@@ -16,6 +16,8 @@ import asyncio
 import sys
 from pathlib import Path
 
+import sqlalchemy
+
 from opd_grpc.api import observe
 from opd_grpc.engine.access import ROLES, Actor
 from opd_grpc.engine.errors import EngineError
@@ -68,6 +70,17 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(serve(settings, migrate=args.migrate))
     except (SettingsError, schema.SchemaMismatch, EngineError, BackupError, OSError) as exc:
         sys.exit(f"opd-grpc: {exc}")
+    except sqlalchemy.exc.SQLAlchemyError as exc:  # a URL it cannot read, a driver it lacks, a database away
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        sys.exit(f"opd-grpc: cannot use the database at DATABASE_URL {_shown(settings.DATABASE_URL)}: {first}")
+
+
+def _shown(url: str) -> str:
+    """The URL without its password, for a message."""
+    try:
+        return sqlalchemy.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return repr(url)
 
 
 def _keys(settings: Settings, args: argparse.Namespace) -> None:

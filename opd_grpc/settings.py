@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import zoneinfo
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from opd_grpc.engine.model import Rules
+from opd_grpc.engine.service import MAX_CONSULTATION_MINUTES, MAX_SLOT_CAPACITY, MAX_SLOT_SPAN_MINUTES
 
 
 MIN_REQUEST_RETENTION_HOURS = 24
@@ -93,12 +95,25 @@ class Settings:
         for name in ("DEFAULT_SLOT_CAPACITY", "AVERAGE_CONSULTATION_MINUTES", "MAX_CONCURRENT_CALLS",
                      "WATCH_HEARTBEAT_SECONDS", "WATCH_BUFFER_EVENTS", "WATCH_CATCH_UP_SECONDS",
                      "EVENT_RETENTION_DAYS", "API_KEYS_REFRESH_SECONDS", "MAX_MESSAGE_BYTES", "MAX_WATCHERS"):
-            if getattr(self, name) <= 0:
+            if not 0 < getattr(self, name) < math.inf:  # nan fails this too
                 raise SettingsError(f"{name} must be positive, not {getattr(self, name)}")
         for name in ("NO_SHOW_GRACE_PERIOD_MINUTES", "MAX_WAITLIST_SIZE", "RATE_LIMIT_PER_KEY",
                      "AUDITED_DENIALS_PER_PEER", "SHUTDOWN_GRACE_SECONDS"):
-            if getattr(self, name) < 0:
+            if not 0 <= getattr(self, name) < math.inf:
                 raise SettingsError(f"{name} must not be negative, not {getattr(self, name)}")
+        # A slot made without seats or minutes takes these: they must make a slot CreateSlots would accept.
+        if self.DEFAULT_SLOT_CAPACITY > MAX_SLOT_CAPACITY:
+            raise SettingsError(f"DEFAULT_SLOT_CAPACITY must be at most {MAX_SLOT_CAPACITY}, "
+                                f"not {self.DEFAULT_SLOT_CAPACITY}")
+        if self.AVERAGE_CONSULTATION_MINUTES > MAX_CONSULTATION_MINUTES:
+            raise SettingsError(f"AVERAGE_CONSULTATION_MINUTES must be at most {MAX_CONSULTATION_MINUTES}, "
+                                f"not {self.AVERAGE_CONSULTATION_MINUTES}")
+        if self.DEFAULT_SLOT_CAPACITY * self.AVERAGE_CONSULTATION_MINUTES > MAX_SLOT_SPAN_MINUTES:
+            raise SettingsError(f"DEFAULT_SLOT_CAPACITY x AVERAGE_CONSULTATION_MINUTES must be at most "
+                                f"{MAX_SLOT_SPAN_MINUTES} minutes (1000 days)")
+        _check_address("LISTEN", self.LISTEN)
+        if self.METRICS_LISTEN:
+            _check_address("METRICS_LISTEN", self.METRICS_LISTEN)
         if self.REQUEST_RETENTION_HOURS < MIN_REQUEST_RETENTION_HOURS:
             raise SettingsError(f"REQUEST_RETENTION_HOURS must be at least {MIN_REQUEST_RETENTION_HOURS} (a retry "
                                 f"must find its first answer for a day, SPEC §9), not {self.REQUEST_RETENTION_HOURS}")
@@ -121,6 +136,16 @@ class Settings:
                      max_waitlist_size=self.MAX_WAITLIST_SIZE, timezone=self.zone(),
                      event_retention_days=self.EVENT_RETENTION_DAYS,
                      request_retention_hours=self.REQUEST_RETENTION_HOURS)
+
+
+def _check_address(name: str, address: str) -> None:
+    """HOST:PORT, an IPv6 host in brackets, a port from 0 (any free one) to 65535. gRPC reads a port out of range
+    modulo 65536 and a missing one as 443, so either would serve somewhere the operator did not say."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535 or (":" in host and not
+                                                                (host.startswith("[") and host.endswith("]"))):
+        raise SettingsError(f"{name} must be HOST:PORT with a port from 0 to 65535 (e.g. 127.0.0.1:50051 or "
+                            f"[::1]:50051), not {address!r}")
 
 
 def _convert(name: str, kind: Any, value: Any) -> Any:

@@ -27,3 +27,22 @@ def test_a_second_server_on_a_port_in_use_stops_with_a_message_and_the_first_ser
             stub = opd_pb2_grpc.OPDTokenServiceStub(channel)
             doctor = make_doctor(stub)
             assert stub.GetDoctor(pb.GetDoctorRequest(doctor_id=doctor)).doctor.doctor_id == doctor
+
+
+@pytest.mark.backend_independent
+@pytest.mark.parametrize("database, said", [
+    ("bogus://x", "Can't load plugin"),
+    ("sqlite:////nonexistent/folder/opd.db", "unable to open database file"),
+    ("postgresql+psycopg://postgres:secret@127.0.0.1:1/test", "postgres:***@127.0.0.1:1/test"),
+])
+def test_a_database_that_cannot_be_used_stops_the_server_with_one_line_and_no_password(database: str, said: str):
+    server = ServerProcess(database, settings={"METRICS_LISTEN": ""})
+    try:
+        with pytest.raises(ServerFailed):
+            server.start()
+    finally:
+        server.stop()
+    output = "".join(server.output)
+    assert "Traceback" not in output and "secret" not in output, output
+    message = [line for line in server.output if line.startswith("opd-grpc: cannot use the database")]
+    assert message and said in message[-1], output

@@ -105,6 +105,17 @@ def test_true_in_the_environment(text):
     ({"OPD_DEFAULT_SLOT_CAPACITY": "0"}, "DEFAULT_SLOT_CAPACITY"),
     ({"OPD_AVERAGE_CONSULTATION_MINUTES": "-5"}, "AVERAGE_CONSULTATION_MINUTES"),
     ({"OPD_MAX_WAITLIST_SIZE": "-1"}, "MAX_WAITLIST_SIZE"),
+    ({"OPD_WATCH_HEARTBEAT_SECONDS": "nan"}, "WATCH_HEARTBEAT_SECONDS"),
+    ({"OPD_SHUTDOWN_GRACE_SECONDS": "inf"}, "SHUTDOWN_GRACE_SECONDS"),
+    ({"OPD_DEFAULT_SLOT_CAPACITY": "2000000"}, "DEFAULT_SLOT_CAPACITY"),
+    ({"OPD_AVERAGE_CONSULTATION_MINUTES": "5000"}, "AVERAGE_CONSULTATION_MINUTES"),
+    ({"OPD_DEFAULT_SLOT_CAPACITY": "1000000", "OPD_AVERAGE_CONSULTATION_MINUTES": "60"}, "x AVERAGE_CONSULTATION"),
+    # gRPC would serve on 52237 (117773 modulo 65536), on 443, or nowhere the operator meant
+    ({"OPD_LISTEN": "127.0.0.1:117773"}, "LISTEN must be HOST:PORT"),
+    ({"OPD_LISTEN": "127.0.0.1"}, "LISTEN must be HOST:PORT"),
+    ({"OPD_LISTEN": "nonsense"}, "LISTEN must be HOST:PORT"),
+    ({"OPD_LISTEN": "::1"}, "LISTEN must be HOST:PORT"),
+    ({"OPD_METRICS_LISTEN": "garbage"}, "METRICS_LISTEN must be HOST:PORT"),
 ], ids=lambda v: str(v) if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()))
 def test_a_bad_value_in_the_environment_is_refused_by_name(env, named):
     with pytest.raises(SettingsError) as refusal:
