@@ -141,7 +141,7 @@ class OPDTokenServicer(opd_pb2_grpc.OPDTokenServiceServicer):
     async def CancelToken(self, request: pb.CancelTokenRequest, context: Any) -> pb.CancelTokenResponse:
         return await self._change(context, request, pb.CancelTokenResponse,
                                   functools.partial(convert.release, response=pb.CancelTokenResponse),
-                                  self.service.cancel, request.token_id)
+                                  self.service.cancel, request.token_id, request.reason)
 
     async def MarkNoShow(self, request: pb.MarkNoShowRequest, context: Any) -> pb.MarkNoShowResponse:
         return await self._change(context, request, pb.MarkNoShowResponse,

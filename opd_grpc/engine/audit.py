@@ -7,6 +7,7 @@ id. One entry per denied attempt. An entry names tokens by id and never carries 
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -14,6 +15,8 @@ from opd_grpc.engine.access import Actor
 from opd_grpc.engine.model import Doctor, QueueEvent, Slot, TokenView
 
 CHANGED, DENIED = "CHANGED", "DENIED"
+# Five digits or more, however spaced or punctuated: a phone number or a record number, which no log may hold.
+_LONG_NUMBER = re.compile(r"\+?\d(?:[\s().\-/]*\d){4,}")
 
 
 @dataclass(frozen=True)
@@ -32,11 +35,12 @@ class AuditEntry:
 
 
 def change_entries(actor: Actor, method: str, request_id: str, now: dt.datetime, result: Any,
-                   events: Sequence[QueueEvent], reason: str = "") -> list[AuditEntry]:
+                   events: Sequence[QueueEvent], reason: str = "", note: str = "") -> list[AuditEntry]:
     """The entries of a committed change. The call's own: its token's move (the token the call answers with),
-    and as the reason the `reason` given, else the other moves it caused, else what it made. Then one for each
-    other move of a token, its reason the kind of move and the token that caused it (a token promoted and marked
-    no-show in one change has two)."""
+    and as the reason the `reason` given, else the caller's `note` (why, as a desk gave it; numbers that could be
+    a phone or a record number blanked) and the other moves it caused, else what it made. Then one for each other
+    move of a token, its reason the kind of move and the token that caused it (a token promoted and marked no-show
+    in one change has two)."""
     view = result if isinstance(result, TokenView) else getattr(result, "token", None)
     token_id = view.token.token_id if isinstance(view, TokenView) else ""
     own = [e for e in events if token_id and e.token_id == token_id]
@@ -47,7 +51,8 @@ def change_entries(actor: Actor, method: str, request_id: str, now: dt.datetime,
                           _status(moves[0].previous_status) if moves else "",
                           _status(moves[-1].status) if moves else "", why)
 
-    return [entry(token_id, own, reason or "; ".join(map(_move, others)) or _made(result))] + [
+    told = f"reason given: {_LONG_NUMBER.sub('…', note)}" if note else ""
+    return [entry(token_id, own, reason or "; ".join(filter(None, [told, *map(_move, others)])) or _made(result))] + [
         entry(e.token_id, [e], _cause(e)) for e in others if e.token_id]
 
 

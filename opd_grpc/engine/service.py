@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from operator import methodcaller
 from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
@@ -69,6 +69,7 @@ class Call:
     actor: Actor
     method: str
     retry: Retry | None = None
+    note: str = ""  # why, as the caller gave it (CancelToken's reason), for the audit log
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ MAX_CONSULTATION_MINUTES = 24 * 60
 MAX_SLOT_SPAN_MINUTES = 1000 * 24 * 60
 NO_SHOW_BACKLOG_DAYS_PER_PASS = 20  # AUTO_NO_SHOW's earlier days at each pass (one a second) while it catches up
 MAX_IDENTITY = 300  # the width of tokens.patient_identity
+MAX_REASON = 200  # CancelToken's reason, as the audit log keeps it
 MAX_APPLY_DAYS = 366  # the dates ApplySlotTemplate covers at once
 # A weekly pattern's slots: 14 a day on every day of the week. One ApplySlotTemplate then makes at most 5,300 slots
 # in one transaction (in about 0.2 s on SQLite, where other calls wait for it), and its answer stays far
@@ -507,8 +509,12 @@ class OPDService:
                             lambda day, now: day.allocate(patient, source, preferred, cmd.flexible, now))
 
     @_retried
-    def cancel(self, token_id: str, call: Call) -> Release | Replay:
-        return self._token_change(token_id, call, lambda day, now: day.cancel(token_id, now))
+    def cancel(self, token_id: str, reason: str, call: Call) -> Release | Replay:
+        """SPEC §6; the caller's reason goes to the audit log (SPEC §13)."""
+        v = Violations()
+        note = v.text("reason", reason, MAX_REASON, required=False)
+        v.check()
+        return self._token_change(token_id, replace(call, note=note), lambda day, now: day.cancel(token_id, now))
 
     @_retried
     def mark_no_show(self, token_id: str, call: Call) -> Release | Replay:
@@ -905,7 +911,7 @@ class OPDService:
             uow.store_request(retry.request_id, StoredRequest(retry.method, retry.fingerprint, retry.encode(result)),
                               now)
         for entry in change_entries(call.actor, call.method, retry.request_id if retry else "", now, result, events,
-                                    reason):
+                                    reason, call.note):
             uow.add_audit_entry(entry)
         uow.commit()
 

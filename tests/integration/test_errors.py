@@ -210,6 +210,11 @@ def cases() -> list[Case]:
              lambda: allocation(patient=patient(1, name="  patient   1 ")), EXISTS),
         Case("emergency for a patient who holds a token", "AllocateEmergency",
              lambda: emergency(patient=patient(2)), EXISTS),
+        # --- a cancel's reason, which the audit log keeps ---
+        Case("cancel with a NUL in its reason", "CancelToken",
+             lambda: pb.CancelTokenRequest(token_id="DOC001-20300107-T1", reason="went\x00home"), INVALID, "reason"),
+        Case("cancel with a reason of 201 characters", "CancelToken",
+             lambda: pb.CancelTokenRequest(token_id="DOC001-20300107-T1", reason="x" * 201), INVALID, "reason"),
     ]
     for method, request in TOKEN_METHODS.items():
         c.append(Case(f"{method} without token", method, lambda r=request: r(), INVALID, "token_id"))

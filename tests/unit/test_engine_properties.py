@@ -379,7 +379,7 @@ class EngineMachine(RuleBasedStateMachine):
         try:
             if change == "the call":
                 token_id = data.draw(st.sampled_from(sorted(self.all_tokens())))
-                self.service.cancel(token_id, Call(ANONYMOUS, "CancelToken", Retry(
+                self.service.cancel(token_id, "", Call(ANONYMOUS, "CancelToken", Retry(
                     first.request_id, "CancelTokenRequest", token_id.encode(), lambda result: b"")))
             else:
                 other = AllocationArgs(first.args.doctor, (first.args.patient + 1) % len(PATIENTS),
@@ -450,9 +450,11 @@ class EngineMachine(RuleBasedStateMachine):
             refusals.append((FailedPrecondition, None))
         elif to is Status.NO_SHOW and self.clock.now() < day.no_show_due(token):
             refusals.append((FailedPrecondition, "GRACE_PERIOD_NOT_ELAPSED"))
-        move = self.service.cancel if to is Status.CANCELLED else self.service.mark_no_show
         try:
-            result = move(token_id, Call(ANONYMOUS, "CancelToken" if to is Status.CANCELLED else "MarkNoShow"))
+            if to is Status.CANCELLED:
+                result = self.service.cancel(token_id, "patient went home", Call(ANONYMOUS, "CancelToken"))
+            else:
+                result = self.service.mark_no_show(token_id, Call(ANONYMOUS, "MarkNoShow"))
         except EngineError as error:
             self.check_refusal(error, refusals)
             return
