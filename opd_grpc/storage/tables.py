@@ -188,11 +188,17 @@ class AuditRow(Base):
 
 
 # Append-only in the database itself, not only by the code's good manners: an UPDATE or DELETE of a row fails.
-# (Revision 0004 makes the same triggers; tests/unit/test_migrations.py checks that the two agree.)
+# (Revisions 0004 and 0006 make the same triggers; tests/unit/test_migrations.py checks that they agree.)
 for _action in ("UPDATE", "DELETE"):
     event.listen(AuditRow.__table__, "after_create", DDL(
         f"CREATE TRIGGER audit_log_no_{_action.lower()} BEFORE {_action} ON audit_log "
         "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END").execute_if(dialect="sqlite"))
+# SQLite's INSERT OR REPLACE deletes the row it replaces without firing DELETE triggers: refuse an insert that
+# names a row already there. (On PostgreSQL, ON CONFLICT DO UPDATE fires the UPDATE trigger.)
+AUDIT_NO_REPLACE = ("CREATE TRIGGER audit_log_no_replace BEFORE INSERT ON audit_log "
+                    "WHEN EXISTS (SELECT 1 FROM audit_log WHERE entry_id = NEW.entry_id) "
+                    "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END")
+event.listen(AuditRow.__table__, "after_create", DDL(AUDIT_NO_REPLACE).execute_if(dialect="sqlite"))
 event.listen(AuditRow.__table__, "after_create", DDL(
     "CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS "
     "$$ BEGIN RAISE EXCEPTION 'audit_log is append-only'; END $$").execute_if(dialect="postgresql"))

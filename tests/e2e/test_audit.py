@@ -572,11 +572,15 @@ def check_no_phone(clinic: Clinic, output: str, stored: list[tuple], database: s
 
 
 def check_append_only(database: str, stored: list[tuple]) -> None:
-    """Raw SQL cannot rewrite or remove an audit row."""
+    """Raw SQL cannot rewrite or remove an audit row, nor replace one with an insert naming its entry_id."""
     engine = sqlalchemy.create_engine(database, poolclass=sqlalchemy.NullPool)
+    columns = ", ".join(AUDIT_COLUMNS)
+    forged = f"({stored[1][0]}, '2030-01-07T09:00:00+00:00', 'CHANGED', '', '', 'GetToken', '', '', '', '', 'nothing')"
+    replace = (f"INSERT OR REPLACE INTO audit_log ({columns}) VALUES {forged}" if engine.dialect.name == "sqlite" else
+               f"INSERT INTO audit_log ({columns}) VALUES {forged} ON CONFLICT (entry_id) DO UPDATE SET reason = 'x'")
     try:
         for statement in ("UPDATE audit_log SET reason = 'rewritten'", "DELETE FROM audit_log",
-                          f"DELETE FROM audit_log WHERE entry_id = {stored[-1][0]}"):
+                          f"DELETE FROM audit_log WHERE entry_id = {stored[-1][0]}", replace):
             with pytest.raises(sqlalchemy.exc.DBAPIError, match="append-only"):
                 with engine.begin() as conn:
                     conn.execute(sqlalchemy.text(statement))
