@@ -89,6 +89,8 @@ class Violations:
         value = text.strip()
         if not value and required:
             self.add(field, "is required")
+        elif required and not any(unicodedata.category(ch)[0] not in "CZ" for ch in value):
+            self.add(field, "has no character a person can see (only spaces or invisible marks); it is required")
         elif len(value) > max_len:
             self.add(field, f"is longer than {max_len} characters")
         elif control := next((ch for ch in value if unicodedata.category(ch) == "Cc" and not ch.isspace()), None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import enum
 import datetime as dt
 import functools
 import random
@@ -70,6 +71,16 @@ class Call:
     method: str
     retry: Retry | None = None
     note: str = ""  # why, as the caller gave it (CancelToken's reason), for the audit log
+
+
+class Missing(enum.Enum):
+    """What a doctor-day without slots is to a call: refused (SLOT_NOT_FOUND), an empty day of a doctor that must
+    exist (a list, CallNext's empty queue), or, for a token or slot named by its id, an empty day whatever the
+    doctor in the id: the rule then refuses the token or slot it cannot find (TOKEN_NOT_FOUND, SLOT_NOT_FOUND)."""
+
+    REFUSED = enum.auto()
+    EMPTY = enum.auto()
+    ID_UNKNOWN = enum.auto()
 
 
 @dataclass(frozen=True)
@@ -297,7 +308,7 @@ class OPDService:
                 return replay
             try:
                 self._doctor(uow, doctor_id)
-                days = {key: self._day(uow, key, versions[key], create=True) for key in keys}
+                days = {key: self._day(uow, key, versions[key], Missing.EMPTY) for key in keys}
                 result = add(uow, days, now)
                 changed = [day for day in days.values() if day.pending_events]
                 for day in changed:
@@ -336,14 +347,14 @@ class OPDService:
         self._check(v, call)
         return self._change(day_of_slot_id(slot_id), call,
                             lambda day, now: day.set_capacity(slot_id, max_capacity, now, MAX_SLOT_SPAN_MINUTES),
-                            missing_ok=True)
+                            Missing.ID_UNKNOWN)
 
     @_retried
     def get_slot_status(self, slot_id: str) -> SlotStatus:
         v = Violations()
         v.text("slot_id", slot_id)
         v.check()
-        return self._read(day_of_slot_id(slot_id), lambda day: day.slot_status(slot_id), missing_ok=True)
+        return self._read(day_of_slot_id(slot_id), lambda day: day.slot_status(slot_id), Missing.ID_UNKNOWN)
 
     # ---- weekly patterns of slots, and holidays (schedule.py) ------------------------------------
 
@@ -487,7 +498,8 @@ class OPDService:
         patient = Patient(v.text("patient.name", p.name), v.text("patient.phone", p.phone, 40, required=False),
                           p.age, p.gender, v.text("patient.mrn", p.mrn, 64, required=False))
         if not patient.mrn and not any(ch.isdigit() for ch in patient.phone):
-            v.add("patient.phone", "is required when patient.mrn is not given")
+            v.add("patient.phone", "has no digits: give the patient's phone number, or their mrn" if patient.phone
+                  else "is required when patient.mrn is not given")
         if len(patient.identity) > MAX_IDENTITY:
             v.add("patient.name", f"is longer than {MAX_IDENTITY} characters once its case is folded")
         if not 0 <= p.age <= 150:
@@ -534,14 +546,14 @@ class OPDService:
         v.doctor_id("doctor_id", doctor_id)
         day = v.date("date", date)
         self._check(v, call)
-        return self._change((doctor_id, day), call, lambda d, now: d.call_next(now), missing_ok=True)
+        return self._change((doctor_id, day), call, lambda d, now: d.call_next(now), Missing.EMPTY)
 
     @_retried
     def get_token(self, token_id: str) -> TokenView:
         v = Violations()
         v.text("token_id", token_id)
         v.check()
-        return self._read(day_of_token_id(token_id), lambda day: day.view(day.token(token_id)), missing_ok=True)
+        return self._read(day_of_token_id(token_id), lambda day: day.view(day.token(token_id)), Missing.ID_UNKNOWN)
 
     @_retried
     def list_tokens(self, doctor_id: str, date: str, page_size: int, page_token: str) -> Page:
@@ -550,7 +562,7 @@ class OPDService:
         day = v.date("date", date)
         v.check()
         offset, limit = _page(page_size, page_token)
-        views = self._read((doctor_id, day), lambda d: d.views(), missing_ok=True)
+        views = self._read((doctor_id, day), lambda d: d.views(), Missing.EMPTY)
         return _paged(views[offset: offset + limit + 1], offset, limit)
 
     @_retried
@@ -565,7 +577,7 @@ class OPDService:
         else:
             with self.store.unit_of_work(write=False) as uow:
                 doctors = uow.doctors_on(day)
-        return [self._read((d, day), DoctorDay.stats, missing_ok=True) for d in doctors]
+        return [self._read((d, day), DoctorDay.stats, Missing.EMPTY) for d in doctors]
 
     # ---- watching (SPEC §10; the stream itself is watch.QueueWatch) ------------------------------------
 
@@ -624,8 +636,7 @@ class OPDService:
 
     @_retried
     def queue_snapshot(self, key: DayKey) -> Snapshot:
-        return self._read(key, lambda day: Snapshot(key[0], key[1], day.last_sequence, day.views()),
-                          missing_ok=True)
+        return self._read(key, lambda day: Snapshot(key[0], key[1], day.last_sequence, day.views()), Missing.EMPTY)
 
     @_retried
     def events_after(self, key: DayKey, after: int, limit: int) -> list[QueueEvent]:
@@ -778,9 +789,9 @@ class OPDService:
         v.check()
 
     def _change(self, key: DayKey, call: Call, rule: Callable[[DoctorDay, dt.datetime], T],
-                missing_ok: bool = False) -> T | Replay:
-        """Runs one rule on one doctor-day and commits its changes, events and idempotency record.
-        With `missing_ok`, a day without slots is handed to the rule empty (it names what is missing)."""
+                missing: Missing = Missing.REFUSED) -> T | Replay:
+        """Runs one rule on one doctor-day and commits its changes, events and idempotency record; `missing` says
+        what a day without slots is."""
         with self._locked([key]) as uow:
             # The day's row is locked first (PostgreSQL): a copy of this request that another replica committed
             # meanwhile is then visible to the replay check, instead of being run a second time.
@@ -788,7 +799,7 @@ class OPDService:
             if call.retry is not None and (replay := self._replay_of(call.retry, stored)) is not None:
                 return replay
             try:
-                day = self._day(uow, key, version, create=missing_ok)
+                day = self._day(uow, key, version, missing)
                 result = rule(day, self.clock.now())
                 if day.pending_events or call.retry is not None:  # else nothing changed (AUTO_NO_SHOW, none due)
                     uow.save_day(day)
@@ -824,11 +835,11 @@ class OPDService:
         v = Violations()
         v.text("token_id", token_id)
         self._check(v, call)
-        return self._change(day_of_token_id(token_id), call, rule, missing_ok=True)
+        return self._change(day_of_token_id(token_id), call, rule, Missing.ID_UNKNOWN)
 
-    def _read(self, key: DayKey, query: Callable[[DoctorDay], T], missing_ok: bool = False) -> T:
+    def _read(self, key: DayKey, query: Callable[[DoctorDay], T], missing: Missing = Missing.REFUSED) -> T:
         with self._locked([key], write=False) as uow:
-            return query(self._day(uow, key, uow.day_version(key), create=missing_ok))
+            return query(self._day(uow, key, uow.day_version(key), missing))
 
     def _locked(self, keys: list[DayKey], write: bool = True) -> AbstractContextManager[UnitOfWork]:
         """The doctor-day locks, taken in sorted order (no deadlock), then a unit of work."""
@@ -841,12 +852,14 @@ class OPDService:
                 lock = self._day_locks[key] = threading.Lock()
             return lock
 
-    def _day(self, uow: UnitOfWork, key: DayKey, version: int | None, create: bool = False) -> DoctorDay:
+    def _day(self, uow: UnitOfWork, key: DayKey, version: int | None,
+             missing: Missing = Missing.REFUSED) -> DoctorDay:
         """The doctor-day, from the cache when its event sequence is still the stored `version` (read by
         `uow.day_version`: in a change, with the day's row locked on PostgreSQL; in a read, from its snapshot)."""
         if version is None:
-            self._doctor(uow, key[0])
-            if not create:
+            if missing is not Missing.ID_UNKNOWN:
+                self._doctor(uow, key[0])
+            if missing is Missing.REFUSED:
                 raise NotFound(f"{key[0]} has no slots on {key[1].isoformat()}; create slots first.",
                                "SLOT_NOT_FOUND")
             return DoctorDay(key[0], key[1], self.rules, exists=False)

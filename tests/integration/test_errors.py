@@ -151,6 +151,12 @@ def cases() -> list[Case]:
              "patient.age"),
         Case("patient of an unknown gender", "AllocateToken", lambda: allocation(patient=patient(9, gender=99)),
              INVALID, "patient.gender"),
+        Case("patient named with invisible marks", "AllocateToken",
+             lambda: allocation(patient=patient(9, name="\u2060\u200b")), INVALID, "patient.name"),
+        Case("doctor named with a zero-width space", "CreateDoctor",
+             lambda: pb.CreateDoctorRequest(name="\u200b", specialization="ENT"), INVALID, "name"),
+        Case("phone without a digit", "AllocateToken", lambda: allocation(patient=patient(9, phone="abc")), INVALID,
+             "patient.phone"),
         Case("allocate without doctor", "AllocateToken", lambda: allocation(doctor_id=""), INVALID, "doctor_id"),
         Case("allocate without date", "AllocateToken", lambda: allocation(date=""), INVALID, "date"),
         Case("allocate 30 February", "AllocateToken", lambda: allocation(date="2030-02-30"), INVALID, "date"),
@@ -266,6 +272,21 @@ def test_a_refusal_has_the_right_code_a_rich_status_and_changes_nothing(live, ca
         assert failure.fields[case.field].strip()
     assert snapshot(live) == before
     assert allocate(live.stub, doctor, 3).token.token_number == 3  # the refusal took no token number
+
+
+def test_an_unknown_token_or_slot_is_named_as_such_whatever_doctor_its_id_names(live):
+    """A token or slot id names its doctor; for one that does not exist the caller is told the token or slot is
+    unknown, not a doctor they never sent."""
+    world(live)
+    for method, request, reason in (
+            ("GetToken", pb.GetTokenRequest(token_id="DOC999-20300107-T1"), "TOKEN_NOT_FOUND"),
+            ("CancelToken", pb.CancelTokenRequest(token_id="DOC999-20300107-T1"), "TOKEN_NOT_FOUND"),
+            ("GetSlotStatus", pb.GetSlotStatusRequest(slot_id="DOC999-20300107-0900"), "SLOT_NOT_FOUND"),
+            ("UpdateSlotCapacity", pb.UpdateSlotCapacityRequest(slot_id="DOC999-20300107-0900", max_capacity=2),
+             "SLOT_NOT_FOUND")):
+        failure = refused(getattr(live.stub, method), request)
+        assert (failure.code, failure.reason) == (NOT_FOUND, reason), (method, failure)
+        assert "DOC999" in failure.message and "doctor" not in failure.message.lower(), failure.message
 
 
 def test_malformed_doctor_ids_are_refused_as_such(live):
