@@ -317,14 +317,19 @@ def test_the_defaults_are_those_of_the_server_that_applies_the_pattern(tmp_path:
                 ("09:00", 6, 12), ("14:00", 4, 10)]
         finally:
             second.close()
-        third = LiveServer(url, DEFAULT_SLOT_CAPACITY=300_000)  # 300,000 seats of 5 minutes: more than 1000 days
+        third = LiveServer(url, AVERAGE_CONSULTATION_MINUTES=1)  # 300,000 seats of 1 minute: under 1000 days
         try:
-            answer = refused(third.stub.ApplySlotTemplate, pb.ApplySlotTemplateRequest(
+            set_template(third, doctor, [tslot(WED, "09:00", "12:00", max_capacity=300_000)])
+        finally:
+            third.close()
+        fourth = LiveServer(url)  # 300,000 seats of this server's 5 minutes: more than 1000 days
+        try:
+            answer = refused(fourth.stub.ApplySlotTemplate, pb.ApplySlotTemplateRequest(
                 doctor_id=doctor, start_date="2030-01-09", end_date="2030-01-09"))
             assert (answer.code, answer.reason) == (PRECONDITION, "SLOT_TEMPLATE_OUT_OF_BOUNDS")
             assert "set it again with SetSlotTemplate" in answer.message
         finally:
-            third.close()
+            fourth.close()
 
 
 def test_applies_at_once_create_each_slot_once(live: LiveServer):
