@@ -292,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clients.board", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("doctor_ids", nargs="*", metavar="DOCTOR_ID", help="the doctors to show, e.g. DOC001")
-    parser.add_argument("--address", default=DEFAULT_ADDRESS, help=f"HOST:PORT of the server (default {DEFAULT_ADDRESS})")
+    parser.add_argument("--address", default=DEFAULT_ADDRESS,
+                        help=f"HOST:PORT of the server (default {DEFAULT_ADDRESS})")
     parser.add_argument("--api-key", default=os.environ.get("OPD_API_KEY"),
                         help="a key of the display role (default: $OPD_API_KEY; none for a loopback dev server)")
     parser.add_argument("--ca-cert", default=os.environ.get("OPD_CA_CERT"), type=Path, metavar="FILE",
@@ -331,11 +332,14 @@ def main(argv: list[str] | None = None) -> int:
             names = _names(client, args.doctor_ids, wait=not args.once)
             while True:
                 date = args.date or hospital_today(zone)
+                def new_day(shown: str = date) -> bool:
+                    return not args.date and hospital_today(zone) != shown
+
                 with client.watch(args.doctor_ids, date, reconnect=not args.once,
                                   stall_seconds=3 * args.heartbeat_seconds) as watch:
                     try:
                         follow(watch, BoardState(args.doctor_ids, date), console, names, args.next_count, args.once,
-                               args.heartbeat_seconds, until=lambda shown=date: not args.date and hospital_today(zone) != shown)
+                               args.heartbeat_seconds, until=new_day)
                     except OPDError as error:
                         if error.code is not grpc.StatusCode.OUT_OF_RANGE:
                             raise

@@ -603,10 +603,12 @@ class DoctorDay:
         patients = f"{gone} patient" if gone == 1 else f"{gone} patients"
         why = "its estimated time" + (f" with the {patients} already seen or marked no-show in its slot still "
                                       "counted ahead of it" if gone else "")
-        seated = min(token.updated_at, slot.ends_at(self.rules.timezone))
+        ends = slot.ends_at(self.rules.timezone)
+        seated = min(token.updated_at, ends)
         if token.status is Status.CONFIRMED and seated > since:
             since = seated
-            why = f"it got its seat ({since.astimezone(self.rules.timezone):%H:%M})"
+            why = f"{'it got its seat' if seated < ends else 'its slot ended'} " \
+                  f"({since.astimezone(self.rules.timezone):%H:%M})"
         return since + dt.timedelta(minutes=self.rules.no_show_grace_period_minutes), why
 
     def check_in(self, token_id: str, now: dt.datetime) -> TokenView:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import base64
 import collections
-import enum
 import datetime as dt
+import enum
 import functools
 import random
 import threading
@@ -525,8 +525,7 @@ class OPDService:
         """SPEC §6; the caller's reason goes to the audit log (SPEC §13)."""
         v = Violations()
         note = v.text("reason", reason, MAX_REASON, required=False)
-        v.check()
-        return self._token_change(token_id, replace(call, note=note), lambda day, now: day.cancel(token_id, now))
+        return self._token_change(token_id, replace(call, note=note), lambda day, now: day.cancel(token_id, now), v)
 
     @_retried
     def mark_no_show(self, token_id: str, call: Call) -> Release | Replay:
@@ -830,9 +829,10 @@ class OPDService:
             self._finish(uow, call, result, (), describe(result))
         return result
 
-    def _token_change(self, token_id: str, call: Call,
-                      rule: Callable[[DoctorDay, dt.datetime], T]) -> T | Replay:
-        v = Violations()
+    def _token_change(self, token_id: str, call: Call, rule: Callable[[DoctorDay, dt.datetime], T],
+                      v: Violations | None = None) -> T | Replay:
+        """A rule on one token's day; `v` holds the call's other fields' problems, to be named with the id's."""
+        v = v if v is not None else Violations()
         v.text("token_id", token_id)
         self._check(v, call)
         return self._change(day_of_token_id(token_id), call, rule, Missing.ID_UNKNOWN)

@@ -305,6 +305,8 @@ def test_several_bad_fields_are_all_named_in_one_answer(live):
                       allocation(patient=patient(9, name="", age=200), date="2030-02-30", source=pb.SOURCE_UNSPECIFIED))
     assert failure.code == INVALID
     assert {"patient.name", "patient.age", "date", "source"} <= set(failure.fields)
+    cancel = refused(live.stub.CancelToken, pb.CancelTokenRequest(token_id="", reason="x" * 201))
+    assert cancel.code == INVALID and {"token_id", "reason"} <= set(cancel.fields)
 
 
 def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
