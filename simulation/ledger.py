@@ -61,6 +61,7 @@ class TokenRecord:
     status: int
     checked_in_at: dt.datetime | None = None
     called_at: dt.datetime | None = None
+    updated_at: dt.datetime | None = None  # its last move, as the last answer that held it said
 
     def order_key(self) -> tuple[int, dt.datetime, int]:
         """SPEC §2: lower priority number, then earlier queue time, then lower token number."""
@@ -85,13 +86,14 @@ class Ledger:
         if record is None:
             record = TokenRecord(token.token_id, token.token_number, token.doctor_id, token.slot_id, token.source,
                                  token.priority, when(token.created_at), patient_key(token.patient), token.status,
-                                 checked_in, called)
+                                 checked_in, called, when(token.updated_at))
             self.tokens[token.token_id] = record
             self._by_slot.setdefault(token.slot_id, []).append(record)
             return []
         seen = (token.token_number, token.slot_id, token.source, token.priority, when(token.created_at))
         known = (record.token_number, record.slot_id, record.source, record.priority, record.created_at)
         record.status, record.checked_in_at, record.called_at = token.status, checked_in, called
+        record.updated_at = when(token.updated_at)
         if seen != known:
             return [f"{token.token_id}: an answer gave (number, slot, source, priority, queue time) {seen}, "
                     f"an earlier one {known}"]
@@ -127,12 +129,18 @@ class Ledger:
         return start + dt.timedelta(minutes=serving.index(token) * slot.consultation_minutes)
 
     def no_show_due(self, token_id: str, grace: dt.timedelta) -> dt.datetime:
-        """SPEC §6: the first moment a no-show is taken, the estimated time with the slot's patients already seen
-        or marked no-show still counted ahead, plus the grace period."""
+        """SPEC §6: the first moment a no-show is taken: the grace period after the estimated time with the slot's
+        patients already seen or marked no-show still counted ahead, or, for a patient who has not come, after the
+        time they got their seat if later (but not after the slot's end)."""
         token = self.tokens[token_id]
-        minutes = self.slots[token.slot_id].consultation_minutes
+        slot = self.slots[token.slot_id]
         gone = sum(1 for t in self.of_slot(token.slot_id) if t.status in (pb.STATUS_COMPLETED, pb.STATUS_NO_SHOW))
-        return self.estimated_time(token_id) + dt.timedelta(minutes=gone * minutes) + grace
+        since = self.estimated_time(token_id) + dt.timedelta(minutes=gone * slot.consultation_minutes)
+        if token.status == pb.STATUS_CONFIRMED and token.updated_at is not None:
+            ends = dt.datetime.combine(dt.date.fromisoformat(slot.date), dt.time.fromisoformat(slot.end_time),
+                                       dt.timezone.utc)
+            since = max(since, min(token.updated_at, ends))
+        return since + grace
 
     def bump_victim(self, slot_id: str) -> TokenRecord | None:
         """SPEC §5: the CONFIRMED or CHECKED_IN non-emergency seat holder with the worst §2 order."""
