@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from opd_grpc.engine.access import Actor
-from opd_grpc.engine.model import Doctor, QueueEvent, Slot, TokenView
+from opd_grpc.engine.model import Doctor, Patient, QueueEvent, Slot, TokenView
 
 CHANGED, DENIED = "CHANGED", "DENIED"
 # Five digits or more, however spaced or punctuated: a phone number or a record number, which no log may hold.
 _LONG_NUMBER = re.compile(r"\+?\d(?:[\s().\-/]*\d){4,}")
+_SEPARATORS = r"[\s().\-/]*"
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,9 @@ def change_entries(actor: Actor, method: str, request_id: str, now: dt.datetime,
                    events: Sequence[QueueEvent], reason: str = "", note: str = "") -> list[AuditEntry]:
     """The entries of a committed change. The call's own: its token's move (the token the call answers with),
     and as the reason the `reason` given, else the caller's `note` (why, as a desk gave it; numbers that could be
-    a phone or a record number blanked) and the other moves it caused, else what it made. Then one for each other
-    move of a token, its reason the kind of move and the token that caused it (a token promoted and marked no-show
-    in one change has two)."""
+    a phone or a record number, and the patient's own name, mrn and phone, blanked) and the other moves it caused,
+    else what it made. Then one for each other move of a token, its reason the kind of move and the token that
+    caused it (a token promoted and marked no-show in one change has two)."""
     view = result if isinstance(result, TokenView) else getattr(result, "token", None)
     token_id = view.token.token_id if isinstance(view, TokenView) else ""
     own = [e for e in events if token_id and e.token_id == token_id]
@@ -51,9 +52,24 @@ def change_entries(actor: Actor, method: str, request_id: str, now: dt.datetime,
                           _status(moves[0].previous_status) if moves else "",
                           _status(moves[-1].status) if moves else "", why)
 
-    told = f"reason given: {_LONG_NUMBER.sub('…', note)}" if note else ""
+    told = f"reason given: {_blanked(note, view.token.patient if isinstance(view, TokenView) else None)}" \
+        if note else ""
     return [entry(token_id, own, reason or "; ".join(filter(None, [told, *map(_move, others)])) or _made(result))] + [
         entry(e.token_id, [e], _cause(e)) for e in others if e.token_id]
+
+
+def _blanked(note: str, patient: Patient | None) -> str:
+    """A caller's words without the patient's details: their mrn, their phone (its digits, however spaced) and
+    each word of their name, as whole words in any case; then any number long enough to be a phone or a record
+    number, whoever's it is."""
+    if patient is not None:
+        digits = [ch for ch in patient.phone if ch.isdigit()]
+        details = [re.escape(word) for word in {patient.mrn.strip(), *patient.name.split()} if word]
+        if len(digits) >= 3:
+            details.append(_SEPARATORS.join(digits))
+        for detail in sorted(details, key=len, reverse=True):
+            note = re.sub(rf"(?<!\w){detail}(?!\w)", "…", note, flags=re.IGNORECASE)
+    return _LONG_NUMBER.sub("…", note)
 
 
 def denied_entry(actor: Actor, method: str, request_id: str, now: dt.datetime, code: str,

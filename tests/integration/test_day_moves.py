@@ -109,6 +109,21 @@ def test_every_illegal_token_move_is_refused_and_changes_nothing(live, call, sta
     assert all_tokens(live.stub, doctor) == before
 
 
+def test_a_cancel_reason_is_audited_without_the_patients_own_name_mrn_or_phone(live):
+    """The desk's words are kept (SPEC §13), but a desk that writes the patient into them does not put them in the
+    audit log: their name (any word of it, in any case), their mrn and their phone, however spaced."""
+    doctor = make_doctor(live.stub)
+    make_slots(live.stub, doctor, ("09:00", "10:00", 2))
+    who = pb.Patient(name="Meera Iyer", phone="4412", age=40, mrn="A7-19")
+    token = live.stub.AllocateToken(pb.AllocateTokenRequest(patient=who, doctor_id=doctor, date=DAY,
+                                                            source=pb.SOURCE_WALK_IN)).token.token_id
+    live.stub.CancelToken(pb.CancelTokenRequest(
+        token_id=token, reason="MEERA iyer (a7-19) rang from ext 44 12 to cancel; Meera's son will come instead"))
+    rows = live.stub.ListAuditEntries(pb.ListAuditEntriesRequest(token_id=token)).entries
+    assert [r.reason for r in rows if r.method == "CancelToken"] == [
+        "reason given: … … (…) rang from ext … to cancel; …'s son will come instead"]
+
+
 def test_check_in_then_call_next_then_complete(live):
     doctor = make_doctor(live.stub)
     make_slots(live.stub, doctor, ("09:00", "10:00", 3))
