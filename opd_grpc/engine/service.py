@@ -12,6 +12,7 @@ import collections
 import datetime as dt
 import enum
 import functools
+import hashlib
 import random
 import threading
 import time
@@ -247,9 +248,10 @@ class OPDService:
 
     @_retried
     def list_doctors(self, page_size: int, page_token: str) -> Page:
-        offset, limit = _page(page_size, page_token)
+        query = ("doctors",)
+        offset, limit = _page(page_size, page_token, query)
         with self.store.unit_of_work(write=False) as uow:
-            return _paged(uow.doctors(offset, limit + 1), offset, limit)
+            return _paged(uow.doctors(offset, limit + 1), offset, limit, query)
 
     @_retried
     def create_slots(self, doctor_id: str, requests: list[SlotRequest], call: Call) -> list[Slot] | Replay:
@@ -333,10 +335,11 @@ class OPDService:
         v.doctor_id("doctor_id", doctor_id)
         day = v.date("date", date) if date else None
         v.check()
-        offset, limit = _page(page_size, page_token)
+        query = ("slots", doctor_id, day)
+        offset, limit = _page(page_size, page_token, query)
         with self.store.unit_of_work(write=False) as uow:
             self._doctor(uow, doctor_id)
-            return _paged(uow.slots(doctor_id, day, offset, limit + 1), offset, limit)
+            return _paged(uow.slots(doctor_id, day, offset, limit + 1), offset, limit, query)
 
     @_retried
     def update_slot_capacity(self, slot_id: str, max_capacity: int, call: Call) -> CapacityChange | Replay:
@@ -469,9 +472,10 @@ class OPDService:
         if not v.items and start is not None and end is not None and end < start:
             v.add("end_date", f"{end_date} is before start_date {start_date}")
         v.check()
-        offset, limit = _page(page_size, page_token)
+        query = ("holidays", start, end)
+        offset, limit = _page(page_size, page_token, query)
         with self.store.unit_of_work(write=False) as uow:
-            return _paged(uow.holidays(start, end, offset, limit + 1), offset, limit)
+            return _paged(uow.holidays(start, end, offset, limit + 1), offset, limit, query)
 
     @_retried
     def delete_holiday(self, date: str, call: Call) -> Holiday | Replay:
@@ -560,9 +564,10 @@ class OPDService:
         v.doctor_id("doctor_id", doctor_id)
         day = v.date("date", date)
         v.check()
-        offset, limit = _page(page_size, page_token)
+        query = ("tokens", doctor_id, day)
+        offset, limit = _page(page_size, page_token, query)
         views = self._read((doctor_id, day), lambda d: d.views(), Missing.EMPTY)
-        return _paged(views[offset: offset + limit + 1], offset, limit)
+        return _paged(views[offset: offset + limit + 1], offset, limit, query)
 
     @_retried
     def stats(self, date: str, doctor_id: str) -> list[DayStats]:
@@ -625,13 +630,14 @@ class OPDService:
         if after_sequence < 0:
             v.add("after_sequence", f"{after_sequence} is negative; sequences count from 1 (0: from the first)")
         v.check()
-        offset, limit = _page(page_size, page_token)
+        query = ("events", doctor_id, day, after_sequence)
+        offset, limit = _page(page_size, page_token, query)
         after = after_sequence + offset  # a day's sequences have no gaps (SPEC §3.6): the page starts there
         with self.store.unit_of_work(write=False) as uow:
             self._doctor(uow, doctor_id)
             _check_kept(uow, (doctor_id, day), after, ahead="ask from a sequence this service sent (0: the first)",
                         pruned="ask from a later after_sequence")
-            return _paged(uow.events_after((doctor_id, day), after, limit + 1), offset, limit)
+            return _paged(uow.events_after((doctor_id, day), after, limit + 1), offset, limit, query)
 
     @_retried
     def queue_snapshot(self, key: DayKey) -> Snapshot:
@@ -733,9 +739,10 @@ class OPDService:
         if start is not None and end is not None and end <= start:
             v.add("end_time", "is not after start_time")
         v.check()
-        offset, limit = _page(page_size, page_token)
+        query = ("audit", token_id, start, end)
+        offset, limit = _page(page_size, page_token, query)
         with self.store.unit_of_work(write=False) as uow:
-            return _paged(uow.audit_entries(token_id, start, end, offset, limit + 1), offset, limit)
+            return _paged(uow.audit_entries(token_id, start, end, offset, limit + 1), offset, limit, query)
 
     @_retried
     def waitlist_lengths(self) -> dict[str, int]:
@@ -975,21 +982,31 @@ def _check_kept(uow: UnitOfWork, key: DayKey, after: int, ahead: str, pruned: st
                          f"kept; {pruned}.", "HISTORY_NOT_KEPT")
 
 
-def _page(page_size: int, page_token: str) -> tuple[int, int]:
+def _page(page_size: int, page_token: str, query: tuple[Any, ...]) -> tuple[int, int]:
+    """The offset and size of the page asked for. A page token holds its list's `query` (the list and its
+    filters) as a digest: one used with other filters would page through a list it does not belong to."""
     if page_size < 0:
         raise invalid("page_size", f"{page_size} is negative")
     offset = 0
     if page_token:
         try:
-            offset = int(base64.urlsafe_b64decode(page_token.encode()).decode().removeprefix("o:"))
+            digest, number = base64.urlsafe_b64decode(page_token.encode()).decode().split(":")
+            offset = int(number)
         except ValueError:
             raise invalid("page_token", "is not a token from a previous page; start again without it") from None
         if not 0 <= offset <= MAX_PAGE_OFFSET:
             raise invalid("page_token", "is not a token from a previous page; start again without it")
+        if digest != _query_digest(query):
+            raise invalid("page_token", "is from a list with other filters: send the first page's filters with "
+                                        "it, or start again without it")
     return offset, min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
-def _paged(rows: list, offset: int, limit: int) -> Page:
+def _paged(rows: list, offset: int, limit: int, query: tuple[Any, ...]) -> Page:
     more = len(rows) > limit
-    token = base64.urlsafe_b64encode(f"o:{offset + limit}".encode()).decode() if more else ""
+    token = base64.urlsafe_b64encode(f"{_query_digest(query)}:{offset + limit}".encode()).decode() if more else ""
     return Page(rows[:limit], token)
+
+
+def _query_digest(query: tuple[Any, ...]) -> str:
+    return hashlib.blake2s(repr(query).encode(), digest_size=6).hexdigest()

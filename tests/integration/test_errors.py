@@ -430,6 +430,30 @@ def test_list_tokens_pages_in_token_number_order(live):
     assert list(empty.tokens) == [] and empty.next_page_token == ""
 
 
+
+def test_a_page_token_is_refused_with_other_filters_than_its_first_page(live):
+    """A next_page_token is an offset into one list: sent with another doctor, date or list call it would page
+    through a list it does not belong to, skipping that list's first rows without a word."""
+    doctor, other = make_doctor(live.stub), make_doctor(live.stub, "Dr Other")
+    for who in (doctor, other):
+        make_slots(live.stub, who, ("09:00", "10:00", 3), ("10:00", "11:00", 3))
+        for n in range(1, 5):
+            allocate(live.stub, who, n)
+    first = live.stub.ListTokens(pb.ListTokensRequest(doctor_id=doctor, date=DAY, page_size=2))
+    token = first.next_page_token
+    for call, request in [
+            (live.stub.ListTokens, pb.ListTokensRequest(doctor_id=other, date=DAY, page_token=token)),
+            (live.stub.ListTokens, pb.ListTokensRequest(doctor_id=doctor, date=NEXT_DAY, page_token=token)),
+            (live.stub.ListSlots, pb.ListSlotsRequest(doctor_id=doctor, date=DAY, page_token=token)),
+            (live.stub.ListQueueEvents, pb.ListQueueEventsRequest(doctor_id=doctor, date=DAY, page_token=token))]:
+        bad = refused(call, request)
+        assert (bad.code, bad.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"), request
+        assert "other filters" in bad.fields["page_token"], request
+    # With its own filters (and any page size) it goes on where the first page ended.
+    rest = live.stub.ListTokens(pb.ListTokensRequest(doctor_id=doctor, date=DAY, page_size=10, page_token=token))
+    assert [t.token_number for t in rest.tokens] == [3, 4]
+
+
 # ---- doctors, stats --------------------------------------------------------------------------------------
 
 
