@@ -66,7 +66,7 @@ def _blanked(note: str, patient: Patient | None) -> str:
         digits = [ch for ch in patient.phone if ch.isdigit()]
         details = [re.escape(word) for word in {patient.mrn.strip(), *patient.name.split()} if word]
         if len(digits) >= 3:
-            details.append(_SEPARATORS.join(digits))
+            details.append(r"\+?" + _SEPARATORS.join(digits))
         for detail in sorted(details, key=len, reverse=True):
             note = re.sub(rf"(?<!\w){detail}(?!\w)", "…", note, flags=re.IGNORECASE)
     return _LONG_NUMBER.sub("…", note)

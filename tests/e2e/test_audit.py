@@ -279,8 +279,8 @@ class Clinic:
         fitting = [t for t in tokens if t.status == likely]
         token = self.rng.choice(fitting if fitting and self.rng.random() < 0.75 else tokens)
         fields: dict[str, Any] = {"token_id": token.token_id, "request_id": self.request_id()}
-        if method == "CancelToken":  # free text from the desk: the audit row keeps it, but never the phone
-            fields["reason"] = f"patient rang from {token.patient.phone}"
+        if method == "CancelToken":  # free text from the desk: the audit row keeps it, but not the patient
+            fields["reason"] = f"{token.patient.name} rang from {token.patient.phone}"
         request = getattr(pb, f"{method}Request")(**fields)
         self.change(method, request, role, before=status_name(token.status))
 
@@ -460,8 +460,8 @@ def check_change_row(row: dict[str, Any], made: Expected) -> None:
         expected_to = {"CheckInToken": "CHECKED_IN", "CancelToken": "CANCELLED", "CompleteToken": "COMPLETED",
                        "MarkNoShow": "NO_SHOW"}[method]
         assert (row["from_status"], row["to_status"]) == (made.before, expected_to), where
-        if method == "CancelToken":  # the desk's words, the phone in them blanked
-            assert row["reason"].startswith("reason given: patient rang from …"), where
+        if method == "CancelToken":  # the desk's words, the patient's name and phone in them blanked
+            assert row["reason"].startswith("reason given: … … rang from …"), where
     assert all(token_id in row["reason"] for token_id in named), where
 
 
