@@ -555,8 +555,7 @@ class DoctorDay:
         self._file_active(token)
         self.new_tokens.append(token.token_id)
         if before is not None:
-            self._move(before, BUMP, now, caused_by=token.token_id)
-            before.checked_in_at = None
+            self._move(before, BUMP, now, caused_by=token.token_id)  # a patient who arrived keeps checked_in_at
             before.bump_count += 1
         kind = EventKind.ALLOCATED if status is Status.CONFIRMED else EventKind.WAITLISTED
         self._record(kind, now, token)
@@ -579,13 +578,15 @@ class DoctorDay:
         return self._release(token, NO_SHOW, now)
 
     def mark_overdue_no_shows(self, now: dt.datetime) -> list[Release]:
-        """SPEC §6 with AUTO_NO_SHOW: confirmed patients who never checked in, past their grace period. A patient
-        promoted into a seat freed here may be past it at once (a sitting long over): marked in the same pass."""
-        released: list[Release] = []
-        while overdue := [t for t in self.tokens.values()
-                          if t.status is Status.CONFIRMED and self._no_show_due(t)[0] <= now]:
-            released += [self._release(t, NO_SHOW, now) for t in sorted(overdue, key=lambda t: t.token_number)]
-        return released
+        """SPEC §6 with AUTO_NO_SHOW: confirmed patients past their grace period whom the clinic was waiting for.
+        Not those who checked in before (bumped by an emergency and promoted back: they are in the waiting room),
+        nor those seated only once their sitting was over (promoted after its end, as when a pass catches up on a
+        day gone by): nobody expected them, and marking each would promote and mark the next, turning a whole
+        waitlist into no-shows at once. The desk can still mark either (MarkNoShow)."""
+        overdue = [t for t in self.tokens.values() if t.status is Status.CONFIRMED and t.checked_in_at is None
+                   and t.updated_at < self.slots[t.slot_id].ends_at(self.rules.timezone)
+                   and self._no_show_due(t)[0] <= now]
+        return [self._release(t, NO_SHOW, now) for t in sorted(overdue, key=lambda t: t.token_number)]
 
     def _no_show_due(self, token: Token) -> tuple[dt.datetime, str]:
         """SPEC §6: no-show only from estimated_time + NO_SHOW_GRACE_PERIOD_MINUTES; and what the grace runs from,
@@ -595,7 +596,8 @@ class DoctorDay:
         the whole slot, each marking making the next patient overdue. So the time counts the slot's patients
         already seen or marked no-show as still ahead, and a patient who has not come is given the grace from
         when they got their seat (a CONFIRMED token's last move) if that is later, up to the slot's end (a seat
-        given in a sitting long over, as when AUTO_NO_SHOW catches up, is no promise). Never earlier than SPEC's."""
+        given once the sitting was over is no promise; AUTO_NO_SHOW leaves it to the desk). Never earlier than
+        SPEC's."""
         slot = self.slots[token.slot_id]
         place = self.view(token).queue_position
         gone = sum(1 for t in self.by_slot[token.slot_id] if t.status in _GONE_AHEAD)
@@ -614,7 +616,7 @@ class DoctorDay:
     def check_in(self, token_id: str, now: dt.datetime) -> TokenView:
         token = self.token(token_id)
         self._move(token, CHECK_IN, now)
-        token.checked_in_at = now
+        token.checked_in_at = token.checked_in_at or now  # a patient bumped and promoted back arrived earlier
         return self.view(token)
 
     def complete(self, token_id: str, now: dt.datetime) -> TokenView:

@@ -14,7 +14,8 @@ import pytest
 
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from tests.support import (
-    DAY, MORNING, LiveServer, all_tokens, allocate, live_server, make_doctor, make_slots, refused, spec_violations,
+    DAY, MORNING, LiveServer, all_tokens, allocate, live_server, make_doctor, make_slots, patient, refused,
+    spec_violations,
 )
 
 NOON = MORNING.replace(hour=12)
@@ -266,8 +267,8 @@ def test_auto_no_show_marks_a_token_whose_grace_ends_after_midnight(tmp_path: Pa
 
 def test_auto_no_show_catches_up_on_every_earlier_day_once_the_clock_has_moved_on_by_days(tmp_path: Path):
     """A server that was down (or a test clock set ahead) finds confirmed tokens of days before yesterday: they
-    are marked too, more days than one pass takes (NO_SHOW_BACKLOG_DAYS_PER_PASS), and a patient promoted into a
-    freed seat of a day long over is marked in turn."""
+    are marked too, more days than one pass takes (NO_SHOW_BACKLOG_DAYS_PER_PASS); a patient promoted into a freed
+    seat of a day long over is not (nobody was waiting for them), so it stays CONFIRMED for the desk."""
     with server(tmp_path, AUTO_NO_SHOW="true") as live:
         doctor = make_doctor(live.stub)
         dates = [(MORNING + dt.timedelta(days=n)).date().isoformat() for n in range(25)]
@@ -277,10 +278,55 @@ def test_auto_no_show_catches_up_on_every_earlier_day_once_the_clock_has_moved_o
         waiting = allocate(live.stub, doctor, 99, date=dates[0]).token
         assert waiting.status == pb.STATUS_WAITLISTED
         live.set_time(MORNING + dt.timedelta(days=40))
-        for token_id in absent + [waiting.token_id]:
+        for token_id in absent:
             assert name(poll_status(live, token_id, pb.STATUS_NO_SHOW, timeout=15)) == "STATUS_NO_SHOW", token_id
+        time.sleep(2.5)  # passes after the one that promoted it
+        assert name(status_of(live, waiting.token_id)) == "STATUS_CONFIRMED"
         for date in dates:
             assert spec_violations(live.stub, doctor, date) == []
+
+
+def test_auto_no_show_marks_the_absent_seat_holder_of_a_sitting_over_and_not_its_waitlist(tmp_path: Path):
+    """A clock that comes back after the sitting (a server that was down, a test clock set ahead): the absent
+    patient who held the seat is a no-show; the waitlisted ones promoted into it only now never had a seat while
+    the doctor sat, so they are not marked, and one no-show does not turn the waitlist into four."""
+    with server(tmp_path, AUTO_NO_SHOW="true") as live:
+        doctor = make_doctor(live.stub)
+        make_slots(live.stub, doctor, ("09:00", "10:00", 1))
+        seated, *waitlist = [allocate(live.stub, doctor, n).token.token_id for n in (1, 2, 3, 4)]
+        live.set_time(MORNING.replace(hour=10, minute=30))
+        assert name(poll_status(live, seated, pb.STATUS_NO_SHOW)) == "STATUS_NO_SHOW"
+        time.sleep(2.5)  # two passes more
+        assert [name(status_of(live, t)) for t in waitlist] == [
+            "STATUS_CONFIRMED", "STATUS_WAITLISTED", "STATUS_WAITLISTED"]
+        stats = live.stub.GetStats(pb.GetStatsRequest(doctor_id=doctor, date=DAY)).stats
+        assert [s.no_shows for s in stats] == [1]
+        assert spec_violations(live.stub, doctor) == []
+
+
+def test_auto_no_show_leaves_a_patient_who_checked_in_then_was_bumped_and_promoted_back(tmp_path: Path):
+    """A patient in the waiting room, bumped by an emergency and given the seat back when it is cancelled, is
+    CONFIRMED again (SPEC §7) but has come: never marked by itself. Checking in again keeps the first arrival, from
+    which the day's mean wait counts."""
+    with server(tmp_path, AUTO_NO_SHOW="true") as live:
+        doctor = make_doctor(live.stub)
+        make_slots(live.stub, doctor, ("09:00", "10:00", 1))
+        live.set_time(MORNING.replace(hour=8, minute=55))
+        present = allocate(live.stub, doctor, 1).token.token_id
+        arrived = live.stub.CheckInToken(pb.CheckInTokenRequest(token_id=present)).token.checked_in_at
+        live.set_time(MORNING.replace(hour=9, minute=20))
+        urgent = live.stub.AllocateEmergency(pb.AllocateEmergencyRequest(
+            patient=patient(2), doctor_id=doctor, date=DAY)).token.token_id
+        assert name(status_of(live, present)) == "STATUS_WAITLISTED"
+        live.set_time(MORNING.replace(hour=9, minute=21))
+        promoted = live.stub.CancelToken(pb.CancelTokenRequest(token_id=urgent)).promoted
+        assert [(t.token_id, name(t.status), t.checked_in_at) for t in promoted] == [
+            (present, "STATUS_CONFIRMED", arrived)]
+        live.set_time(MORNING.replace(hour=9, minute=50))  # past any grace
+        time.sleep(2.5)
+        assert name(status_of(live, present)) == "STATUS_CONFIRMED"
+        again = live.stub.CheckInToken(pb.CheckInTokenRequest(token_id=present)).token
+        assert (name(again.status), again.checked_in_at) == ("STATUS_CHECKED_IN", arrived)
 
 
 def poll_status(live: LiveServer, token_id: str, wanted: int, timeout: float = 5.0) -> int:

@@ -117,6 +117,7 @@ class ModelToken:
     queue_time: dt.datetime
     patient: Patient
     moved_at: dt.datetime  # its last change of status (or its creation)
+    arrived: bool = False  # checked in once: a bump and a promotion back do not undo that
 
     def order(self) -> tuple[int, dt.datetime, int]:
         """SPEC §2."""
@@ -189,6 +190,7 @@ class ModelDay:
 
     def move(self, token: ModelToken, to: Status, kind: str) -> None:
         token.status, token.moved_at = to, self.clock.now()
+        token.arrived |= to is Status.CHECKED_IN
         self.token_events.append((token.token_id, kind, to))
 
     def fill_seats(self, slot_id: str) -> list[ModelToken]:
@@ -601,18 +603,18 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule()
     def auto_no_show_pass(self) -> None:
-        """SPEC §6 with AUTO_NO_SHOW: a pass marks the confirmed tokens past their grace, in token number order,
-        each freed seat going to the waitlist at once, and again while that leaves some overdue (a patient promoted
-        after the grace the slot's seats allow). Marking one never makes the rest overdue."""
+        """SPEC §6 with AUTO_NO_SHOW: a pass marks the confirmed tokens past their grace that the clinic was
+        waiting for (never checked in, seated before their slot's end), in token number order, each freed seat going
+        to the waitlist at once. Marking one never makes the rest overdue, nor does a promotion."""
         now, marked = self.clock.now(), 0
         for day in self.days.values():
-            while overdue := sorted((t for t in day.tokens.values()
-                                     if t.status is Status.CONFIRMED and day.no_show_due(t) <= now),
-                                    key=lambda t: t.number):
-                for token in overdue:
-                    day.move(token, Status.NO_SHOW, "NO_SHOW")
-                    day.fill_seats(token.slot_id)
-                marked += len(overdue)
+            overdue = sorted((t for t in day.tokens.values() if t.status is Status.CONFIRMED and not t.arrived
+                              and t.moved_at < day.slots[t.slot_id].end and day.no_show_due(t) <= now),
+                             key=lambda t: t.number)
+            for token in overdue:
+                day.move(token, Status.NO_SHOW, "NO_SHOW")
+                day.fill_seats(token.slot_id)
+            marked += len(overdue)
         assert self.service.mark_overdue_no_shows() == marked
         note("AUTO_NO_SHOW marked a token" if marked else "AUTO_NO_SHOW marked nobody")
 
