@@ -8,6 +8,7 @@ It also knows the rules of SPEC §2, §5 and §7 well enough to say what the ser
 from __future__ import annotations
 
 import datetime as dt
+import unicodedata
 from dataclasses import dataclass
 
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
@@ -19,16 +20,20 @@ BUMPABLE = frozenset({pb.STATUS_CONFIRMED, pb.STATUS_CHECKED_IN})
 
 
 def patient_key(patient: pb.Patient) -> str:
-    """The mrn, or without one the phone and name (case and spacing folded): who a patient is, where each
-    patient always comes with an mrn or always without one, as in the scenarios."""
+    """The mrn, or without one the phone and name (case, spacing and Unicode form folded): who a patient is, where
+    each patient always comes with an mrn or always without one, as in the scenarios."""
     if patient.mrn.strip():
-        return "mrn:" + patient.mrn.strip().casefold()
+        return "mrn:" + _folded(patient.mrn)
     return _contact(patient)
 
 
 def _contact(patient: pb.Patient) -> str:
-    digits = "".join(ch for ch in patient.phone if ch.isdigit())
-    return f"phone:{digits}:{' '.join(patient.name.split()).casefold()}"
+    digits = "".join(str(unicodedata.digit(ch)) for ch in patient.phone if ch.isdigit())
+    return f"phone:{digits}:{_folded(patient.name)}"
+
+
+def _folded(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold()).split())
 
 
 def one_patient_twice(tokens: list[pb.Token]) -> list[list[str]]:
@@ -37,7 +42,7 @@ def one_patient_twice(tokens: list[pb.Token]) -> list[list[str]]:
     by_mrn: dict[str, list[pb.Token]] = {}
     by_contact: dict[str, list[pb.Token]] = {}
     for t in tokens:
-        if mrn := t.patient.mrn.strip().casefold():
+        if mrn := _folded(t.patient.mrn):
             by_mrn.setdefault(mrn, []).append(t)
         by_contact.setdefault(_contact(t.patient), []).append(t)
     groups = list(by_mrn.values()) + [ts for ts in by_contact.values() if any(not t.patient.mrn.strip() for t in ts)]

@@ -12,6 +12,7 @@ import enum
 import functools
 import operator
 import re
+import unicodedata
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
@@ -124,14 +125,14 @@ class Patient:
 
     @functools.cached_property
     def contact(self) -> str:
-        """The phone's digits and the name, case and spacing folded."""
-        digits = "".join(ch for ch in self.phone if ch.isdigit())
-        return f"phone:{digits}:{_SPACES.sub(' ', self.name.strip()).casefold()}"
+        """The phone's digits (0-9, in whatever script they were typed) and the name, folded."""
+        digits = "".join(str(unicodedata.digit(ch)) for ch in self.phone if ch.isdigit())
+        return f"phone:{digits}:{_folded(self.name)}"
 
     @functools.cached_property
     def identity(self) -> str:
         """The mrn, folded, or without one the contact: what the schema holds unique among a day's active tokens."""
-        return "mrn:" + self.mrn.strip().casefold() if self.mrn else self.contact
+        return "mrn:" + _folded(self.mrn) if self.mrn else self.contact
 
     @functools.cached_property
     def keys(self) -> tuple[str, ...]:
@@ -141,6 +142,12 @@ class Patient:
     def is_same_person(self, other: Patient) -> bool:
         """SPEC §1: the same mrn; where either has none, the same phone and name. Two mrns are two people."""
         return self.identity == other.identity if self.mrn and other.mrn else self.contact == other.contact
+
+
+def _folded(text: str) -> str:
+    """Case, spacing and Unicode form folded: one desk's "Zoë" may arrive as Z, o, e and a combining diaeresis from
+    another's, and a Devanagari nukta letter as one character or two."""
+    return _SPACES.sub(" ", unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())).strip()
 
 
 @dataclass

@@ -168,6 +168,7 @@ MAX_CONSULTATION_MINUTES = 24 * 60
 MAX_SLOT_SPAN_MINUTES = 1000 * 24 * 60
 NO_SHOW_BACKLOG_DAYS_PER_PASS = 20  # AUTO_NO_SHOW's earlier days at each pass (one a second) while it catches up
 MAX_IDENTITY = 300  # the width of tokens.patient_identity
+MAX_NAME, MAX_MRN = 200, 64  # a patient's, as given
 MAX_REASON = 200  # CancelToken's reason, as the audit log keeps it
 MAX_APPLY_DAYS = 366  # the dates ApplySlotTemplate covers at once
 # A weekly pattern's slots: 14 a day on every day of the week. One ApplySlotTemplate then makes at most 5,300 slots
@@ -499,13 +500,17 @@ class OPDService:
         """SPEC §4 (and §5 for SOURCE_EMERGENCY)."""
         v = Violations()
         p = cmd.patient
-        patient = Patient(v.text("patient.name", p.name), v.text("patient.phone", p.phone, 40, required=False),
-                          p.age, p.gender, v.text("patient.mrn", p.mrn, 64, required=False))
+        patient = Patient(v.text("patient.name", p.name, MAX_NAME),
+                          v.text("patient.phone", p.phone, 40, required=False),
+                          p.age, p.gender, v.text("patient.mrn", p.mrn, MAX_MRN, required=False))
         if not patient.mrn and not any(ch.isdigit() for ch in patient.phone):
             v.add("patient.phone", "has no digits: give the patient's phone number, or their mrn" if patient.phone
                   else "is required when patient.mrn is not given")
-        if len(patient.identity) > MAX_IDENTITY:
+        # Folding can lengthen a text ("ß" is "ss"): each field that fits as given must fit folded too.
+        if len(patient.name) <= MAX_NAME and len(patient.contact) > MAX_IDENTITY:
             v.add("patient.name", f"is longer than {MAX_IDENTITY} characters once its case is folded")
+        if patient.mrn and len(patient.mrn) <= MAX_MRN and len(patient.identity) > MAX_IDENTITY:
+            v.add("patient.mrn", f"is longer than {MAX_IDENTITY} characters once its case is folded")
         if not 0 <= p.age <= 150:
             v.add("patient.age", f"{p.age} is not an age in years (0 to 150)")
         if p.gender not in GENDERS:

@@ -293,6 +293,26 @@ def test_the_same_phone_and_name_in_other_case_and_spacing_is_the_same_patient(l
     assert spec_violations(live.stub, doctor) == []
 
 
+def test_the_same_name_mrn_and_phone_typed_in_other_unicode_forms_are_the_same_patient(live):
+    """Desks send one name in different Unicode forms (Zoë as "e" and a combining diaeresis; a Devanagari nukta
+    letter as one character or two), an mrn in full-width letters, a phone in Devanagari digits."""
+    doctor = make_doctor(live.stub)
+    make_slots(live.stub, doctor, ("09:00", "10:00", 9))
+    for first, again in [
+            ({"name": "Zoë Fernandes", "phone": "+91 90000 77777"},
+             {"name": "Zoe\u0308 Fernandes", "phone": "+91 90000 77777"}),
+            ({"name": "\u095b\u093e\u0915\u093f\u0930", "phone": "+91 90000 88888"},          # zakir, ज़ one letter
+             {"name": "\u091c\u093c\u093e\u0915\u093f\u0930", "phone": "+91 90000 88888"}),  # ज and a nukta
+            ({"name": "Asha Rao", "phone": "+91 90000 99999"},
+             {"name": "Asha Rao", "phone": "+९१ ९०००० ९९९९९"}),
+            ({"name": "Ravi K", "phone": "1", "mrn": "MRN-77"},
+             {"name": "R K", "phone": "2", "mrn": "ＭＲＮ－７７"})]:
+        live.stub.AllocateToken(request(doctor, patient(1, **first)))
+        error = refused(live.stub.AllocateToken, request(doctor, patient(1, **again)))
+        assert (error.code, error.reason) == (grpc.StatusCode.ALREADY_EXISTS, "PATIENT_ALREADY_HAS_TOKEN"), again
+    assert statuses(live.stub, doctor) == {1: "CONFIRMED", 2: "CONFIRMED", 3: "CONFIRMED", 4: "CONFIRMED"}
+
+
 def test_phone_and_name_decide_where_either_request_has_no_mrn(live):
     """SPEC §1: the same mrn, or, without one, the same phone and name. A desk that books Ravi without his record
     number, after the portal booked him with it, books the same person; two record numbers are two people, even

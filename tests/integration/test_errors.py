@@ -155,6 +155,12 @@ def cases() -> list[Case]:
              lambda: allocation(patient=patient(9, name="\u2060\u200b")), INVALID, "patient.name"),
         Case("doctor named with a zero-width space", "CreateDoctor",
              lambda: pb.CreateDoctorRequest(name="\u200b", specialization="ENT"), INVALID, "name"),
+        Case("mrn of 65 characters", "AllocateToken", lambda: allocation(patient=patient(9, mrn="M" * 65)), INVALID,
+             "patient.mrn"),
+        Case("mrn longer than 300 once folded", "AllocateToken",
+             lambda: allocation(patient=patient(9, mrn="\ufdfa" * 20)), INVALID, "patient.mrn"),
+        Case("name longer than 300 once folded", "AllocateToken",
+             lambda: allocation(patient=patient(9, name="\ufdfa" * 20)), INVALID, "patient.name"),
         Case("phone without a digit", "AllocateToken", lambda: allocation(patient=patient(9, phone="abc")), INVALID,
              "patient.phone"),
         Case("allocate without doctor", "AllocateToken", lambda: allocation(doctor_id=""), INVALID, "doctor_id"),
@@ -272,6 +278,14 @@ def test_a_refusal_has_the_right_code_a_rich_status_and_changes_nothing(live, ca
         assert failure.fields[case.field].strip()
     assert snapshot(live) == before
     assert allocate(live.stub, doctor, 3).token.token_number == 3  # the refusal took no token number
+
+
+def test_a_long_mrn_is_named_alone(live):
+    """An mrn too long, as given or folded, is the only field named: not the name beside it."""
+    world(live)
+    for mrn in ("M" * 300, "\ufdfa" * 20):
+        bad = refused(live.stub.AllocateToken, allocation(patient=patient(9, name="Asha", mrn=mrn)))
+        assert list(bad.fields) == ["patient.mrn"], bad.fields
 
 
 def test_an_unknown_token_or_slot_is_named_as_such_whatever_doctor_its_id_names(live):
