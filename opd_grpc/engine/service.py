@@ -19,7 +19,7 @@ import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from operator import methodcaller
-from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 from opd_grpc.engine.access import ROLES, SYSTEM, Actor, ApiKey, KeyRing, new_key
 from opd_grpc.engine.audit import CHANGED, AuditEntry, change_entries, denied_entry
@@ -268,6 +268,11 @@ class OPDService:
             self._check(v, call)
         new = [self._new_slot(v, f"slots[{i}]", r) for i, r in enumerate(requests)]
         self._check(v, call)
+        if (pair := next(_overlapping(new), None)) is not None:
+            first, later = (new[k] for k in pair)
+            raise AlreadyExists(f"slots[{pair[1]}] {later.start:%H:%M}-{later.end:%H:%M} overlaps slots[{pair[0]}] "
+                                f"{first.start:%H:%M}-{first.end:%H:%M} of this same request, on "
+                                f"{first.date.isoformat()}.", "SLOT_OVERLAP")
 
         def add(_: UnitOfWork, days: dict[DayKey, DoctorDay], now: dt.datetime) -> list[Slot]:
             return [days[(doctor_id, n.date)].add_slot(n.start, n.end, n.max_capacity, n.consultation_minutes, now)
@@ -985,6 +990,18 @@ def _check_kept(uow: UnitOfWork, key: DayKey, after: int, ahead: str, pruned: st
     if after < kept_from - 1:
         raise OutOfRange(f"{doctor_id}'s events on {date.isoformat()} before sequence {kept_from} are no longer "
                          f"kept; {pruned}.", "HISTORY_NOT_KEPT")
+
+
+def _overlapping(new: list[NewSlot]) -> Iterator[tuple[int, int]]:
+    """Pairs (i, j) of a batch's slots whose times overlap on one date, each later-starting slot j with one slot i
+    it overlaps: sorted once, for a batch may hold thousands."""
+    reach: int | None = None  # of the date's slots so far, the one that ends last
+    for j in sorted(range(len(new)), key=lambda k: (new[k].date, new[k].start)):
+        same_date = reach is not None and new[reach].date == new[j].date
+        if same_date and new[j].start < new[reach].end:
+            yield reach, j
+        if not same_date or new[j].end > new[reach].end:
+            reach = j
 
 
 def _page(page_size: int, page_token: str, query: tuple[Any, ...]) -> tuple[int, int]:

@@ -384,6 +384,17 @@ def test_a_batch_with_an_overlap_creates_none_of_its_slots(live):
     assert [s.slot_id for s in again.slots] == ["DOC001-20300108-1100", "DOC001-20300107-1200"]
 
 
+def test_slots_of_one_request_that_overlap_are_named_by_their_places_in_it(live):
+    """Not as a stored slot that the doctor does not have: the desk is told which two entries to fix."""
+    world(live)
+    failure = refused(live.stub.CreateSlots, new_slots(spec(date=NEXT_DAY), spec(start_time="12:00", end_time="13:00"),
+                                                       spec(start_time="09:30", end_time="10:30", date=NEXT_DAY),
+                                                       spec(start_time="10:00", end_time="10:20", date=NEXT_DAY)))
+    assert (failure.code, failure.reason) == (EXISTS, "SLOT_OVERLAP")
+    assert failure.message == ("slots[3] 10:00-10:20 overlaps slots[2] 09:30-10:30 of this same request, on "
+                               "2030-01-08."), failure.message
+
+
 def test_slots_that_touch_do_not_overlap(live):
     doctor = world(live)
     created = live.stub.CreateSlots(new_slots(spec(start_time="08:00", end_time="09:00"),
