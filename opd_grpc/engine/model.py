@@ -481,9 +481,12 @@ class DoctorDay:
                                           f"more than {span_minutes // 1440} days")
         holders = self.seat_holders(slot_id)
         if max_capacity < holders:
+            seen = sum(1 for t in self.by_slot[slot_id] if t.status is Status.COMPLETED)
+            fix = (f"all {holders} have been seen" if seen == holders else "cancel tokens not yet seen first"
+                   + (f" (the {seen} already seen keep their seats)" if seen else ""))
             raise FailedPrecondition(
-                f"Slot {slot_id} has {holders} seat holders; its capacity cannot go below that "
-                f"(asked {max_capacity}). Cancel tokens first.", "CAPACITY_BELOW_SEAT_HOLDERS")
+                f"Slot {slot_id} has {holders} seat holders, so its capacity cannot go below {holders} (asked "
+                f"{max_capacity}): {fix}.", "CAPACITY_BELOW_SEAT_HOLDERS")
         slot.max_capacity = max_capacity
         self.dirty_slots.add(slot_id)
         self._record(EventKind.SLOT_CHANGED, now, slot_id=slot_id)
