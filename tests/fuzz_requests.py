@@ -203,11 +203,12 @@ PLAUSIBLE_INT: dict[str, st.SearchStrategy[int]] = {
     "after_sequence": mostly_int(0, 30, [2 ** 63 - 1, 2 ** 31]),
     "after_sequences": mostly_int(0, 30, [2 ** 63 - 1, 2 ** 31]),
     "nanos": mostly_int(0, 999_999_999, [-1, 10 ** 9, 2 ** 31 - 1]),
-    # Timestamp seconds: the clinic's morning, while its slots are open (SetTime, the audit log's range), or the
-    # ends of time; Duration seconds: up to half an hour, or the largest a Duration holds.
+    # Timestamp seconds: the clinic's morning, while its slots are open (SetTime, the audit log's range), its
+    # evening (every grace period over), or the ends of time (past the dates the service keeps); Duration seconds:
+    # up to half an hour, a day, or the largest a Duration holds.
     "seconds": mostly_int(_MORNING_SECONDS - 2 * 3600, _MORNING_SECONDS + 3 * 3600,
-                          [_MAX_TIMESTAMP, _MIN_TIMESTAMP, 0, _MAX_TIMESTAMP + 1]),
-    "duration.seconds": mostly_int(0, 1800, [315_576_000_000, 8000 * 365 * 86400]),
+                          [_MORNING_SECONDS + 12 * 3600, _MAX_TIMESTAMP, _MIN_TIMESTAMP, 0, _MAX_TIMESTAMP + 1]),
+    "duration.seconds": mostly_int(0, 1800, [86_400, 315_576_000_000, 8000 * 365 * 86400]),
 }
 
 

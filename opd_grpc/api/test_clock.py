@@ -11,9 +11,13 @@ from opd_grpc.api.convert import timestamp
 from opd_grpc.api.status import rich_status
 from opd_grpc.engine.clock import TestClock
 from opd_grpc.engine.errors import FieldViolation
+from opd_grpc.engine.parse import FIRST_DATE, LAST_DATE
 
 _INVALID_ARGUMENT = 3
 _NANOS = 1_000_000_000  # a Timestamp's and a Duration's nanos lie below this
+# The dates a request may name: a clock past them would put the service's own passes (AUTO_NO_SHOW) past the
+# calendar's end.
+_OUT_OF_RANGE = f"is not a time from {FIRST_DATE.isoformat()} to {LAST_DATE.isoformat()}, the dates the service keeps"
 
 
 class TestClockServicer(test_clock_pb2_grpc.TestClockServiceServicer):
@@ -30,7 +34,9 @@ class TestClockServicer(test_clock_pb2_grpc.TestClockServiceServicer):
         try:
             when = request.time.ToDatetime(tzinfo=dt.timezone.utc)
         except (ValueError, OverflowError):
-            await _refuse(context, "time", "is not a time between the years 1 and 9999")
+            when = None
+        if when is None or not FIRST_DATE <= when.date() <= LAST_DATE:
+            await _refuse(context, "time", _OUT_OF_RANGE)
         return pb.SetTimeResponse(now=timestamp(self.clock.set(when)))
 
     async def AdvanceTime(self, request: pb.AdvanceTimeRequest, context: Any) -> pb.AdvanceTimeResponse:
@@ -46,10 +52,13 @@ class TestClockServicer(test_clock_pb2_grpc.TestClockServiceServicer):
         except (ValueError, OverflowError):
             await _refuse(context, "duration", "is not a valid duration")
         try:
-            now = self.clock.advance(by)
+            later = (self.clock.now() + by).date()
         except OverflowError:
-            await _refuse(context, "duration", "moves the clock past the year 9999")
-        return pb.AdvanceTimeResponse(now=timestamp(now))
+            later = dt.date.max
+        if later > LAST_DATE:
+            await _refuse(context, "duration", f"moves the clock past {LAST_DATE.isoformat()}, the last date the "
+                                               "service keeps")
+        return pb.AdvanceTimeResponse(now=timestamp(self.clock.advance(by)))
 
     async def GetTime(self, request: pb.GetTimeRequest, context: Any) -> pb.GetTimeResponse:
         return pb.GetTimeResponse(now=timestamp(self.clock.now()))

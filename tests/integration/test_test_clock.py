@@ -27,6 +27,9 @@ def test_advance_moves_the_clock_the_rules_read(live):
 @pytest.mark.parametrize("call, request_, field", [
     ("SetTime", tc.SetTimeRequest(), "time"),
     ("SetTime", tc.SetTimeRequest(time=timestamp_pb2.Timestamp(seconds=10**13)), "time"),
+    ("SetTime", tc.SetTimeRequest(time=timestamp_pb2.Timestamp(seconds=253_402_297_200)), "time"),  # 9999-12-31 23:00
+    ("SetTime", tc.SetTimeRequest(time=timestamp_pb2.Timestamp(seconds=-5_000_000_000)), "time"),  # 1811
+    ("AdvanceTime", tc.AdvanceTimeRequest(duration=duration_pb2.Duration(seconds=8000 * 366 * 86400)), "duration"),
     ("AdvanceTime", tc.AdvanceTimeRequest(duration=duration_pb2.Duration(seconds=-60)), "duration"),
     ("AdvanceTime", tc.AdvanceTimeRequest(duration=duration_pb2.Duration(seconds=10**12)), "duration"),
     ("SetTime", tc.SetTimeRequest(time=timestamp_pb2.Timestamp(seconds=1_900_000_000, nanos=10**9)), "time"),
