@@ -103,7 +103,12 @@ def templates_apply(client: OPDClient, args: argparse.Namespace, out: Printer) -
 
 def holidays_add(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
     reply = client.create_holiday(args.date, args.name)
-    out.show(reply, f"{reply.holiday.date} ({weekday_word(reply.holiday.date)}) is a holiday: {reply.holiday.name}.")
+    text = [f"{reply.holiday.date} ({weekday_word(reply.holiday.date)}) is a holiday: {reply.holiday.name}."]
+    if reply.slots_that_day:
+        text += [f"Its {len(reply.slots_that_day)} slots made before stay open, with their tokens (a holiday only "
+                 "keeps `templates apply` from making slots): cancel their tokens to close them.",
+                 slots_table(reply.slots_that_day)]
+    out.show(reply, *text)
 
 
 def holidays_list(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:

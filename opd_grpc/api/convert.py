@@ -12,7 +12,7 @@ from opd_grpc.engine.model import (
     Slot, SlotStatus, Source, Status, TokenView,
 )
 from opd_grpc.engine.audit import AuditEntry
-from opd_grpc.engine.schedule import Application, Holiday, SlotRequest, SlotTemplate, TemplateSlot
+from opd_grpc.engine.schedule import Application, Holiday, NewHoliday, SlotRequest, SlotTemplate, TemplateSlot
 from opd_grpc.engine.service import AllocateCommand
 from opd_grpc.engine.watch import Heartbeat, Snapshot
 
@@ -71,6 +71,10 @@ def slot_template(t: SlotTemplate) -> pb.SlotTemplate:
 
 def holiday(h: Holiday) -> pb.Holiday:
     return pb.Holiday(date=h.date.isoformat(), name=h.name)
+
+
+def new_holiday(new: NewHoliday) -> pb.CreateHolidayResponse:
+    return pb.CreateHolidayResponse(holiday=holiday(new.holiday), slots_that_day=[slot(s) for s in new.slots_that_day])
 
 
 def application(a: Application) -> pb.ApplySlotTemplateResponse:

@@ -109,7 +109,7 @@ class OPDTokenServicer(opd_pb2_grpc.OPDTokenServiceServicer):
 
     async def CreateHoliday(self, request: pb.CreateHolidayRequest, context: Any) -> pb.CreateHolidayResponse:
         return await self._change(context, request, pb.CreateHolidayResponse,
-                                  lambda h: pb.CreateHolidayResponse(holiday=convert.holiday(h)),
+                                  convert.new_holiday,
                                   self.service.create_holiday, request.date, request.name)
 
     async def ListHolidays(self, request: pb.ListHolidaysRequest, context: Any) -> pb.ListHolidaysResponse:

@@ -58,6 +58,15 @@ class Holiday:
 
 
 @dataclass(frozen=True)
+class NewHoliday:
+    """A holiday as created, with the slots its date already had, every doctor's: they stay open (a holiday
+    steers only ApplySlotTemplate), so the desk is shown what it may want to cancel."""
+
+    holiday: Holiday
+    slots_that_day: list[Slot]
+
+
+@dataclass(frozen=True)
 class Expansion:
     requests: list[SlotRequest]  # by date and start time
     skipped_holidays: list[Holiday]  # the holidays of the range on which the pattern has slots, by date

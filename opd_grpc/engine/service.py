@@ -34,7 +34,8 @@ from opd_grpc.engine.model import (
 )
 from opd_grpc.engine.parse import Violations, canonical_uuid
 from opd_grpc.engine.schedule import (
-    WEEKDAYS, Application, Holiday, SlotRequest, SlotTemplate, TemplateSlot, dates, expand, in_order, overlapping,
+    WEEKDAYS, Application, Holiday, NewHoliday, SlotRequest, SlotTemplate, TemplateSlot, dates, expand, in_order,
+    overlapping,
 )
 from opd_grpc.engine.watch import EventHub, Snapshot
 
@@ -110,6 +111,7 @@ class UnitOfWork(Protocol):
     def add_doctor(self, name: str, specialization: str) -> Doctor: ...
     def doctors(self, offset: int, limit: int) -> list[Doctor]: ...
     def slots(self, doctor_id: str, date: dt.date | None, offset: int, limit: int) -> list[Slot]: ...
+    def slots_on(self, date: dt.date) -> list[Slot]: ...
     def doctors_on(self, date: dt.date) -> list[str]: ...
     def days_with_confirmed_tokens(self, after: DayKey | None, before: dt.date, limit: int) -> list[DayKey]: ...
     def add_audit_entry(self, entry: AuditEntry) -> None: ...
@@ -452,22 +454,26 @@ class OPDService:
         return self._add_slots(doctor_id, keys, call, add, _applied)
 
     @_retried
-    def create_holiday(self, date: str, name: str, call: Call) -> Holiday | Replay:
+    def create_holiday(self, date: str, name: str, call: Call) -> NewHoliday | Replay:
         """Marks a date on which the OPD is closed: ApplySlotTemplate creates no slot on it. Only patterns heed a
-        holiday: the slots already on its date stay, and CreateSlots still makes slots on it (an OPD may open on a
-        holiday by hand)."""
+        holiday: the slots already on its date stay, and are in the answer, and CreateSlots still makes slots on it
+        (an OPD may open on a holiday by hand)."""
         v = Violations()
         holiday = Holiday(v.date("date", date), v.text("name", name))
         self._check(v, call)
 
-        def add(uow: UnitOfWork) -> Holiday:
+        def add(uow: UnitOfWork) -> NewHoliday:
             if (known := uow.holiday(holiday.date)) is not None:
                 raise AlreadyExists(f"{date} is already a holiday ({known.name!r}); delete it first to rename it.",
                                     "HOLIDAY_EXISTS")
             uow.add_holiday(holiday)
-            return holiday
+            return NewHoliday(holiday, uow.slots_on(holiday.date))
 
-        return self._write(call, add, lambda h: f"holiday {h.date.isoformat()} ({h.name!r}) created")
+        def describe(new: NewHoliday) -> str:
+            open_slots = f"; {len(new.slots_that_day)} slots of that date stay open" if new.slots_that_day else ""
+            return f"holiday {holiday.date.isoformat()} ({holiday.name!r}) created{open_slots}"
+
+        return self._write(call, add, describe)
 
     @_retried
     def list_holidays(self, start_date: str, end_date: str, page_size: int, page_token: str) -> Page:

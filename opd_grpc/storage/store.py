@@ -373,6 +373,12 @@ class SqlUnitOfWork:
         rows = self.conn.execute(query.order_by(slots.c.date, slots.c.start_time).offset(offset).limit(limit))
         return [_slot(r) for r in rows]
 
+    def slots_on(self, date: dt.date) -> list[Slot]:
+        """Every doctor's slots of one date, by doctor and start time."""
+        rows = self.conn.execute(select(slots).where(slots.c.date == date.isoformat())
+                                 .order_by(slots.c.doctor_id, slots.c.start_time))
+        return [_slot(r) for r in rows]
+
     # ---- weekly patterns of slots, and holidays ----
 
     def slot_template(self, doctor_id: str) -> tuple[TemplateSlot, ...]:

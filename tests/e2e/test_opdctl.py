@@ -552,6 +552,12 @@ def test_holidays_add_list_and_delete(live: LiveServer):
     assert twice.code == 1 and "HOLIDAY_EXISTS" in twice.err
     assert "`opdctl holidays delete 2031-08-15`, then add it again" in twice.err
 
+    make_slots(live.stub, make_doctor(live.stub), ("09:00", "10:00", 2), date="2032-10-02")
+    closed = ok(live.address, "holidays", "add", "2032-10-02", "--name", "Gandhi Jayanti")
+    assert closed.out.splitlines()[:2] == ["2032-10-02 (Sat) is a holiday: Gandhi Jayanti.",
+                                           "Its 1 slots made before stay open, with their tokens (a holiday only keeps "
+                                           "`templates apply` from making slots): cancel their tokens to close them."]
+    assert "-20321002-0900" in closed.out
     deleted = ok(live.address, "holidays", "delete", "2031-08-15")
     assert deleted.out.strip() == "2031-08-15 (Independence Day) is no longer a holiday."
     as_json = ok(live.address, "holidays", "list", "--from", "2031-01-01", "--to", "2031-12-31", "--json").json()

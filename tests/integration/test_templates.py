@@ -242,6 +242,23 @@ def test_holidays_on_pattern_days_are_skipped_and_reported(live: LiveServer):
         f"applied {doctor} 2030-01-07..2030-01-16: 5 created, 0 existing, 1 holiday"]
 
 
+def test_a_holiday_on_a_date_with_slots_answers_them_all_every_doctors(live: LiveServer):
+    """The slots stay open, with their tokens (a holiday steers only ApplySlotTemplate): the answer shows the desk
+    what the date still has, so that a closed day is not booked on without anyone knowing."""
+    doctor, other = make_doctor(live.stub), make_doctor(live.stub, "Dr Other")
+    make_slots(live.stub, other, ("09:00", "10:00", 2))
+    make_slots(live.stub, doctor, ("10:00", "11:00", 2), ("09:00", "10:00", 2))
+    make_slots(live.stub, doctor, ("09:00", "10:00", 2), date="2030-01-08")
+    answer = live.stub.CreateHoliday(pb.CreateHolidayRequest(date=DAY, name="Flood"))
+    assert [s.slot_id for s in answer.slots_that_day] == [
+        f"{doctor}-20300107-0900", f"{doctor}-20300107-1000", f"{other}-20300107-0900"]
+    empty = live.stub.CreateHoliday(pb.CreateHolidayRequest(date="2030-01-09", name="Quiet"))
+    assert list(empty.slots_that_day) == []
+    rows = live.stub.ListAuditEntries(pb.ListAuditEntriesRequest(page_size=100)).entries
+    assert [r.reason for r in rows if r.method == "CreateHoliday"] == [
+        "holiday 2030-01-07 ('Flood') created; 3 slots of that date stay open", "holiday 2030-01-09 ('Quiet') created"]
+
+
 def test_a_holiday_still_takes_slots_by_hand_and_keeps_them_when_deleted(live: LiveServer):
     doctor = make_doctor(live.stub)
     holiday(live, DAY, "Pongal")
