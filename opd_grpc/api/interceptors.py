@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -103,8 +103,7 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             except EngineError as refusal:
                 await context.abort_with_status(from_engine_error(refusal))
             if _caller_gone(context):
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "The caller's deadline passed before the "
-                                                                       "call was started; nothing was done.")
+                _end_unanswered(call, grpc.StatusCode.DEADLINE_EXCEEDED)  # nothing was done
             auth.CALLER.set(call.actor)
             return request
 
@@ -118,9 +117,12 @@ class CallPipeline(grpc.aio.ServerInterceptor):
                     UNHEARD.set(call.unheard)
                     try:
                         with self.calls:
-                            return await inner(request, context)
+                            response = await inner(request, context)
                     except Exception as error:
                         await _failed(context, error, name)
+                    if _caller_gone(context):
+                        _end_unanswered(call, grpc.StatusCode.OK)  # done, with nobody waiting for the answer
+                    return response
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=handler.response_serializer)
         inner_stream = handler.unary_stream
@@ -186,7 +188,7 @@ class _Call:
             # context is not to be touched).
             if self.unheard:
                 self.code, self.caller_gone = _engine_code(self.unheard[0]), True
-            else:
+            elif not self.caller_gone:  # else its deadline passed before it started (`admitted`)
                 self.code = grpc.StatusCode.CANCELLED
             raise
         except BaseException:
@@ -196,6 +198,14 @@ class _Call:
             asyncio.get_running_loop().call_soon(self.pipeline.finished, self.name, self.code,
                                                  time.perf_counter() - self.started, self.actor, self.request_id,
                                                  self.peer, self.caller_gone)
+
+
+def _end_unanswered(call: _Call, code: grpc.StatusCode) -> NoReturn:
+    """Ends a call whose caller stopped waiting, without an answer: gRPC may have ended the call already, and an
+    answer would then fail in its core, which it logs as an error with a traceback (tens a minute under load with
+    short deadlines). Ended as a cancelled call is, which gRPC passes over; the access log says what was done."""
+    call.code, call.caller_gone = code, True
+    raise asyncio.CancelledError
 
 
 def _engine_code(engine_call: asyncio.Future[Any]) -> grpc.StatusCode:
