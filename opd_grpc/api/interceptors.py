@@ -119,6 +119,8 @@ class CallPipeline(grpc.aio.ServerInterceptor):
                         with self.calls:
                             response = await inner(request, context)
                     except Exception as error:
+                        if _unsent(context, error) and _caller_gone(context):
+                            _end_unanswered(call, _code(context))  # its refusal could not reach the caller
                         await _failed(context, error, name)
                     if _caller_gone(context):
                         _end_unanswered(call, grpc.StatusCode.OK)  # done, with nobody waiting for the answer
@@ -148,7 +150,7 @@ async def _failed(context: grpc.aio.ServicerContext, error: Exception, name: str
     A call the servicer already aborted (its code is set) is not answered again, for gRPC refuses a second abort
     (`UsageError`): the error is that abort's status failing to go out, as when the caller's connection had just
     closed (`ExecuteBatchError`), which gRPC, handed the error, passes over in silence; anything else it logs."""
-    if isinstance(error, grpc.aio.AbortError) or context.code() is not None:
+    if isinstance(error, grpc.aio.AbortError) or _unsent(context, error):
         raise error
     if isinstance(error, ResourceExhausted):
         await context.abort_with_status(from_engine_error(error))
@@ -198,6 +200,12 @@ class _Call:
             asyncio.get_running_loop().call_soon(self.pipeline.finished, self.name, self.code,
                                                  time.perf_counter() - self.started, self.actor, self.request_id,
                                                  self.peer, self.caller_gone)
+
+
+def _unsent(context: grpc.aio.ServicerContext, error: Exception) -> bool:
+    """Whether `error` is the failure of an abort's status to go out (the servicer set its code, and the abort
+    raised something else than its AbortError)."""
+    return context.code() is not None and not isinstance(error, grpc.aio.AbortError)
 
 
 def _end_unanswered(call: _Call, code: grpc.StatusCode) -> NoReturn:

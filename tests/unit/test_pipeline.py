@@ -40,6 +40,7 @@ class FakeContext:
 
     def __init__(self, key: str = "", time_remaining: float | None = None, cancelled: bool = False):
         self.metadata = (("authorization", f"Bearer {key}"),) if key else ()
+        self.unsendable = False  # gRPC's core ended the call: a status fails to go out, as ExecuteBatchError
         self.remaining = time_remaining
         self.gone = cancelled
         self.status: grpc.StatusCode | None = None
@@ -63,6 +64,8 @@ class FakeContext:
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
         assert self.status is None, "a call was aborted twice"
         self.status, self.trailers = code, tuple(trailing_metadata)
+        if self.unsendable:
+            raise RuntimeError('Failed "execute_batch"')
         raise grpc.aio.AbortError()
 
     async def abort_with_status(self, status: grpc.Status) -> None:
@@ -486,6 +489,25 @@ def test_a_call_that_ends_after_its_deadline_is_logged_with_its_code_and_caller_
         assert isinstance(await h.unary(GET_DOCTOR, get_doctor(), FakeContext(time_remaining=0.5)),
                           pb.GetDoctorResponse)
         assert h.seen.caller_gone == [True, False]
+
+    asyncio.run(scenario())
+
+
+def test_a_refusal_that_cannot_reach_a_caller_gone_ends_the_call_unanswered_and_is_logged_as_the_refusal():
+    """The servicer refuses (NOT_FOUND) just after the caller's deadline passed and gRPC ended the call: the
+    abort's status cannot go out. Raised on, gRPC would log that as an error with a traceback; the call ends as a
+    cancelled one, and its line says NOT_FOUND with the caller gone."""
+    async def scenario() -> None:
+        h = harness()
+        h.hold = True
+        context = FakeContext(time_remaining=0.5)
+        call = asyncio.create_task(h.unary(GET_DOCTOR, get_doctor("missing"), context))
+        while not h.seen.ran:
+            await asyncio.sleep(0)
+        context.remaining, context.unsendable = -0.01, True
+        h.release.set()
+        assert await call == UNANSWERED
+        assert codes(h.seen) == [grpc.StatusCode.NOT_FOUND] and h.seen.caller_gone == [True]
 
     asyncio.run(scenario())
 
