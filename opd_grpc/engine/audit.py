@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from opd_grpc.engine.access import Actor
-from opd_grpc.engine.model import Doctor, Patient, QueueEvent, Slot, TokenView
+from opd_grpc.engine.model import Doctor, Patient, QueueEvent, Slot, TokenView, folded
 
 CHANGED, DENIED = "CHANGED", "DENIED"
 # Five digits or more, however spaced or punctuated: a phone number or a record number, which no log may hold.
@@ -59,17 +60,37 @@ def change_entries(actor: Actor, method: str, request_id: str, now: dt.datetime,
 
 
 def _blanked(note: str, patient: Patient | None) -> str:
-    """A caller's words without the patient's details: their mrn, their phone (its digits, however spaced) and
-    each word of their name, as whole words in any case; then any number long enough to be a phone or a record
-    number, whoever's it is."""
-    if patient is not None:
-        digits = [ch for ch in patient.phone if ch.isdigit()]
-        details = [re.escape(word) for word in {patient.mrn.strip(), *patient.name.split()} if word]
-        if len(digits) >= 3:
-            details.append(r"\+?" + _SEPARATORS.join(digits))
-        for detail in sorted(details, key=len, reverse=True):
-            note = re.sub(rf"(?<!\w){detail}(?!\w)", "…", note, flags=re.IGNORECASE)
-    return _LONG_NUMBER.sub("…", note)
+    """A caller's words (in Unicode's NFKC form) without the patient's details: their mrn wherever it appears,
+    their phone (its digits, however spaced), and each word of their name, compared as the duplicate-patient
+    guard compares names (Zoë typed as e and a combining mark, STRAUSS for Strauß); then any number long enough
+    to be a phone or a record number, whoever's it is."""
+    note = unicodedata.normalize("NFKC", note)
+    if patient is None:
+        return _LONG_NUMBER.sub("…", note)
+    if mrn := unicodedata.normalize("NFKC", patient.mrn.strip()):
+        note = re.sub(re.escape(mrn), "…", note, flags=re.IGNORECASE)
+    if len(digits := [ch for ch in patient.phone if ch.isdigit()]) >= 3:
+        note = re.sub(r"\+?" + _SEPARATORS.join(digits), "…", note)
+    names = {folded(word) for _, word in _words(patient.name)}
+    parts, kept = [], 0
+    for start, word in _words(note):
+        if folded(word) in names:
+            parts += [note[kept:start], "…"]
+            kept = start + len(word)
+    return _LONG_NUMBER.sub("…", "".join(parts) + note[kept:])
+
+
+def _words(text: str) -> list[tuple[int, str]]:
+    """The words of a text with where each starts: runs of letters, digits and combining marks (a Devanagari
+    vowel sign, a combining diaeresis), which a regular expression's \\w would split."""
+    words, start = [], None
+    for i, ch in enumerate(text + " "):
+        if ch.isalnum() or unicodedata.category(ch)[0] == "M":
+            start = i if start is None else start
+        elif start is not None:
+            words.append((start, text[start:i]))
+            start = None
+    return words
 
 
 def denied_entry(actor: Actor, method: str, request_id: str, now: dt.datetime, code: str,

@@ -127,12 +127,12 @@ class Patient:
     def contact(self) -> str:
         """The phone's digits (0-9, in whatever script they were typed) and the name, folded."""
         digits = "".join(str(unicodedata.digit(ch)) for ch in self.phone if ch.isdigit())
-        return f"phone:{digits}:{_folded(self.name)}"
+        return f"phone:{digits}:{folded(self.name)}"
 
     @functools.cached_property
     def identity(self) -> str:
         """The mrn, folded, or without one the contact: what the schema holds unique among a day's active tokens."""
-        return "mrn:" + _folded(self.mrn) if self.mrn else self.contact
+        return "mrn:" + folded(self.mrn) if self.mrn else self.contact
 
     @functools.cached_property
     def keys(self) -> tuple[str, ...]:
@@ -144,7 +144,7 @@ class Patient:
         return self.identity == other.identity if self.mrn and other.mrn else self.contact == other.contact
 
 
-def _folded(text: str) -> str:
+def folded(text: str) -> str:
     """Case, spacing and Unicode form folded: one desk's "Zoë" may arrive as Z, o, e and a combining diaeresis from
     another's, and a Devanagari nukta letter as one character or two."""
     return _SPACES.sub(" ", unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())).strip()

@@ -123,6 +123,13 @@ def test_a_cancel_reason_is_audited_without_the_patients_own_name_mrn_or_phone(l
     rows = live.stub.ListAuditEntries(pb.ListAuditEntriesRequest(token_id=token)).entries
     assert [r.reason for r in rows if r.method == "CancelToken"] == [
         "reason given: … … (…) rang from ext … to cancel; …'s son will come instead"]
+    # The name as the duplicate-patient guard compares it: another Unicode form, ß as SS, full-width letters.
+    who = pb.Patient(name="Zoë Strauß", phone="+91 98765 43210", age=30, mrn="#123")
+    token = live.stub.AllocateToken(pb.AllocateTokenRequest(patient=who, doctor_id=doctor, date=DAY,
+                                                            source=pb.SOURCE_WALK_IN)).token.token_id
+    live.stub.CancelToken(pb.CancelTokenRequest(token_id=token, reason="Zoe\u0308 STRAUSS (MRN#123): ＺＯË rang"))
+    rows = live.stub.ListAuditEntries(pb.ListAuditEntriesRequest(token_id=token)).entries
+    assert [r.reason for r in rows if r.method == "CancelToken"] == ["reason given: … … (MRN…): … rang"]
 
 
 def test_check_in_then_call_next_then_complete(live):
