@@ -105,8 +105,10 @@ def holidays_add(client: OPDClient, args: argparse.Namespace, out: Printer) -> N
     reply = client.create_holiday(args.date, args.name)
     text = [f"{reply.holiday.date} ({weekday_word(reply.holiday.date)}) is a holiday: {reply.holiday.name}."]
     if reply.slots_that_day:
-        text += [f"Its {len(reply.slots_that_day)} slots made before stay open, with their tokens (a holiday only "
-                 "keeps `templates apply` from making slots): cancel their tokens to close them.",
+        listed = "" if reply.slots_that_day_total == len(reply.slots_that_day) else \
+            f" (the first {len(reply.slots_that_day)}: `opdctl slots list` shows each doctor's)"
+        text += [f"Its {reply.slots_that_day_total} slots made before stay open, with their tokens (a holiday only "
+                 f"keeps `templates apply` from making slots): cancel their tokens to close them{listed}.",
                  slots_table(reply.slots_that_day)]
     out.show(reply, *text)
 

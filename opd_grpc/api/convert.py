@@ -74,7 +74,8 @@ def holiday(h: Holiday) -> pb.Holiday:
 
 
 def new_holiday(new: NewHoliday) -> pb.CreateHolidayResponse:
-    return pb.CreateHolidayResponse(holiday=holiday(new.holiday), slots_that_day=[slot(s) for s in new.slots_that_day])
+    return pb.CreateHolidayResponse(holiday=holiday(new.holiday), slots_that_day=[slot(s) for s in new.slots_that_day],
+                                    slots_that_day_total=new.slots_that_day_total)
 
 
 def application(a: Application) -> pb.ApplySlotTemplateResponse:

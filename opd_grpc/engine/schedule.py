@@ -59,11 +59,13 @@ class Holiday:
 
 @dataclass(frozen=True)
 class NewHoliday:
-    """A holiday as created, with the slots its date already had, every doctor's: they stay open (a holiday
-    steers only ApplySlotTemplate), so the desk is shown what it may want to cancel."""
+    """A holiday as created, with the slots its date already had, every doctor's (the first few, and how many in
+    all): they stay open (a holiday steers only ApplySlotTemplate), so the desk is shown what it may want to
+    cancel."""
 
     holiday: Holiday
     slots_that_day: list[Slot]
+    slots_that_day_total: int
 
 
 @dataclass(frozen=True)

@@ -373,11 +373,12 @@ class SqlUnitOfWork:
         rows = self.conn.execute(query.order_by(slots.c.date, slots.c.start_time).offset(offset).limit(limit))
         return [_slot(r) for r in rows]
 
-    def slots_on(self, date: dt.date) -> list[Slot]:
-        """Every doctor's slots of one date, by doctor and start time."""
-        rows = self.conn.execute(select(slots).where(slots.c.date == date.isoformat())
-                                 .order_by(slots.c.doctor_id, slots.c.start_time))
-        return [_slot(r) for r in rows]
+    def slots_on(self, date: dt.date, limit: int) -> tuple[list[Slot], int]:
+        """Every doctor's slots of one date, the first `limit` by doctor and start time, and how many in all."""
+        on_date = slots.c.date == date.isoformat()
+        rows = self.conn.execute(select(slots).where(on_date).order_by(slots.c.doctor_id, slots.c.start_time)
+                                 .limit(limit))
+        return [_slot(r) for r in rows], self.conn.execute(select(func.count()).select_from(slots).where(on_date)).scalar_one()
 
     # ---- weekly patterns of slots, and holidays ----
 

@@ -252,11 +252,21 @@ def test_a_holiday_on_a_date_with_slots_answers_them_all_every_doctors(live: Liv
     answer = live.stub.CreateHoliday(pb.CreateHolidayRequest(date=DAY, name="Flood"))
     assert [s.slot_id for s in answer.slots_that_day] == [
         f"{doctor}-20300107-0900", f"{doctor}-20300107-1000", f"{other}-20300107-0900"]
+    assert answer.slots_that_day_total == 3
     empty = live.stub.CreateHoliday(pb.CreateHolidayRequest(date="2030-01-09", name="Quiet"))
-    assert list(empty.slots_that_day) == []
+    assert (list(empty.slots_that_day), empty.slots_that_day_total) == ([], 0)
+    # A date of many slots: the first hundred, by doctor and time, and how many in all (the answer stays small).
+    busy = "2030-01-10"
+    live.stub.CreateSlots(pb.CreateSlotsRequest(doctor_id=doctor, slots=[
+        pb.SlotSpec(date=busy, start_time=f"{8 + n // 12:02d}:{n % 12 * 5:02d}",
+                    end_time=f"{8 + (n + 1) // 12:02d}:{(n + 1) % 12 * 5:02d}") for n in range(130)]))
+    many = live.stub.CreateHoliday(pb.CreateHolidayRequest(date=busy, name="Strike"))
+    assert (len(many.slots_that_day), many.slots_that_day_total) == (100, 130)
+    assert [s.start_time for s in many.slots_that_day[:2]] == ["08:00", "08:05"]
     rows = live.stub.ListAuditEntries(pb.ListAuditEntriesRequest(page_size=100)).entries
     assert [r.reason for r in rows if r.method == "CreateHoliday"] == [
-        "holiday 2030-01-07 ('Flood') created; 3 slots of that date stay open", "holiday 2030-01-09 ('Quiet') created"]
+        "holiday 2030-01-07 ('Flood') created; 3 slots of that date stay open", "holiday 2030-01-09 ('Quiet') created",
+        "holiday 2030-01-10 ('Strike') created; 130 slots of that date stay open"]
 
 
 def test_a_holiday_still_takes_slots_by_hand_and_keeps_them_when_deleted(live: LiveServer):

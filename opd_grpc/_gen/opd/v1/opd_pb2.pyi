@@ -780,12 +780,14 @@ class CreateHolidayRequest(_message.Message):
     def __init__(self, date: _Optional[str] = ..., name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CreateHolidayResponse(_message.Message):
-    __slots__ = ("holiday", "slots_that_day")
+    __slots__ = ("holiday", "slots_that_day", "slots_that_day_total")
     HOLIDAY_FIELD_NUMBER: _ClassVar[int]
     SLOTS_THAT_DAY_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_THAT_DAY_TOTAL_FIELD_NUMBER: _ClassVar[int]
     holiday: Holiday
     slots_that_day: _containers.RepeatedCompositeFieldContainer[Slot]
-    def __init__(self, holiday: _Optional[_Union[Holiday, _Mapping]] = ..., slots_that_day: _Optional[_Iterable[_Union[Slot, _Mapping]]] = ...) -> None: ...
+    slots_that_day_total: int
+    def __init__(self, holiday: _Optional[_Union[Holiday, _Mapping]] = ..., slots_that_day: _Optional[_Iterable[_Union[Slot, _Mapping]]] = ..., slots_that_day_total: _Optional[int] = ...) -> None: ...
 
 class ListHolidaysRequest(_message.Message):
     __slots__ = ("start_date", "end_date", "page_size", "page_token")
