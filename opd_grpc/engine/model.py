@@ -481,9 +481,10 @@ class DoctorDay:
                                           f"more than {span_minutes // 1440} days")
         holders = self.seat_holders(slot_id)
         if max_capacity < holders:
-            seen = sum(1 for t in self.by_slot[slot_id] if t.status is Status.COMPLETED)
-            fix = (f"all {holders} have been seen" if seen == holders else "cancel tokens not yet seen first"
-                   + (f" (the {seen} already seen keep their seats)" if seen else ""))
+            seen = sum(1 for t in self.by_slot[slot_id] if t.status in (Status.COMPLETED, Status.CALLED))
+            kept = f" (the {seen} seen or with the doctor keep{'s its seat' if seen == 1 else ' their seats'})"
+            fix = (f"all {holders} have been seen or are with the doctor" if seen == holders
+                   else "cancel tokens not yet called first" + (kept if seen else ""))
             raise FailedPrecondition(
                 f"Slot {slot_id} has {holders} seat holders, so its capacity cannot go below {holders} (asked "
                 f"{max_capacity}): {fix}.", "CAPACITY_BELOW_SEAT_HOLDERS")

@@ -518,11 +518,12 @@ class OPDService:
         if not patient.mrn and not any(ch.isdigit() for ch in patient.phone):
             v.add("patient.phone", "has no digits: give the patient's phone number, or their mrn" if patient.phone
                   else "is required when patient.mrn is not given")
-        # Folding can lengthen a text ("ß" is "ss"): each field that fits as given must fit folded too.
-        if len(patient.name) <= MAX_NAME and len(patient.contact) > MAX_IDENTITY:
-            v.add("patient.name", f"is longer than {MAX_IDENTITY} characters once its case is folded")
-        if patient.mrn and len(patient.mrn) <= MAX_MRN and len(patient.identity) > MAX_IDENTITY:
-            v.add("patient.mrn", f"is longer than {MAX_IDENTITY} characters once its case is folded")
+        # Folding can lengthen a text ("ß" is "ss"): the field the schema keeps folded (the mrn, or without one
+        # the name) must fit folded too.
+        if len(patient.identity) > MAX_IDENTITY and len(patient.mrn or patient.name) <= (
+                MAX_MRN if patient.mrn else MAX_NAME):
+            v.add("patient.mrn" if patient.mrn else "patient.name",
+                  f"is longer than {MAX_IDENTITY} characters once folded (case and Unicode form)")
         if not 0 <= p.age <= 150:
             v.add("patient.age", f"{p.age} is not an age in years (0 to 150)")
         if p.gender not in GENDERS:
@@ -1026,8 +1027,8 @@ def _page(page_size: int, page_token: str, query: tuple[Any, ...]) -> tuple[int,
         if not 0 <= offset <= MAX_PAGE_OFFSET:
             raise invalid("page_token", "is not a token from a previous page; start again without it")
         if digest != _query_digest(query):
-            raise invalid("page_token", "is from a list with other filters: send the first page's filters with "
-                                        "it, or start again without it")
+            raise invalid("page_token", "is not a token of this list (its filters differ, or it is from before an "
+                                        "upgrade): send the first page's filters with it, or start again without it")
     return offset, min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 

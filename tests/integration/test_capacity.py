@@ -101,8 +101,8 @@ def test_capacity_cannot_go_below_the_seat_holders_and_a_refusal_changes_nothing
     error = refused(live.stub.UpdateSlotCapacity, pb.UpdateSlotCapacityRequest(slot_id=slot.slot_id, max_capacity=2))
     assert (error.code, error.reason, error.domain) == (
         grpc.StatusCode.FAILED_PRECONDITION, "CAPACITY_BELOW_SEAT_HOLDERS", "opd.v1")
-    assert error.message.endswith("cannot go below 3 (asked 2): cancel tokens not yet seen first (the 1 already "
-                                  "seen keep their seats)."), error.message
+    assert error.message.endswith("cannot go below 3 (asked 2): cancel tokens not yet called first (the 1 seen or "
+                                  "with the doctor keeps its seat)."), error.message
     status = live.stub.GetSlotStatus(pb.GetSlotStatusRequest(slot_id=slot.slot_id))
     assert (status.max_capacity, status.seat_holders) == (3, 3)
     assert statuses(live.stub, doctor) == before
