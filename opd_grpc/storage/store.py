@@ -378,7 +378,8 @@ class SqlUnitOfWork:
         on_date = slots.c.date == date.isoformat()
         rows = self.conn.execute(select(slots).where(on_date).order_by(slots.c.doctor_id, slots.c.start_time)
                                  .limit(limit))
-        return [_slot(r) for r in rows], self.conn.execute(select(func.count()).select_from(slots).where(on_date)).scalar_one()
+        total = self.conn.execute(select(func.count()).select_from(slots).where(on_date)).scalar_one()
+        return [_slot(r) for r in rows], total
 
     # ---- weekly patterns of slots, and holidays ----
 
