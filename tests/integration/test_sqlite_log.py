@@ -46,5 +46,7 @@ def test_the_log_starts_again_while_writes_go_on(tmp_path: Path, monkeypatch: py
     log_bytes = (tmp_path / "opd.db-wal").stat().st_size
     sql.close()
     # Each commit wrote two pages or more (the row and its reason's overflow page): a log that only grew would
-    # hold them all (5.4 pages a commit, measured); one started again holds the last few commits' (0.2).
-    assert log_bytes < commits * PAGE
+    # hold them all (5.4 pages a commit, measured); one started again holds the last few commits' (0.2). The file
+    # keeps the largest size it reached, so one stall of the checkpointer on a busy machine shows in it (1.0 page a
+    # commit, seen once in CI): the bound is half the log that only grew.
+    assert log_bytes < commits * PAGE * 27 // 10
