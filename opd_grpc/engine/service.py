@@ -519,11 +519,11 @@ class OPDService:
             v.add("patient.phone", "has no digits: give the patient's phone number, or their mrn" if patient.phone
                   else "is required when patient.mrn is not given")
         # Folding can lengthen a text ("ß" is "ss"): the field the schema keeps folded (the mrn, or without one
-        # the name) must fit folded too.
-        if len(patient.identity) > MAX_IDENTITY and len(patient.mrn or patient.name) <= (
-                MAX_MRN if patient.mrn else MAX_NAME):
-            v.add("patient.mrn" if patient.mrn else "patient.name",
-                  f"is longer than {MAX_IDENTITY} characters once folded (case and Unicode form)")
+        # the name) must fit folded too, once it fits as given.
+        kept, given, most = (("patient.mrn", patient.mrn, MAX_MRN) if patient.mrn
+                             else ("patient.name", patient.name, MAX_NAME))
+        if len(given) <= most and len(patient.identity) > MAX_IDENTITY:
+            v.add(kept, f"is longer than {MAX_IDENTITY} characters once folded (case and Unicode form)")
         if not 0 <= p.age <= 150:
             v.add("patient.age", f"{p.age} is not an age in years (0 to 150)")
         if p.gender not in GENDERS:
