@@ -113,7 +113,10 @@ class UnitOfWork(Protocol):
     def slots(self, doctor_id: str, date: dt.date | None, offset: int, limit: int) -> list[Slot]: ...
     def slots_on(self, date: dt.date, limit: int) -> tuple[list[Slot], int]: ...
     def doctors_on(self, date: dt.date) -> list[str]: ...
-    def days_with_confirmed_tokens(self, after: DayKey | None, before: dt.date, limit: int) -> list[DayKey]: ...
+    def days_with_confirmed_tokens(self, since: dt.date | None, after: DayKey | None, before: dt.date,
+                                   limit: int) -> list[DayKey]: ...
+    def no_shows_swept_to(self) -> dt.date | None: ...
+    def set_no_shows_swept_to(self, date: dt.date) -> None: ...
     def add_audit_entry(self, entry: AuditEntry) -> None: ...
     def audit_entries(self, token_id: str, start: dt.datetime | None, end: dt.datetime | None, offset: int,
                       limit: int) -> list[AuditEntry]: ...
@@ -219,9 +222,7 @@ class OPDService:
         self._days: collections.OrderedDict[DayKey, DoctorDay] = collections.OrderedDict()
         self._doctors: dict[str, Doctor] = {}
         self._doctor_lock = threading.Lock()
-        # AUTO_NO_SHOW: the service clock's date when a pass last had no backlog left, and where the backlog stands
-        self._no_shows_swept_to: dt.date | None = None
-        self._no_show_backlog_after: DayKey | None = None
+        self._no_show_backlog_after: DayKey | None = None  # where AUTO_NO_SHOW's backlog stands while it catches up
         self.events = EventHub()
 
     # ---- doctors and slots --------------------------------------------------------------------
@@ -675,18 +676,22 @@ class OPDService:
     @_retried
     def mark_overdue_no_shows(self) -> int:
         """Marks overdue confirmed tokens no-show (AUTO_NO_SHOW); answers how many. A pass looks at today and
-        yesterday (a grace period may end after midnight). Until a pass has run on a date no more than a day
-        behind (at the start, or after the service clock moved on by days: a server that was down, a test clock set
-        ahead), passes also work through the earlier days that still hold a confirmed token, a few at a time, so
-        that a long backlog does not hold the server up."""
+        yesterday (a grace period may end after midnight). The store keeps the date of the last pass that had no
+        earlier days left to look at (the sweep date); while that lies further back (a server that was down, a test
+        clock set ahead), passes also work through the days from the day before it that still hold a confirmed
+        token, a few at a time, so that a long backlog does not hold the server up. The days before were looked at
+        once they were over: what they still hold (patients who came, seats given after the sitting) is the desk's,
+        and a restarted server does not load and lock them again."""
         today = self.clock.now().astimezone(self.rules.timezone).date()
         yesterday = today - dt.timedelta(days=1)
-        catching_up = self._no_shows_swept_to is None or self._no_shows_swept_to < yesterday
         backlog: list[DayKey] = []
         with self.store.unit_of_work(write=False) as uow:
             keys = [(doctor_id, date) for date in (yesterday, today) for doctor_id in uow.doctors_on(date)]
+            swept_to = uow.no_shows_swept_to()
+            catching_up = swept_to is None or swept_to < yesterday
             if catching_up:
-                backlog = uow.days_with_confirmed_tokens(self._no_show_backlog_after, yesterday,
+                since = None if swept_to is None else swept_to - dt.timedelta(days=1)
+                backlog = uow.days_with_confirmed_tokens(since, self._no_show_backlog_after, yesterday,
                                                          NO_SHOW_BACKLOG_DAYS_PER_PASS)
         marked = 0
         for key in backlog + keys:
@@ -695,8 +700,12 @@ class OPDService:
             marked += len(released)
         if catching_up and len(backlog) == NO_SHOW_BACKLOG_DAYS_PER_PASS:
             self._no_show_backlog_after = backlog[-1]  # more next pass
-        else:
-            self._no_show_backlog_after, self._no_shows_swept_to = None, today
+            return marked
+        self._no_show_backlog_after = None
+        if swept_to != today:  # once a day, or when a test clock moves (back too: then the days after it are open)
+            with self.store.unit_of_work(write=True) as uow:
+                uow.set_no_shows_swept_to(today)
+                uow.commit()
         return marked
 
     # ---- who may do what, and what they did (SPEC §13) ------------------------------------------------

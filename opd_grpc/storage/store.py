@@ -31,8 +31,8 @@ from opd_grpc.engine.errors import Conflict, Unavailable
 from opd_grpc.engine.schedule import Holiday, SlotTemplate, TemplateSlot
 from opd_grpc.engine.service import DayKey, StoredRequest
 from opd_grpc.storage.tables import (
-    ApiKeyRow, AuditRow, DoctorDayRow, DoctorRow, HolidayRow, QueueEventRow, SlotRow, SlotTemplateRow,
-    StoredRequestRow, TokenRow,
+    ApiKeyRow, AuditRow, DoctorDayRow, DoctorRow, HolidayRow, NoShowSweepRow, QueueEventRow, SlotRow,
+    SlotTemplateRow, StoredRequestRow, TokenRow,
 )
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 doctors, days, slots, tokens, events, requests, api_keys, audit = (
     DoctorRow.__table__, DoctorDayRow.__table__, SlotRow.__table__, TokenRow.__table__,
     QueueEventRow.__table__, StoredRequestRow.__table__, ApiKeyRow.__table__, AuditRow.__table__)
-templates, holidays = SlotTemplateRow.__table__, HolidayRow.__table__
+templates, holidays, sweep = SlotTemplateRow.__table__, HolidayRow.__table__, NoShowSweepRow.__table__
 
 
 def _insert(table: Any) -> Any:
@@ -356,15 +356,26 @@ class SqlUnitOfWork:
                                  .order_by(days.c.doctor_id))
         return list(rows.scalars())
 
-    def days_with_confirmed_tokens(self, after: DayKey | None, before: dt.date, limit: int) -> list[DayKey]:
-        """Up to `limit` doctor-days before `before`, in order of date then doctor from just after `after`, where a
-        token is still CONFIRMED: AUTO_NO_SHOW's backlog (a scan of the tokens, only while it catches up)."""
+    def days_with_confirmed_tokens(self, since: dt.date | None, after: DayKey | None, before: dt.date,
+                                   limit: int) -> list[DayKey]:
+        """Up to `limit` doctor-days from `since` and before `before`, in order of date then doctor from just after
+        `after`, where a token is still CONFIRMED: AUTO_NO_SHOW's backlog (a scan of the tokens, only while it catches
+        up)."""
         query = select(tokens.c.doctor_id, tokens.c.date).distinct().where(
             tokens.c.status == Status.CONFIRMED.value, tokens.c.date < before.isoformat())
+        if since is not None:
+            query = query.where(tokens.c.date >= since.isoformat())
         if after is not None:
             query = query.where(tuple_(tokens.c.date, tokens.c.doctor_id) > tuple_(after[1].isoformat(), after[0]))
         rows = self.conn.execute(query.order_by(tokens.c.date, tokens.c.doctor_id).limit(limit))
         return [(doctor_id, dt.date.fromisoformat(date)) for doctor_id, date in rows]
+
+    def no_shows_swept_to(self) -> dt.date | None:
+        swept_to = self.conn.execute(select(sweep.c.swept_to)).scalar_one()
+        return None if swept_to is None else dt.date.fromisoformat(swept_to)
+
+    def set_no_shows_swept_to(self, date: dt.date) -> None:
+        self.conn.execute(update(sweep).values(swept_to=date.isoformat()))
 
     def slots(self, doctor_id: str, date: dt.date | None, offset: int, limit: int) -> list[Slot]:
         query = select(slots).where(slots.c.doctor_id == doctor_id)

@@ -140,6 +140,17 @@ class HolidayRow(Base):
     __table_args__ = (WITHOUT_ROWID,)
 
 
+class NoShowSweepRow(Base):
+    """How far AUTO_NO_SHOW has got, so that a restarted server does not load and lock every past day that still
+    holds a confirmed token it leaves alone: the service clock's date of the last pass that had no earlier days left
+    to look at. One row, made by the migration."""
+
+    __tablename__ = "no_show_sweep"
+    sweep_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    swept_to: Mapped[str | None] = mapped_column(String(10))
+    __table_args__ = (CheckConstraint("sweep_id = 1", name="no_show_sweep_one_row"),)
+
+
 class StoredRequestRow(Base):
     """SPEC §9: the first answer to each request_id, kept REQUEST_RETENTION_HOURS. A rowid table: its rows (a
     whole reply) are too large for SQLite's WITHOUT ROWID layout, which is meant for small rows."""
