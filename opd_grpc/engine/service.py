@@ -676,19 +676,22 @@ class OPDService:
     @_retried
     def mark_overdue_no_shows(self) -> int:
         """Marks overdue confirmed tokens no-show (AUTO_NO_SHOW); answers how many. A pass looks at today and
-        yesterday (a grace period may end after midnight). The store keeps the date of the last pass that had no
-        earlier days left to look at (the sweep date); while that lies further back (a server that was down, a test
-        clock set ahead), passes also work through the days from the day before it that still hold a confirmed
-        token, a few at a time, so that a long backlog does not hold the server up. The days before were looked at
-        once they were over: what they still hold (patients who came, seats given after the sitting) is the desk's,
-        and a restarted server does not load and lock them again."""
+        yesterday (a grace period may end after midnight). The store keeps the sweep date: the date of the last pass
+        that had no earlier days left to look at. Once the service clock's date is past it (each midnight, a server
+        that was down, a test clock set ahead), passes also look at the days from the day before the sweep date to
+        the day before yesterday that still hold a confirmed token, a few at a time, so that a long backlog does not
+        hold the server up. Older days were looked at after the day that followed them: what they still hold
+        (patients who came, seats given after the sitting, a grace that ends later than that) is the desk's, and a
+        restarted server does not load and lock them again. A test clock set back moves the sweep date back at the
+        next pass; set back and ahead again between two passes (within a second), the days booked meanwhile are not
+        looked at."""
         today = self.clock.now().astimezone(self.rules.timezone).date()
         yesterday = today - dt.timedelta(days=1)
         backlog: list[DayKey] = []
         with self.store.unit_of_work(write=False) as uow:
             keys = [(doctor_id, date) for date in (yesterday, today) for doctor_id in uow.doctors_on(date)]
             swept_to = uow.no_shows_swept_to()
-            catching_up = swept_to is None or swept_to < yesterday
+            catching_up = swept_to is None or swept_to < today
             if catching_up:
                 since = None if swept_to is None else swept_to - dt.timedelta(days=1)
                 backlog = uow.days_with_confirmed_tokens(since, self._no_show_backlog_after, yesterday,

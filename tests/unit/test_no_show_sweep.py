@@ -118,3 +118,24 @@ def test_a_clock_set_back_opens_the_days_after_it_again(store: CountingStore):
     clock.set(at(FIRST + dt.timedelta(days=30), 8))
     assert passes(OPDService(store, clock, RULES), 1) == 1
     assert service.get_token(absent).token.status is Status.NO_SHOW
+
+
+def test_a_grace_that_ends_after_midnight_is_marked_after_a_restart_the_next_day(store: CountingStore):
+    """The first pass after midnight sweeps to the new date while yesterday's last graces still run; a server
+    stopped then and started the day after must still look at that day."""
+    clock = TestClock(at(FIRST, 22))
+    service = OPDService(store, clock, RULES)
+    doctor_id = service.create_doctor("Dr Sweep", "General Medicine", Call(ANONYMOUS, "CreateDoctor")).doctor_id
+    service.create_slots(doctor_id, [SlotRequest(FIRST.isoformat(), "23:00", "23:59", 11, 5)],
+                         Call(ANONYMOUS, "CreateSlots"))
+    tokens = [service.allocate(AllocateCommand(Patient(f"Patient {n}", f"98000{n:05d}", 30, ""), doctor_id,
+                                               FIRST.isoformat(), "", Source.WALK_IN, False),
+                               Call(ANONYMOUS, "AllocateToken")).token for n in range(11)]
+    late = tokens[-1]
+    assert late.estimated_time == at(FIRST, 23) + dt.timedelta(minutes=50)  # due 00:05 the next day
+    clock.set(at(FIRST + dt.timedelta(days=1), 0) + dt.timedelta(seconds=30))
+    assert passes(service, 1) == 10
+    assert swept_to(store) == (FIRST + dt.timedelta(days=1)).isoformat()
+    clock.set(at(FIRST + dt.timedelta(days=2), 8))  # down until the morning after
+    assert passes(OPDService(store, clock, RULES), 1) == 1
+    assert service.get_token(late.token.token_id).token.status is Status.NO_SHOW
