@@ -147,7 +147,9 @@ def _doctor_report(stats: pb.DoctorDayStats, events: list[pb.QueueEvent], slots:
     counts: defaultdict[int, int] = defaultdict(int)
     promotions: defaultdict[str, int] = defaultdict(int)
     last_kind: dict[str, int] = {}  # token_id -> the kind of its latest event so far
-    checked_in: dict[str, dt.datetime] = {}  # token_id -> its latest check-in
+    # token_id -> its first check-in: a patient bumped and promoted back checks in again, but has waited since they
+    # came (GetStats's mean wait counts from there too)
+    checked_in: dict[str, dt.datetime] = {}
     waits: defaultdict[int, list[float]] = defaultdict(list)
     for event in events:
         if not event.HasField("token"):
@@ -157,7 +159,7 @@ def _doctor_report(stats: pb.DoctorDayStats, events: list[pb.QueueEvent], slots:
         if event.kind == pb.EVENT_KIND_PROMOTED:
             promotions[_promotion_cause(event, last_kind)] += 1
         elif event.kind == pb.EVENT_KIND_CHECKED_IN:
-            checked_in[token_id] = at
+            checked_in.setdefault(token_id, at)
         elif event.kind == pb.EVENT_KIND_CALLED and token_id in checked_in:
             waits[event.token.source].append((at - checked_in[token_id]).total_seconds() / 60)
         last_kind[token_id] = event.kind

@@ -108,7 +108,7 @@ def stats() -> pb.DoctorDayStats:
         by_source={"SOURCE_EMERGENCY": 1, "SOURCE_PAID_PRIORITY": 1, "SOURCE_FOLLOW_UP": 1,
                    "SOURCE_ONLINE_BOOKING": 1, "SOURCE_WALK_IN": 4},
         total_tokens=8, total_capacity=4, seat_holders=4, utilisation=1.0, bumps=1, no_shows=1,
-        mean_wait_minutes=(20 + 15 + 8 + 12) / 4)
+        mean_wait_minutes=(20 + 15 + 45 + 12) / 4)
 
 
 def report_of(events: list[pb.QueueEvent] | None = None, doctor: pb.Doctor | None = None) -> DayReport:
@@ -127,12 +127,15 @@ def test_the_day_counts_bumps_no_shows_cancellations_and_promotions_by_cause() -
     assert doctor.notes == ()
 
 
-def test_waits_by_source_run_from_the_latest_check_in_to_the_call() -> None:
+def test_waits_by_source_run_from_the_first_check_in_to_the_call() -> None:
     doctor = report_of().doctors[0]
 
-    # T2 checked in at 08:55, was bumped, promoted, checked in again at 09:32 and called at 09:40: 8 minutes.
+    # T2 checked in at 08:55, was bumped, promoted, checked in again at 09:32 and called at 09:40: it has waited 45
+    # minutes, as GetStats's mean wait counts it.
     assert doctor.waits == (Waits(pb.SOURCE_EMERGENCY, 1, 15.0, 15.0), Waits(pb.SOURCE_ONLINE_BOOKING, 1, 20.0, 20.0),
-                            Waits(pb.SOURCE_WALK_IN, 2, 10.0, 12.0))
+                            Waits(pb.SOURCE_WALK_IN, 2, 28.5, 45.0))
+    minutes = sum(w.called * w.mean_minutes for w in doctor.waits)
+    assert minutes / sum(w.called for w in doctor.waits) == doctor.mean_wait_minutes
 
 
 def test_a_bumped_then_promoted_token_is_drawn_through_every_status_it_had() -> None:
@@ -250,8 +253,8 @@ def test_the_page_is_self_contained_with_one_timeline_per_slot_and_a_row_per_tok
     text = " ".join(parsed.text)
     assert "capacity 3, 3 seat holders at the end · capacity changed at 09:30" in text
     assert "3 (on cancel 1, on no-show 1, on capacity raise 1)" in text
-    assert ["DOC001 Dr Asha Rao", "8", "4", "4", "100%", "3", "1", "1", "3", "2", "13.8"] in parsed.table_rows
-    assert ["walk-in", "4", "2", "10.0", "12.0"] in parsed.table_rows  # waits by source
+    assert ["DOC001 Dr Asha Rao", "8", "4", "4", "100%", "3", "1", "1", "3", "2", "23.0"] in parsed.table_rows
+    assert ["walk-in", "4", "2", "28.5", "45.0"] in parsed.table_rows  # waits by source
     assert ("Token 2 (walk-in), booked 08:05, now completed: confirmed 08:05–08:55; checked in 08:55–09:05; "
             "bumped by an emergency 09:05; waitlisted 09:05–09:30; promoted from the waitlist 09:30; confirmed "
             "09:30–09:32; checked in 09:32–09:40; called 09:40–09:50; completed 09:50") in text
