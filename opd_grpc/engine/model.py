@@ -150,6 +150,13 @@ def folded(text: str) -> str:
     return _SPACES.sub(" ", unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())).strip()
 
 
+def skipped(date: dt.date, time: dt.time, tz: dt.tzinfo) -> bool:
+    """Whether the clocks skip this wall-clock time on that date (the hour a change to summer time jumps, or a
+    date a zone left out): a slot there would start or end at an instant an hour off, after it ends."""
+    local = dt.datetime.combine(date, time, tz)
+    return local.astimezone(dt.timezone.utc).astimezone(tz).replace(tzinfo=None) != local.replace(tzinfo=None)
+
+
 @dataclass
 class Slot:
     slot_id: str

@@ -30,7 +30,7 @@ from opd_grpc.engine.errors import (
 )
 from opd_grpc.engine.model import (
     GENDERS, Allocation, CallResult, CapacityChange, DayChanges, DayStats, Doctor, DoctorDay, Patient, QueueEvent,
-    Release, Rules, Slot, SlotStatus, Source, TokenView, day_of_slot_id, day_of_token_id,
+    Release, Rules, Slot, SlotStatus, Source, TokenView, day_of_slot_id, day_of_token_id, skipped,
 )
 from opd_grpc.engine.parse import Violations, canonical_uuid
 from opd_grpc.engine.schedule import (
@@ -270,6 +270,12 @@ class OPDService:
                            "batches, or make them from a weekly pattern (ApplySlotTemplate)")
             self._check(v, call)
         new = [self._new_slot(v, f"slots[{i}]", r) for i, r in enumerate(requests)]
+        if not v.items:
+            for i, n in enumerate(new):
+                for name, time in (("start_time", n.start), ("end_time", n.end)):
+                    if skipped(n.date, time, self.rules.timezone):
+                        v.add(f"slots[{i}].{name}", f"{time:%H:%M} does not happen on {n.date.isoformat()} in "
+                                                    f"{self.rules.timezone} (the clocks skip it)")
         self._check(v, call)
         if (pair := next(_overlapping(new), None)) is not None:
             first, later = (new[k] for k in pair)
@@ -443,6 +449,13 @@ class OPDService:
                 raise FailedPrecondition(f"{doctor_id}'s slot template does not fit the settings any more "
                                          f"({first.field}: {first.description}); set it again with SetSlotTemplate.",
                                          "SLOT_TEMPLATE_OUT_OF_BOUNDS")
+            if (gap := next((n for n in new if skipped(n.date, n.start, self.rules.timezone)
+                             or skipped(n.date, n.end, self.rules.timezone)), None)) is not None:
+                raise FailedPrecondition(
+                    f"{doctor_id}'s slot template puts a slot {gap.start:%H:%M}-{gap.end:%H:%M} on "
+                    f"{gap.date.isoformat()}, when {self.rules.timezone}'s clocks skip part of it; apply the template "
+                    "to the dates before and after that one, and make that date's slot with CreateSlots.",
+                    "SLOT_TIME_SKIPPED")
             created, existing = [], []
             for n in new:
                 day = days[(doctor_id, n.date)]

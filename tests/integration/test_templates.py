@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from tests.support import (
-    DAY, LiveServer, allocate, fresh_database, make_doctor, make_slots, new_request_id, refused,
+    DAY, LiveServer, allocate, fresh_database, live_server, make_doctor, make_slots, new_request_id, refused,
 )
 
 INVALID, NOT_FOUND, EXISTS, PRECONDITION = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
@@ -501,3 +502,33 @@ def test_each_weekday_of_the_pattern_lands_on_that_day_of_the_week(live: LiveSer
         "2030-01-03", "2030-01-06", "2030-01-10", "2030-01-13", "2030-01-17", "2030-01-20", "2030-01-24",
         "2030-01-27", "2030-01-31"]  # January 2030's Thursdays and Sundays
     assert {dt.date.fromisoformat(s.date).strftime("%A") for s in applied.created} == {"Thursday", "Sunday"}
+
+
+def test_times_the_clocks_skip_are_refused_by_create_slots_and_by_applying_a_pattern(tmp_path: Path):
+    """New York's clocks go from 02:00 to 03:00 on 2030-03-10 (a Sunday): a slot starting or ending in that hour
+    would start an hour off, after it ends. CreateSlots names the field; a pattern applied over that date refuses
+    the range and says how to go round it; nothing is made either way."""
+    with contextmanager(live_server)(tmp_path, TIMEZONE="America/New_York") as live:
+        doctor = make_doctor(live.stub)
+        spring = "2030-03-10"
+        answer = refused(live.stub.CreateSlots, pb.CreateSlotsRequest(doctor_id=doctor, slots=[
+            pb.SlotSpec(date=spring, start_time="02:00", end_time="02:30"),
+            pb.SlotSpec(date=spring, start_time="03:00", end_time="04:00"),
+            pb.SlotSpec(date=spring, start_time="01:00", end_time="02:30")]))
+        assert answer.code == INVALID
+        assert answer.fields == {
+            "slots[0].start_time": "02:00 does not happen on 2030-03-10 in America/New_York (the clocks skip it)",
+            "slots[0].end_time": "02:30 does not happen on 2030-03-10 in America/New_York (the clocks skip it)",
+            "slots[2].end_time": "02:30 does not happen on 2030-03-10 in America/New_York (the clocks skip it)"}
+        across = live.stub.CreateSlots(pb.CreateSlotsRequest(doctor_id=doctor, slots=[
+            pb.SlotSpec(date=spring, start_time="01:00", end_time="03:00")])).slots  # one real hour
+        assert [(s.start_time, s.end_time) for s in across] == [("01:00", "03:00")]
+
+        other = make_doctor(live.stub)
+        set_template(live, other, [tslot(SUN, "02:00", "02:45")])
+        answer = refused(live.stub.ApplySlotTemplate, pb.ApplySlotTemplateRequest(
+            doctor_id=other, start_date="2030-03-03", end_date="2030-03-17"))
+        assert (answer.code, answer.reason) == (PRECONDITION, "SLOT_TIME_SKIPPED")
+        assert "02:00-02:45 on 2030-03-10" in answer.message
+        assert list(live.stub.ListSlots(pb.ListSlotsRequest(doctor_id=other)).slots) == []
+        assert [s.date for s in apply(live, other, "2030-03-11", "2030-03-17").created] == ["2030-03-17"]
