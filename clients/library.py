@@ -11,6 +11,7 @@ silence: keepalive pings find the dead connection, and a watch that hears nothin
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import threading
 import time
 import uuid
@@ -27,6 +28,7 @@ from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from opd_grpc._gen.opd.v1 import opd_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"  # the server's default LISTEN (SPEC §14)
+MAX_RETRY_PAUSE = 0.5  # seconds between two attempts at most: a restarted server is found soon after it is back
 MAX_RECONNECT_DELAY = 2.0  # seconds; a watch keeps trying at least this often while the server is away
 LIST_PAGE_SIZE = 500
 DEFAULT_STALL_SECONDS = 30.0  # 3x the server's default WATCH_HEARTBEAT_SECONDS: two heartbeats lost is not yet a stall
@@ -55,11 +57,15 @@ class OPDError(Exception):
     """A failed call: the status code, the server's message, its ErrorInfo reason and BadRequest field problems."""
 
     def __init__(self, code: grpc.StatusCode, message: str, reason: str = "",
-                 field_violations: list[tuple[str, str]] | None = None):
+                 field_violations: list[tuple[str, str]] | None = None, metadata: dict[str, str] | None = None):
         self.code = code
         self.message = message
         self.reason = reason
         self.field_violations = field_violations or []
+        self.metadata = metadata or {}  # ErrorInfo's: PATIENT_ALREADY_HAS_TOKEN names the held token's token_id
+        # The request_id the change went with (made by OPDClient when the caller gave none): after UNAVAILABLE or
+        # DEADLINE_EXCEEDED it may have been applied, and sending the same request with it again is safe (SPEC §9).
+        self.request_id = ""
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -73,18 +79,18 @@ class OPDError(Exception):
         """The OPDError subclass for the error's code, with the rich status details when the server sent them."""
         code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
         message: str = error.details() or ""  # type: ignore[attr-defined]
-        reason, violations = "", []
+        reason, violations, metadata = "", [], {}
         status = rpc_status.from_call(error)  # type: ignore[arg-type]
         for detail in status.details if status else []:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
-                reason = info.reason
+                reason, metadata = info.reason, dict(info.metadata)
             elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 violations = [(v.field, v.description) for v in bad.field_violations]
-        return _ERROR_BY_CODE.get(code, OPDError)(code, message, reason, violations)
+        return _ERROR_BY_CODE.get(code, OPDError)(code, message, reason, violations, metadata)
 
 
 class InvalidArgument(OPDError):
@@ -164,11 +170,12 @@ class OPDClient:
 
     With `credentials` (see `tls_credentials`) the channel it opens speaks TLS; without, plaintext. A channel it
     opens pings the server while a call is open (KEEPALIVE_CHANNEL_OPTIONS); a `channel` passed in is used as is.
-    A call may take `timeout` seconds in all: its attempts (up to `attempts`) and the `backoff` between them
-    share it. A watch has no deadline (see Watch)."""
+    A call may take `timeout` seconds in all: its attempts (as many as fit, or up to `attempts`) and the pauses
+    between them (`backoff`, doubling up to MAX_RETRY_PAUSE) share it, so a call rides out a server's restart (a
+    second or so) within its deadline. A watch has no deadline (see Watch)."""
 
     def __init__(self, address: str | None = None, *, channel: grpc.Channel | None = None, timeout: float = 5.0,
-                 attempts: int = 4, backoff: float = 0.1, api_key: str | None = None,
+                 attempts: int | None = None, backoff: float = 0.1, api_key: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None):
         if channel is not None and (address is not None or credentials is not None):
             raise ValueError("give an address (and credentials) or a channel, not both")
@@ -178,7 +185,7 @@ class OPDClient:
             else grpc.insecure_channel(target, KEEPALIVE_CHANNEL_OPTIONS))
         self._stub = opd_pb2_grpc.OPDTokenServiceStub(channel or self._owned_channel)
         self.timeout = timeout
-        self.attempts = max(1, attempts)
+        self.attempts = None if attempts is None else max(1, attempts)
         self.backoff = backoff
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
@@ -206,18 +213,20 @@ class OPDClient:
             retryable.add(grpc.StatusCode.DEADLINE_EXCEEDED)
         rpc = getattr(self._stub, method)
         deadline = time.monotonic() + self.timeout
-        for attempt in range(self.attempts):
+        for attempt in itertools.count(1):
             try:
                 return rpc(request, timeout=max(0.0, deadline - time.monotonic()), metadata=self.metadata)
             except ValueError as error:
                 raise _closed(error) from None
             except grpc.RpcError as error:
-                pause = self.backoff * 2 ** attempt
+                pause = min(self.backoff * 2 ** (attempt - 1), MAX_RETRY_PAUSE)
                 if (error.code() not in retryable  # type: ignore[attr-defined]
-                        or attempt + 1 == self.attempts or time.monotonic() + pause >= deadline):
-                    raise OPDError.from_rpc_error(error) from None
+                        or attempt == self.attempts or time.monotonic() + pause >= deadline):
+                    failed = OPDError.from_rpc_error(error)
+                    failed.request_id = getattr(request, "request_id", "")
+                    raise failed from None
             time.sleep(pause)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        raise AssertionError("unreachable: the attempts go on until one returns or raises")
 
     # Doctors and slots
 

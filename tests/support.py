@@ -243,6 +243,7 @@ class RpcFailure:
     reason: str
     domain: str
     fields: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)  # ErrorInfo's
 
 
 def failure(error: grpc.RpcError) -> RpcFailure:
@@ -255,7 +256,7 @@ def failure(error: grpc.RpcError) -> RpcFailure:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            result.reason, result.domain = info.reason, info.domain
+            result.reason, result.domain, result.metadata = info.reason, info.domain, dict(info.metadata)
         elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)

@@ -316,7 +316,8 @@ def _names(tokens: list[pb.Token]) -> str:
 
 def _held_token(client: OPDClient, error: OPDError, args: argparse.Namespace) -> list[str]:
     """The active token the server says the patient already holds, as a line to show with the refusal."""
-    held = next((t for t in client.iter_tokens(args.doctor, args.date) if t.token_id in error.message), None)
+    held_id = error.metadata.get("token_id")
+    held = next((t for t in client.iter_tokens(args.doctor, args.date) if t.token_id == held_id), None)
     if held is None:
         return []
     times, zone = _day_view(client, args, args.doctor, args.date)

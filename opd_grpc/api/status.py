@@ -26,9 +26,9 @@ _CODES: dict[type[errors.EngineError], int] = {
 }
 
 
-def rich_status(code: int, message: str, reason: str,
-                violations: list[errors.FieldViolation] | None = None) -> grpc.Status:
-    details = [error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)]
+def rich_status(code: int, message: str, reason: str, violations: list[errors.FieldViolation] | None = None,
+                metadata: dict[str, str] | None = None) -> grpc.Status:
+    details = [error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)]
     if violations:
         details.append(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
@@ -42,4 +42,4 @@ def rich_status(code: int, message: str, reason: str,
 
 
 def from_engine_error(error: errors.EngineError) -> grpc.Status:
-    return rich_status(_CODES[type(error)], error.message, error.reason, error.violations)
+    return rich_status(_CODES[type(error)], error.message, error.reason, error.violations, error.metadata)

@@ -22,6 +22,8 @@ class EngineError(Exception):
     message: str
     reason: str
     violations: list[FieldViolation] = field(default_factory=list)
+    # what a program needs to act on the refusal (ErrorInfo's metadata): the token a duplicate patient holds
+    metadata: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return self.message
@@ -87,13 +89,15 @@ class Conflict(Exception):
 def encode_refusal(error: EngineError) -> str:
     """A refusal as text, to be stored with its request_id and replayed (SPEC §9)."""
     return json.dumps({"kind": type(error).__name__, "message": error.message, "reason": error.reason,
-                       "violations": [[v.field, v.description] for v in error.violations]})
+                       "violations": [[v.field, v.description] for v in error.violations],
+                       "metadata": error.metadata})
 
 
 def decode_refusal(text: str) -> EngineError:
     data = json.loads(text)
     error = EngineError.__new__(_REFUSALS[data["kind"]])
-    EngineError.__init__(error, data["message"], data["reason"], [FieldViolation(*v) for v in data["violations"]])
+    EngineError.__init__(error, data["message"], data["reason"], [FieldViolation(*v) for v in data["violations"]],
+                         data.get("metadata", {}))  # refusals stored before it had none
     return error
 
 

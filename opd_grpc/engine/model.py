@@ -548,7 +548,7 @@ class DoctorDay:
         if t is not None:
             raise AlreadyExists(f"This patient already holds token {t.token_number} ({t.token_id}, "
                                 f"{t.status.value}) with {self.doctor_id} on {self.date.isoformat()}.",
-                                "PATIENT_ALREADY_HAS_TOKEN")
+                                "PATIENT_ALREADY_HAS_TOKEN", metadata={"token_id": t.token_id})
 
     def _file_active(self, token: Token) -> None:
         for key in token.patient.keys:

@@ -243,6 +243,16 @@ def test_a_patient_with_a_token_already_is_refused_and_shown_that_token(live: Li
             "estimated 10:00") in again.err
 
 
+def test_the_token_shown_with_the_refusal_is_the_one_the_server_named(live: LiveServer, doctor: str):
+    """Token 1's id is the start of token 11's: the held token is the one ErrorInfo names, not a likeness."""
+    for n in range(1, 12):
+        allocate(live.stub, doctor, n, slot_time="10:00")
+    again = allocate_cli(live, doctor, 11, "--time", "09:00")
+    assert again.code == 1
+    assert f"Patient 11 holds Token 11 ({doctor}-20300107-T11)" in again.err
+    assert "Patient 1 holds" not in again.err
+
+
 def test_tokens_get_and_list_show_numbers_patients_statuses_and_places(live: LiveServer, doctor: str):
     for n in range(1, 4):
         allocate(live.stub, doctor, n, slot_time="09:00")

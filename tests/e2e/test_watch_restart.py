@@ -33,8 +33,9 @@ def _watch_across_a_restart(database: str) -> None:
     settings = {"LISTEN": f"127.0.0.1:{_free_port()}"}  # the restarted server comes back where the clients look
     server = ServerProcess(database, settings=settings)
     server.start()
-    # enough attempts to outlast the restart: each allocation is retried with its own request_id, so it lands once
-    client = OPDClient(server.address, timeout=5, attempts=60, backoff=0.05)
+    # The library's defaults outlast the restart (a second or so): each allocation is retried with its own
+    # request_id until its 5 s deadline, so it lands once.
+    client = OPDClient(server.address)
     try:
         doctor = client.create_doctor("Dr Asha Rao", "General Medicine").doctor.doctor_id
         client.create_slots(doctor, [pb.SlotSpec(date=DAY, start_time="09:00", end_time="12:00", max_capacity=400)])

@@ -272,10 +272,10 @@ def test_token_numbers_count_per_doctor_and_date_and_never_change(live):
 def test_the_same_mrn_is_the_same_patient(live):
     doctor = make_doctor(live.stub)
     make_slots(live.stub, doctor, ("09:00", "10:00", 5))
-    live.stub.AllocateToken(request(doctor, patient(1, mrn="MRN-0042")))
+    held = live.stub.AllocateToken(request(doctor, patient(1, mrn="MRN-0042"))).token.token_id
     error = refused(live.stub.AllocateToken, request(doctor, patient(2, mrn="MRN-0042")))
-    assert (error.code, error.reason, error.domain) == (
-        grpc.StatusCode.ALREADY_EXISTS, "PATIENT_ALREADY_HAS_TOKEN", "opd.v1")
+    assert (error.code, error.reason, error.domain, error.metadata) == (
+        grpc.StatusCode.ALREADY_EXISTS, "PATIENT_ALREADY_HAS_TOKEN", "opd.v1", {"token_id": held})
     assert statuses(live.stub, doctor) == {1: "CONFIRMED"}
     assert spec_violations(live.stub, doctor) == []
 

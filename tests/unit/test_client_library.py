@@ -194,21 +194,37 @@ def test_unavailable_on_every_attempt_raises_unavailable(server: Any) -> None:
         ids.append(request.request_id)
         rpc.terminate(pb.CheckInTokenResponse(), (), grpc.StatusCode.UNAVAILABLE, "connection refused")
 
-    with pytest.raises(Unavailable, match="^UNAVAILABLE: connection refused$"):
+    with pytest.raises(Unavailable, match="^UNAVAILABLE: connection refused$") as raised:
         pending.result()  # a fourth attempt would still be waiting for an answer here
     assert len(set(ids)) == 1 and len(recorder.timeouts) == 3
+    assert raised.value.request_id == ids[0]  # the change may have been applied: send it again with this id
+
+
+def test_unavailable_is_retried_as_long_as_the_deadline_allows(server: Any) -> None:
+    """A server restarting refuses connections for a second or so: the call keeps trying, every pause at most
+    MAX_RETRY_PAUSE, and answers once the server does."""
+    client, recorder = client_of(server, timeout=5.0)
+    pending = Background(client.check_in_token, "DOC001-20300107-T001")
+    for _ in range(8):
+        _, _, rpc = within(server.take_unary_unary, METHOD["CheckInToken"])
+        rpc.terminate(pb.CheckInTokenResponse(), (), grpc.StatusCode.UNAVAILABLE, "connection refused")
+    _, _, rpc = within(server.take_unary_unary, METHOD["CheckInToken"])
+    rpc.terminate(pb.CheckInTokenResponse(token=pb.Token(token_number=1)), (), OK, "")
+
+    assert pending.result().token.token_number == 1
+    assert len(recorder.timeouts) == 9
 
 
 def test_no_retry_starts_once_its_backoff_would_pass_the_calls_deadline(server: Any) -> None:
     client, recorder = client_of(server, timeout=1.0, backoff=0.4, attempts=4)
     pending = Background(client.check_in_token, "DOC001-20300107-T001")
-    for _ in range(2):  # the first retry starts after 0.4 s; the next would wait 0.8 s more, past the 1 s
+    for _ in range(3):  # retries start after 0.4 s and 0.5 s more (MAX_RETRY_PAUSE); a third would pass the 1 s
         _, _, rpc = within(server.take_unary_unary, METHOD["CheckInToken"])
         rpc.terminate(pb.CheckInTokenResponse(), (), grpc.StatusCode.UNAVAILABLE, "connection refused")
 
     with pytest.raises(Unavailable, match="^UNAVAILABLE: connection refused$"):
         pending.result()
-    assert len(recorder.timeouts) == 2
+    assert len(recorder.timeouts) == 3
 
 
 def test_iter_tokens_follows_next_page_token_to_the_end(server: Any) -> None:
