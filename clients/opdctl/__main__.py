@@ -15,7 +15,7 @@ from clients.opdctl.render import Printer
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser.build().parse_args(argv)  # a bad flag: argparse prints the usage and exits with 2
+    args = parser.parse(argv)
     command = command_name(args)
     try:
         credentials = (tls_credentials(*(Path(f) if f else None for f in (args.ca_cert, args.cert, args.key_file)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import re
 from typing import Any, Callable
@@ -11,7 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from clients.library import DEFAULT_ADDRESS
 from clients.opdctl import commands
-from clients.opdctl.pattern import EXAMPLE
+from clients.opdctl.pattern import EXAMPLE, INT32_LIMIT
 from clients.opdctl.render import GENDERS, SOURCES
 
 DESCRIPTION = """\
@@ -27,7 +28,7 @@ opdctl: the OPD token service from a terminal, for clinic staff.
   opdctl watch --doctor DOC001 --date 2030-01-07
 
 Every command takes --address, --key, --json, --timezone and the TLS flags, before or after its name. Dates are
-YYYY-MM-DD and default to today; times are HH:MM. Times of day are shown on the hospital's clock, the server's
+YYYY-MM-DD and default to today (on the --timezone clock); times are HH:MM. Times of day are shown on the hospital's clock, the server's
 TIMEZONE. `opdctl COMMAND --help` says more."""
 
 EPILOG = """\
@@ -38,6 +39,9 @@ PATTERN_HELP = f"""\
 the slots as a pattern, e.g. {EXAMPLE!r}: parts separated by ';', each with the days (Mon, Mon-Fri, Mon,Wed,Fri;
 none: every day), a time range HH:MM-HH:MM, then /N to split it into slots of N minutes (none: one slot) and xC for
 C seats per slot (none: the server's DEFAULT_SLOT_CAPACITY)"""
+
+
+TODAY: Any = object()  # --date left out where it means today (not a string: argparse would parse it as a date)
 
 
 def build() -> argparse.ArgumentParser:
@@ -73,7 +77,7 @@ def build() -> argparse.ArgumentParser:
     leaf = _leaf(slots, "capacity", "change a slot's seats; a raise promotes from the waitlist at once",
                  commands.slots_capacity)
     leaf.add_argument("slot_id", metavar="SLOT")
-    leaf.add_argument("capacity", type=int, metavar="SEATS")
+    leaf.add_argument("capacity", type=whole_number, metavar="SEATS")
 
     templates = _group(tasks, "templates", "a doctor's weekly pattern of slots, and making slots from it")
     leaf = _leaf(templates, "set", "replace a doctor's weekly pattern (SetSlotTemplate)", commands.templates_set)
@@ -106,7 +110,7 @@ def build() -> argparse.ArgumentParser:
                       help="the start of the slot wanted (default: the earliest with a free seat)")
     leaf.add_argument("--name", required=True, help="the patient's name")
     leaf.add_argument("--phone", default="", help="the patient's phone (needed unless --mrn is given)")
-    leaf.add_argument("--age", type=int, default=0, help="in years")
+    leaf.add_argument("--age", type=whole_number, default=0, help="in years")
     leaf.add_argument("--gender", choices=GENDERS)
     leaf.add_argument("--mrn", default="", help="the hospital record number, if the patient has one")
     leaf.add_argument("--source", required=True, choices=SOURCES,
@@ -144,7 +148,7 @@ def build() -> argparse.ArgumentParser:
                  "itself); --json: one JSON object per line", commands.watch)
     leaf.add_argument("--doctor", required=True, action="append", help="a doctor to watch; repeat for more")
     _date(leaf)
-    leaf.add_argument("--count", type=int, default=0, metavar="N",
+    leaf.add_argument("--count", type=count, default=0, metavar="N",
                       help="stop after N events (snapshots are not counted), for scripts")
     leaf = _leaf(tasks, "events", "a doctor's queue events of a date, in order (ListQueueEvents)", commands.events)
     _doctor(leaf)
@@ -156,6 +160,15 @@ def build() -> argparse.ArgumentParser:
     _date(leaf)
     leaf.add_argument("--out", metavar="FILE", help="the page to write (default: opd-day-report-DATE.html here)")
     return parser
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with a date left out taken as today on the clock of --timezone (or $OPD_TIMEZONE), else of this
+    machine: a desk in another zone than the hospital would otherwise ask for the wrong day."""
+    args = build().parse_args(argv)  # a bad flag: argparse prints the usage and exits with 2
+    if getattr(args, "date", None) is TODAY:
+        args.date = dt.datetime.now(args.timezone).date().isoformat()
+    return args
 
 
 def date(text: str) -> str:
@@ -176,6 +189,34 @@ def time(text: str) -> str:
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"{text!r} is not a time of the form HH:MM")
+
+
+def whole_number(text: str) -> int:
+    """A number as the proto's int32 fields carry it; the server says whether it is a sensible one."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not -INT32_LIMIT <= number < INT32_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text} is too large (at most {INT32_LIMIT - 1:,})")
+    return number
+
+
+def count(text: str) -> int:
+    number = whole_number(text)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return number
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds more than 0")
+    return value
 
 
 def zone(text: str) -> ZoneInfo:
@@ -206,7 +247,7 @@ def _common_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
                        help="for mutual TLS: the client certificate's private key (PEM) (env OPD_CLIENT_KEY)")
     group.add_argument("--json", action="store_true", default=default(False),
                        help="print the response as JSON (field names as in the proto), for scripts")
-    group.add_argument("--timeout", type=float, default=default(5.0), metavar="SECONDS",
+    group.add_argument("--timeout", type=seconds, default=default(5.0), metavar="SECONDS",
                        help="how long each call may take, its retries included (default 5)")
     group.add_argument("--timezone", type=zone, default=default(env("OPD_TIMEZONE") or None), metavar="ZONE",
                        help="show times of day in this IANA time zone, e.g. Asia/Kolkata (env OPD_TIMEZONE; "
@@ -230,10 +271,10 @@ def _doctor(parser: argparse.ArgumentParser) -> None:
 
 
 def _date(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--date", type=date, default=dt.date.today().isoformat(),
-                        help="YYYY-MM-DD (default: today, %(default)s)")
+    parser.add_argument("--date", type=date, default=TODAY,
+                        help="YYYY-MM-DD (default: today, on the clock of --timezone if given)")
 
 
 def _consultation_minutes(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--consultation-minutes", type=int, metavar="MINUTES",
+    parser.add_argument("--consultation-minutes", type=whole_number, metavar="MINUTES",
                         help="minutes per patient (default: the server's AVERAGE_CONSULTATION_MINUTES)")

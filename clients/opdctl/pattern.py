@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 
 EXAMPLE = "Mon-Fri 09:00-12:00/60 x10; Sat 09:00-11:00 x5"
+INT32_LIMIT = 2 ** 31  # the proto's int32 fields (seats, minutes, age) take numbers below this
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # ISO order: Monday is 1, as in the Weekday enum
 FULL_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 _TIME = r"(\d{1,2}:\d{2})"
@@ -92,6 +93,8 @@ def _sitting(part: str) -> Sitting:
     seats = int(match["seats"]) if match["seats"] else None
     if seats == 0:
         raise PatternError(f"in {part!r}: a slot needs at least one seat (x1 or more)")
+    if seats is not None and seats >= INT32_LIMIT:
+        raise PatternError(f"in {part!r}: {seats} seats are too many (at most {INT32_LIMIT - 1:,})")
     weekdays = _weekdays(match["days"], part) if match["days"] else tuple(range(1, 8))
     return Sitting(weekdays, start, end, every, seats)
 

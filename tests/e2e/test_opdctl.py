@@ -614,7 +614,13 @@ def test_fields_the_server_refuses_are_listed_one_a_line(live: LiveServer, docto
     (["tokens", "allocate", "--doctor", "DOC001", "--name", "A", "--source", "walk-in", "--time", "9am"],
      "'9am' is not a time of the form HH:MM"),
     (["slots", "add", "--doctor", "DOC001", "--pattern", "Mon 09:00-10:00"], "one of the arguments --week --date"),
-    (["slots", "capacity", "SLOT", "many"], "invalid int value: 'many'"),
+    (["slots", "capacity", "SLOT", "many"], "'many' is not a whole number"),
+    (["slots", "capacity", "SLOT", "99999999999"], "99999999999 is too large (at most 2,147,483,647)"),
+    (["tokens", "allocate", "--doctor", "DOC001", "--name", "A", "--source", "walk-in", "--age", "4294967296"],
+     "4294967296 is too large"),
+    (["watch", "--doctor", "DOC001", "--count", "-1"], "-1 is negative"),
+    (["doctors", "list", "--timeout", "nan"], "'nan' is not a number of seconds more than 0"),
+    (["doctors", "list", "--timeout", "0"], "'0' is not a number of seconds more than 0"),
     (["doctors"], "the following arguments are required: ACTION"),
     (["appointments", "list"], "invalid choice: 'appointments'"),
 ])
@@ -629,6 +635,7 @@ def test_a_bad_flag_or_date_is_a_usage_error_and_nothing_is_sent(args: list[str]
     ("Mox 09:00-12:00", "'mox' is not a day"),
     ("Mon-Fri nine to five", "cannot read 'Mon-Fri nine to five'"),
     ("Sat 09:00-10:00", "the pattern 'Sat 09:00-10:00' makes no slot on Mon 2030-01-07"),
+    ("Mon 09:00-10:00 x99999999999", "99999999999 seats are too many (at most 2,147,483,647)"),
 ])
 def test_a_bad_pattern_says_what_is_wrong_and_creates_nothing(live: LiveServer, pattern: str, says: str):
     doctor_id = make_doctor(live.stub)

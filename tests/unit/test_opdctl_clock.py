@@ -8,6 +8,7 @@ import io
 import json
 import time
 from typing import Iterator
+from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
@@ -60,7 +61,7 @@ def terminal_in_new_york(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def run(desk: Desk, *argv: str) -> str:
-    args = parser.build().parse_args(list(argv))
+    args = parser.parse(list(argv))
     out = io.StringIO()
     args.run(desk, args, Printer(args.json, file=out))
     return out.getvalue()
@@ -97,3 +98,15 @@ def test_json_prints_the_reply_alone_and_asks_nothing_more_for_it():
     assert printed["token"]["token_id"] == TOKEN.token_id
     assert printed["token"]["estimated_time"] == "2030-01-07T08:30:00Z"
     assert desk.asked == []
+
+
+def test_a_date_left_out_is_today_on_the_clock_of_the_timezone_given():
+    """Kiritimati (UTC+14) and Pago Pago (UTC-11) are always on different dates: a desk's machine in one zone asks
+    for the hospital's today when --timezone names the hospital's zone."""
+    for name in ("Pacific/Kiritimati", "Pacific/Pago_Pago"):
+        before = dt.datetime.now(ZoneInfo(name)).date().isoformat()
+        args = parser.parse(["tokens", "list", "--doctor", "DOC001", "--timezone", name])
+        assert args.date in (before, dt.datetime.now(ZoneInfo(name)).date().isoformat())
+    given = parser.parse(["tokens", "list", "--doctor", "DOC001", "--date", "2030-01-07", "--timezone", name])
+    assert given.date == "2030-01-07"
+    assert parser.parse(["slots", "list", "--doctor", "DOC001"]).date is None  # every date, as before
