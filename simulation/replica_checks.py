@@ -239,8 +239,8 @@ class SequentialDay:
             later = next((s for s in open_slots if s.start > slot.start and self.free(s) > 0), None)
             if later is not None:
                 return later, "later", None
-        if len(self.waitlist(slot.slot_id)) >= self.max_waitlist:
-            raise Refused("RESOURCE_EXHAUSTED", "WAITLIST_FULL")
+        if len(self.waitlist(slot.slot_id)) >= self.max_waitlist and source != "EMERGENCY":
+            raise Refused("RESOURCE_EXHAUSTED", "WAITLIST_FULL")  # an emergency is waitlisted first in line anyway
         return slot, "waitlist", None
 
     def allocate(self, doctor_date: str, patient: str, source: str, preferred: str, flexible: bool,

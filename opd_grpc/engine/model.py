@@ -536,7 +536,9 @@ class DoctorDay:
                 token = self._new_token(patient, source, later_free, Status.CONFIRMED, now)
                 return Allocation(self.view(token), moved_to_later_slot=True)
         waiting = len(self.waitlist(slot.slot_id))
-        if waiting >= self.rules.max_waitlist_size:
+        # An emergency with nobody to bump is waitlisted first in line (SPEC §5) however long the waitlist: triage is
+        # not turned away by a cap meant for bookings, as a bump's victim is not either.
+        if waiting >= self.rules.max_waitlist_size and source is not Source.EMERGENCY:
             raise ResourceExhausted(f"Slot {slot.slot_id} is full and its waitlist already holds {waiting} "
                                     "tokens; choose another slot or date.", "WAITLIST_FULL")
         return Allocation(self.view(self._new_token(patient, source, slot, Status.WAITLISTED, now)))

@@ -231,6 +231,24 @@ def test_a_full_waitlist_refuses_one_more_and_takes_no_number(small_waitlist):
     assert spec_violations(live.stub, doctor) == []
 
 
+def test_an_emergency_with_nobody_to_bump_is_waitlisted_first_even_on_a_full_waitlist(small_waitlist):
+    """SPEC §5: no victim (the seat holder is an emergency), so the emergency waits first in line; the waitlist cap
+    of §4 is for bookings, and triage is never turned away by it."""
+    live = small_waitlist
+    doctor = make_doctor(live.stub)
+    make_slots(live.stub, doctor, ("09:00", "10:00", 1))
+    live.stub.AllocateEmergency(pb.AllocateEmergencyRequest(patient=patient(1), doctor_id=doctor, date=DAY))
+    for n in (2, 3):
+        allocate(live.stub, doctor, n, slot_time="09:00")
+    second = live.stub.AllocateEmergency(pb.AllocateEmergencyRequest(patient=patient(4), doctor_id=doctor,
+                                                                     date=DAY)).token
+    assert (second.status, second.waitlist_position) == (pb.STATUS_WAITLISTED, 1)
+    error = refused(live.stub.AllocateToken, request(doctor, patient(5), slot_time="09:00"))
+    assert error.reason == "WAITLIST_FULL"  # bookings still are
+    assert statuses(live.stub, doctor) == {1: "CONFIRMED", 2: "WAITLISTED", 3: "WAITLISTED", 4: "WAITLISTED"}
+    assert spec_violations(live.stub, doctor) == []
+
+
 # ---- §3.4 token numbers -------------------------------------------------------------------------
 
 

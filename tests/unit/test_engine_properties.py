@@ -232,7 +232,7 @@ class ModelDay:
         elif flexible and (later := next((s for s in open_slots if s.start > slot.start
                                           and self.free_seats(s.slot_id) > 0), None)) is not None:
             plan = AllocationPlan(later.slot_id, Status.CONFIRMED, moved=True)
-        elif waitlist_full:
+        elif waitlist_full and source is not Source.EMERGENCY:  # an emergency is waitlisted first in line anyway
             expect.refusals.append((ResourceExhausted, "WAITLIST_FULL"))
             return expect
         else:
