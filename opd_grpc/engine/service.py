@@ -360,7 +360,9 @@ class OPDService:
     def update_slot_capacity(self, slot_id: str, max_capacity: int, call: Call) -> CapacityChange | Replay:
         v = Violations()
         v.text("slot_id", slot_id)
-        if not 0 < max_capacity <= MAX_SLOT_CAPACITY:
+        if max_capacity == 0:  # proto3 sends a field left out as 0
+            v.add("max_capacity", f"is required: a number of seats from 1 to {MAX_SLOT_CAPACITY}")
+        elif not 0 < max_capacity <= MAX_SLOT_CAPACITY:
             v.add("max_capacity", f"{max_capacity} is not a number of seats from 1 to {MAX_SLOT_CAPACITY}")
         self._check(v, call)
         return self._change(day_of_slot_id(slot_id), call,

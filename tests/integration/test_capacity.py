@@ -121,3 +121,21 @@ def test_lowering_capacity_to_exactly_the_seat_holders_is_allowed(live):
     assert allocate(live.stub, doctor, 4).token.status == pb.STATUS_WAITLISTED
     assert statuses(live.stub, doctor) == {1: "CONFIRMED", 2: "CONFIRMED", 3: "CONFIRMED", 4: "WAITLISTED"}
     assert spec_violations(live.stub, doctor) == []
+
+
+def test_the_capacity_a_slot_has_already_changes_nothing_and_wakes_no_board(live):
+    doctor = make_doctor(live.stub)
+    (slot,) = make_slots(live.stub, doctor, ("09:00", "10:00", 2))
+    allocate(live.stub, doctor, 1)
+    events = live.stub.ListQueueEvents(pb.ListQueueEventsRequest(doctor_id=doctor, date=DAY)).events
+    answer = capacity(live, slot.slot_id, 2)
+    assert (answer.slot.max_capacity, list(answer.promoted)) == (2, [])
+    assert live.stub.ListQueueEvents(pb.ListQueueEventsRequest(doctor_id=doctor, date=DAY)).events == events
+
+
+def test_a_capacity_left_out_is_said_to_be_required(live):
+    doctor = make_doctor(live.stub)
+    (slot,) = make_slots(live.stub, doctor, ("09:00", "10:00", 2))
+    error = refused(live.stub.UpdateSlotCapacity, pb.UpdateSlotCapacityRequest(slot_id=slot.slot_id))
+    assert (error.code, list(error.fields)) == (grpc.StatusCode.INVALID_ARGUMENT, ["max_capacity"])
+    assert error.fields["max_capacity"].startswith("is required: a number of seats from 1 to ")
