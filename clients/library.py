@@ -121,6 +121,11 @@ class Unavailable(OPDError):
     """The server could not be reached, even after the retries."""
 
 
+class DeadlineExceeded(OPDError):
+    """No answer within the call's timeout: a change may or may not have been made (send it again with its
+    `request_id`)."""
+
+
 class Unauthenticated(OPDError):
     """No API key, or an unknown one."""
 
@@ -141,6 +146,7 @@ _ERROR_BY_CODE: dict[grpc.StatusCode, type[OPDError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.ABORTED: Aborted,
@@ -151,12 +157,22 @@ def tls_credentials(ca_cert: Path | None = None, cert: Path | None = None,
                     key: Path | None = None) -> grpc.ChannelCredentials:
     """TLS from PEM files: `ca_cert` to trust a server whose CA the system does not know, `cert` and `key` to present
     a client certificate to a server that asks for one (TLS_CLIENT_CA_FILE, mutual TLS). Reading a file may raise
-    OSError."""
+    OSError; a file that is not the PEM it should be, ValueError (gRPC would only fail at the handshake, in its
+    core's log)."""
     if (cert is None) != (key is None):
         raise ValueError("a client certificate needs its private key, and a key its certificate: give both")
-    return grpc.ssl_channel_credentials(root_certificates=ca_cert.read_bytes() if ca_cert else None,
-                                        private_key=key.read_bytes() if key else None,
-                                        certificate_chain=cert.read_bytes() if cert else None)
+    return grpc.ssl_channel_credentials(root_certificates=_pem(ca_cert, b"-----BEGIN CERTIFICATE-----", "certificate"),
+                                        private_key=_pem(key, b"PRIVATE KEY-----", "private key"),
+                                        certificate_chain=_pem(cert, b"-----BEGIN CERTIFICATE-----", "certificate"))
+
+
+def _pem(path: Path | None, marker: bytes, what: str) -> bytes | None:
+    if path is None:
+        return None
+    data = path.read_bytes()
+    if marker not in data:
+        raise ValueError(f"{path} is not a PEM {what}")
+    return data
 
 
 def server_zone(stats: pb.GetStatsResponse) -> dt.tzinfo:

@@ -901,3 +901,7 @@ def test_tls_files_that_cannot_be_read_are_a_usage_error(tmp_path: Path):
     assert missing.code == 2 and "cannot use the TLS files" in missing.err and "nowhere.pem" in missing.err
     half = opdctl("127.0.0.1:1", "doctors", "list", "--cert", str(tmp_path / "client.pem"))
     assert half.code == 2 and "a client certificate needs its private key" in half.err
+    not_a_certificate = tmp_path / "ca.key"
+    not_a_certificate.write_text("-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n")
+    wrong = opdctl("127.0.0.1:1", "doctors", "list", "--ca-cert", str(not_a_certificate))
+    assert wrong.code == 2 and f"{not_a_certificate} is not a PEM certificate" in wrong.err

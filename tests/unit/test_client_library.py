@@ -13,7 +13,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from clients.library import InvalidArgument, NotFound, OPDClient, OPDError, Unavailable
+from clients.library import DeadlineExceeded, InvalidArgument, NotFound, OPDClient, OPDError, Unavailable
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 
 pytestmark = pytest.mark.backend_independent
@@ -148,9 +148,9 @@ def test_a_read_has_no_request_id_and_is_not_retried_after_deadline_exceeded(ser
     _, request, rpc = within(server.take_unary_unary, METHOD["GetToken"])
     rpc.terminate(pb.GetTokenResponse(), (), grpc.StatusCode.DEADLINE_EXCEEDED, "deadline")
 
-    with pytest.raises(OPDError) as raised:
+    with pytest.raises(DeadlineExceeded) as raised:  # its own class, beside Unavailable
         pending.result()
-    assert type(raised.value) is OPDError and raised.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert raised.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
     assert "request_id" not in request.DESCRIPTOR.fields_by_name and request.token_id == "DOC001-20300107-T001"
 
 
