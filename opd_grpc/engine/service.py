@@ -110,7 +110,8 @@ class UnitOfWork(Protocol):
     def doctor(self, doctor_id: str) -> Doctor | None: ...
     def add_doctor(self, name: str, specialization: str) -> Doctor: ...
     def doctors(self, offset: int, limit: int) -> list[Doctor]: ...
-    def slots(self, doctor_id: str, date: dt.date | None, offset: int, limit: int) -> list[Slot]: ...
+    def slots(self, doctor_id: str, date: dt.date | None, after: tuple[dt.date, dt.time] | None,
+              limit: int) -> list[Slot]: ...
     def slots_on(self, date: dt.date, limit: int) -> tuple[list[Slot], int]: ...
     def doctors_on(self, date: dt.date) -> list[str]: ...
     def days_with_confirmed_tokens(self, since: dt.date | None, after: DayKey | None, before: dt.date,
@@ -127,7 +128,8 @@ class UnitOfWork(Protocol):
     def slot_template(self, doctor_id: str) -> tuple[TemplateSlot, ...]: ...
     def set_slot_template(self, template: SlotTemplate) -> None: ...
     def holiday(self, date: dt.date) -> Holiday | None: ...
-    def holidays(self, start: dt.date | None, end: dt.date | None, offset: int, limit: int) -> list[Holiday]: ...
+    def holidays(self, start: dt.date | None, end: dt.date | None, after: dt.date | None,
+                 limit: int) -> list[Holiday]: ...
     def add_holiday(self, holiday: Holiday) -> None: ...
     def delete_holiday(self, date: dt.date) -> Holiday | None: ...
 
@@ -350,11 +352,12 @@ class OPDService:
         v.doctor_id("doctor_id", doctor_id)
         day = v.date("date", date) if date else None
         v.check()
-        query = ("slots", doctor_id, day)
-        offset, limit = _page(page_size, page_token, query)
+        query = ("slots after", doctor_id, day)
+        after, limit = _keyed_page(page_size, page_token, query, _slot_start)
         with self.store.unit_of_work(write=False) as uow:
             self._doctor(uow, doctor_id)
-            return _paged(uow.slots(doctor_id, day, offset, limit + 1), offset, limit, query)
+            return _keyed(uow.slots(doctor_id, day, after, limit + 1), limit, query,
+                          lambda s: f"{s.date.isoformat()} {s.start_time:%H:%M}")
 
     @_retried
     def update_slot_capacity(self, slot_id: str, max_capacity: int, call: Call) -> CapacityChange | Replay:
@@ -443,7 +446,7 @@ class OPDService:
             if not pattern:
                 raise FailedPrecondition(f"{doctor_id} has no slot template; set its weekly pattern with "
                                          "SetSlotTemplate first.", "NO_SLOT_TEMPLATE")
-            expansion = expand(pattern, start, end, uow.holidays(start, end, 0, MAX_APPLY_DAYS))
+            expansion = expand(pattern, start, end, uow.holidays(start, end, None, MAX_APPLY_DAYS))
             checks = Violations()
             new = [self._new_slot(checks, f"slot {r.date} {r.start_time}", r) for r in expansion.requests]
             if checks.items:  # the settings' defaults changed since the pattern was set
@@ -501,10 +504,10 @@ class OPDService:
         if not v.items and start is not None and end is not None and end < start:
             v.add("end_date", f"{end_date} is before start_date {start_date}")
         v.check()
-        query = ("holidays", start, end)
-        offset, limit = _page(page_size, page_token, query)
+        query = ("holidays after", start, end)
+        after, limit = _keyed_page(page_size, page_token, query, dt.date.fromisoformat)
         with self.store.unit_of_work(write=False) as uow:
-            return _paged(uow.holidays(start, end, offset, limit + 1), offset, limit, query)
+            return _keyed(uow.holidays(start, end, after, limit + 1), limit, query, lambda h: h.date.isoformat())
 
     @_retried
     def delete_holiday(self, date: str, call: Call) -> Holiday | Replay:
@@ -1039,30 +1042,69 @@ def _overlapping(new: list[NewSlot]) -> Iterator[tuple[int, int]]:
             reach = j
 
 
+def _slot_start(position: str) -> tuple[dt.date, dt.time]:
+    date, time = position.split(" ")
+    return dt.date.fromisoformat(date), dt.time.fromisoformat(time)
+
+
 def _page(page_size: int, page_token: str, query: tuple[Any, ...]) -> tuple[int, int]:
-    """The offset and size of the page asked for. A page token holds its list's `query` (the list and its
-    filters) as a digest: one used with other filters would page through a list it does not belong to."""
-    if page_size < 0:
-        raise invalid("page_size", f"{page_size} is negative")
-    offset = 0
-    if page_token:
-        try:
-            digest, number = base64.urlsafe_b64decode(page_token.encode()).decode().split(":")
-            offset = int(number)
-        except ValueError:
-            raise invalid("page_token", "is not a token from a previous page; start again without it") from None
-        if not 0 <= offset <= MAX_PAGE_OFFSET:
-            raise invalid("page_token", "is not a token from a previous page; start again without it")
-        if digest != _query_digest(query):
-            raise invalid("page_token", "is not a token of this list (its filters differ, or it is from before an "
-                                        "upgrade): send the first page's filters with it, or start again without it")
-    return offset, min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    """The offset and size of the page asked for, in a list that only grows at its end (doctors, tokens, events,
+    audit entries): an offset there stays where it was."""
+    position, limit = _page_position(page_size, page_token, query)
+    try:
+        offset = int(position or 0)
+    except ValueError:
+        offset = -1
+    if not 0 <= offset <= MAX_PAGE_OFFSET:
+        raise invalid("page_token", _NOT_A_PAGE_TOKEN)
+    return offset, limit
 
 
 def _paged(rows: list, offset: int, limit: int, query: tuple[Any, ...]) -> Page:
-    more = len(rows) > limit
-    token = base64.urlsafe_b64encode(f"{_query_digest(query)}:{offset + limit}".encode()).decode() if more else ""
-    return Page(rows[:limit], token)
+    return Page(rows[:limit], _page_token(query, str(offset + limit)) if len(rows) > limit else "")
+
+
+def _keyed_page(page_size: int, page_token: str, query: tuple[Any, ...],
+                key: Callable[[str], T]) -> tuple[T | None, int]:
+    """The last key shown before the page asked for (None: the first page), and its size, in a list that may
+    change in its middle (slots made, holidays deleted): a page then starts after that key, so that a change
+    between two pages neither repeats a row nor skips one, as an offset would."""
+    position, limit = _page_position(page_size, page_token, query)
+    try:
+        return (None if position is None else key(position)), limit
+    except ValueError:
+        raise invalid("page_token", _NOT_A_PAGE_TOKEN) from None
+
+
+def _keyed(rows: list, limit: int, query: tuple[Any, ...], key: Callable[[Any], str]) -> Page:
+    return Page(rows[:limit], _page_token(query, key(rows[limit - 1])) if len(rows) > limit else "")
+
+
+_NOT_A_PAGE_TOKEN = "is not a token from a previous page; start again without it"
+
+
+def _page_position(page_size: int, page_token: str, query: tuple[Any, ...]) -> tuple[str | None, int]:
+    """Where a page token says the page starts (None without one), and the page's size. A page token holds its
+    list's `query` (the list and its filters) as a digest: one used with other filters would page through a list it
+    does not belong to."""
+    if page_size < 0:
+        raise invalid("page_size", f"{page_size} is negative")
+    position = None
+    if page_token:
+        try:
+            digest, colon, position = base64.urlsafe_b64decode(page_token.encode()).decode().partition(":")
+        except ValueError:
+            raise invalid("page_token", _NOT_A_PAGE_TOKEN) from None
+        if not colon:
+            raise invalid("page_token", _NOT_A_PAGE_TOKEN)
+        if digest != _query_digest(query):
+            raise invalid("page_token", "is not a token of this list (its filters differ, or it is from before an "
+                                        "upgrade): send the first page's filters with it, or start again without it")
+    return position, min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _page_token(query: tuple[Any, ...], position: str) -> str:
+    return base64.urlsafe_b64encode(f"{_query_digest(query)}:{position}".encode()).decode()
 
 
 def _query_digest(query: tuple[Any, ...]) -> str:

@@ -377,11 +377,16 @@ class SqlUnitOfWork:
     def set_no_shows_swept_to(self, date: dt.date) -> None:
         self.conn.execute(update(sweep).values(swept_to=date.isoformat()))
 
-    def slots(self, doctor_id: str, date: dt.date | None, offset: int, limit: int) -> list[Slot]:
+    def slots(self, doctor_id: str, date: dt.date | None, after: tuple[dt.date, dt.time] | None,
+              limit: int) -> list[Slot]:
+        """The doctor's slots (of one date), by date and start, from just after the start `after`."""
         query = select(slots).where(slots.c.doctor_id == doctor_id)
         if date is not None:
             query = query.where(slots.c.date == date.isoformat())
-        rows = self.conn.execute(query.order_by(slots.c.date, slots.c.start_time).offset(offset).limit(limit))
+        if after is not None:
+            query = query.where(tuple_(slots.c.date, slots.c.start_time) > tuple_(after[0].isoformat(),
+                                                                                  f"{after[1]:%H:%M}"))
+        rows = self.conn.execute(query.order_by(slots.c.date, slots.c.start_time).limit(limit))
         return [_slot(r) for r in rows]
 
     def slots_on(self, date: dt.date, limit: int) -> tuple[list[Slot], int]:
@@ -417,14 +422,17 @@ class SqlUnitOfWork:
         name = self.conn.execute(select(holidays.c.name).where(holidays.c.date == date.isoformat())).scalar()
         return None if name is None else Holiday(date, name)
 
-    def holidays(self, start: dt.date | None, end: dt.date | None, offset: int, limit: int) -> list[Holiday]:
-        """The holidays from `start` to `end`, both included (None: open on that side), by date."""
+    def holidays(self, start: dt.date | None, end: dt.date | None, after: dt.date | None,
+                 limit: int) -> list[Holiday]:
+        """The holidays from `start` to `end`, both included (None: open on that side), by date, after `after`."""
         query = select(holidays)
         if start is not None:
             query = query.where(holidays.c.date >= start.isoformat())
         if end is not None:
             query = query.where(holidays.c.date <= end.isoformat())
-        rows = self.conn.execute(query.order_by(holidays.c.date).offset(offset).limit(limit))
+        if after is not None:
+            query = query.where(holidays.c.date > after.isoformat())
+        rows = self.conn.execute(query.order_by(holidays.c.date).limit(limit))
         return [Holiday(dt.date.fromisoformat(r.date), r.name) for r in rows]
 
     def add_holiday(self, holiday: Holiday) -> None:

@@ -446,6 +446,20 @@ def test_list_slots_pages_by_date_and_start_time_with_an_optional_date(live):
     assert [[s.start_time for s in p] for p in one_day] == [["08:00"], ["14:00"]]
 
 
+def test_slots_made_between_two_pages_neither_repeat_nor_push_one_out(live):
+    """Slots are made in the middle of the list: the next page starts after the last slot shown, not at an offset
+    (an earlier slot made meanwhile had made the next page repeat the last one)."""
+    doctor = make_doctor(live.stub)
+    make_slots(live.stub, doctor, ("09:00", "10:00", 2), ("10:00", "11:00", 2))
+    make_slots(live.stub, doctor, ("09:00", "10:00", 2), date=NEXT_DAY)
+    first = live.stub.ListSlots(pb.ListSlotsRequest(doctor_id=doctor, page_size=2))
+    assert [s.start_time for s in first.slots] == ["09:00", "10:00"]
+    make_slots(live.stub, doctor, ("08:00", "09:00", 2), ("11:00", "12:00", 2))
+    rest = live.stub.ListSlots(pb.ListSlotsRequest(doctor_id=doctor, page_size=2, page_token=first.next_page_token))
+    assert [(s.date, s.start_time) for s in rest.slots] == [(DAY, "11:00"), (NEXT_DAY, "09:00")]
+    assert rest.next_page_token == ""
+
+
 def test_list_tokens_pages_in_token_number_order(live):
     doctor = make_doctor(live.stub)
     make_slots(live.stub, doctor, ("09:00", "10:00", 3))

@@ -391,6 +391,12 @@ def test_holidays_are_created_listed_by_date_in_ranges_and_pages_and_deleted(liv
     removed = live.stub.DeleteHoliday(pb.DeleteHolidayRequest(date="2030-08-15")).holiday
     assert removed == pb.Holiday(date="2030-08-15", name="Independence Day")
     assert holidays(live) == [h for h in everything if h[0] != "2030-08-15"]
+    # A page goes on after the last date shown: deleting one shown before it skips nothing (an offset had lost
+    # 2030-01-26 here).
+    first = live.stub.ListHolidays(pb.ListHolidaysRequest(page_size=1))
+    live.stub.DeleteHoliday(pb.DeleteHolidayRequest(date=first.holidays[0].date))
+    rest = live.stub.ListHolidays(pb.ListHolidaysRequest(page_size=1, page_token=first.next_page_token))
+    assert [h.date for h in rest.holidays] == ["2030-01-26"]
 
 
 def test_a_date_is_a_holiday_once_and_an_unknown_one_cannot_be_deleted(live: LiveServer):
