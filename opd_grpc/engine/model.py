@@ -481,11 +481,8 @@ class DoctorDay:
 
     def set_capacity(self, slot_id: str, max_capacity: int, now: dt.datetime, span_minutes: int) -> CapacityChange:
         """SPEC §6: a raise promotes at once; a cut below the seat holders is refused. The seats' consultations
-        must fit in `span_minutes` (see service.MAX_SLOT_SPAN_MINUTES). The capacity it has already changes nothing
-        (no event: the boards are not woken for it)."""
+        must fit in `span_minutes` (see service.MAX_SLOT_SPAN_MINUTES)."""
         slot = self.slot(slot_id)
-        if max_capacity == slot.max_capacity:
-            return CapacityChange(replace(slot), [])
         if max_capacity * slot.consultation_minutes > span_minutes:
             raise invalid("max_capacity", f"{max_capacity} seats of {slot.consultation_minutes} minutes would take "
                                           f"more than {span_minutes // 1440} days")

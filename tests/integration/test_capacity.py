@@ -123,16 +123,6 @@ def test_lowering_capacity_to_exactly_the_seat_holders_is_allowed(live):
     assert spec_violations(live.stub, doctor) == []
 
 
-def test_the_capacity_a_slot_has_already_changes_nothing_and_wakes_no_board(live):
-    doctor = make_doctor(live.stub)
-    (slot,) = make_slots(live.stub, doctor, ("09:00", "10:00", 2))
-    allocate(live.stub, doctor, 1)
-    events = live.stub.ListQueueEvents(pb.ListQueueEventsRequest(doctor_id=doctor, date=DAY)).events
-    answer = capacity(live, slot.slot_id, 2)
-    assert (answer.slot.max_capacity, list(answer.promoted)) == (2, [])
-    assert live.stub.ListQueueEvents(pb.ListQueueEventsRequest(doctor_id=doctor, date=DAY)).events == events
-
-
 def test_a_capacity_left_out_is_said_to_be_required(live):
     doctor = make_doctor(live.stub)
     (slot,) = make_slots(live.stub, doctor, ("09:00", "10:00", 2))
