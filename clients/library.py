@@ -39,7 +39,7 @@ DEFAULT_STALL_SECONDS = 30.0  # 3x the server's default WATCH_HEARTBEAT_SECONDS:
 # KEEPALIVE_PING_SECONDS + KEEPALIVE_ACK_SECONDS (15 s), and is retried or, for a watch, reconnected.
 KEEPALIVE_PING_SECONDS = 10  # ping after 10 s without a byte from the server; it permits pings every 5 s
 KEEPALIVE_ACK_SECONDS = 5  # an ack takes one round trip: no ack in 5 s is a dead path, not a slow one
-KEEPALIVE_CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", KEEPALIVE_PING_SECONDS * 1000),
     ("grpc.keepalive_timeout_ms", KEEPALIVE_ACK_SECONDS * 1000),
     # What gRPC 1.85 actually waits for an ack before it closes the connection (1 min by default once keepalive
@@ -50,6 +50,11 @@ KEEPALIVE_CHANNEL_OPTIONS = [
     # By default a client stops pinging after 2 pings without sending data; a watch sends nothing after its
     # request, so its connection would go unwatched from the third ping on.
     ("grpc.http2.max_pings_without_data", 0),
+    # While the server is away the channel waits between attempts to connect, from 1 s growing to 2 min by
+    # default, and calls fail at once meanwhile: a server back after a restart would be found seconds late, past
+    # a call's deadline. Tried at least every second, it is found within about a second.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 
@@ -185,7 +190,7 @@ class OPDClient:
     """One connection to the OPD token service; a context manager that closes the channel it opened.
 
     With `credentials` (see `tls_credentials`) the channel it opens speaks TLS; without, plaintext. A channel it
-    opens pings the server while a call is open (KEEPALIVE_CHANNEL_OPTIONS); a `channel` passed in is used as is.
+    opens pings the server while a call is open (CHANNEL_OPTIONS); a `channel` passed in is used as is.
     A call may take `timeout` seconds in all: its attempts (as many as fit, or up to `attempts`) and the pauses
     between them (`backoff`, doubling up to MAX_RETRY_PAUSE) share it, so a call rides out a server's restart (a
     second or so) within its deadline. A watch has no deadline (see Watch)."""
@@ -197,8 +202,8 @@ class OPDClient:
             raise ValueError("give an address (and credentials) or a channel, not both")
         target = address or DEFAULT_ADDRESS
         self._owned_channel = None if channel is not None else (
-            grpc.secure_channel(target, credentials, KEEPALIVE_CHANNEL_OPTIONS) if credentials
-            else grpc.insecure_channel(target, KEEPALIVE_CHANNEL_OPTIONS))
+            grpc.secure_channel(target, credentials, CHANNEL_OPTIONS) if credentials
+            else grpc.insecure_channel(target, CHANNEL_OPTIONS))
         self._stub = opd_pb2_grpc.OPDTokenServiceStub(channel or self._owned_channel)
         self.timeout = timeout
         self.attempts = None if attempts is None else max(1, attempts)

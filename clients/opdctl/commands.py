@@ -251,7 +251,7 @@ def report(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
 
 def watch(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
     """Prints each snapshot and event as it comes; stops after --count events, or at Ctrl-C."""
-    for doctor_id in args.doctor:  # an unknown doctor, or no server at all, is said at once rather than retried
+    for doctor_id in args.doctor:  # an unknown doctor, or no server within --timeout, is said before watching
         client.get_doctor(doctor_id)
     zone = _hospital_zone(client, args, args.doctor[0], args.date)
 

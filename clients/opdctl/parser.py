@@ -41,6 +41,7 @@ none: every day), a time range HH:MM-HH:MM, then /N to split it into slots of N 
 C seats per slot (none: the server's DEFAULT_SLOT_CAPACITY)"""
 
 
+MAX_TIMEOUT_SECONDS = 86_400  # a day; gRPC cannot take a deadline of billions of seconds
 TODAY: Any = object()  # --date left out where it means today (not a string: argparse would parse it as a date)
 
 
@@ -198,7 +199,7 @@ def whole_number(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if not -INT32_LIMIT <= number < INT32_LIMIT:
-        raise argparse.ArgumentTypeError(f"{text} is too large (at most {INT32_LIMIT - 1:,})")
+        raise argparse.ArgumentTypeError(f"{text} is out of range ({-INT32_LIMIT:,} to {INT32_LIMIT - 1:,})")
     return number
 
 
@@ -214,8 +215,9 @@ def seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds more than 0")
+    if not 0 < value <= MAX_TIMEOUT_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds more than 0, up to "
+                                         f"{MAX_TIMEOUT_SECONDS:,}")
     return value
 
 

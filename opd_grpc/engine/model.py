@@ -150,11 +150,16 @@ def folded(text: str) -> str:
     return _SPACES.sub(" ", unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())).strip()
 
 
-def skipped(date: dt.date, time: dt.time, tz: dt.tzinfo) -> bool:
+def skipped(date: dt.date, time: dt.time, tz: dt.tzinfo, ending: bool = False) -> bool:
     """Whether the clocks skip this wall-clock time on that date (the hour a change to summer time jumps, or a
-    date a zone left out): a slot there would start or end at an instant an hour off, after it ends."""
+    date a zone left out): a slot there would start or end at an instant an hour off, after it ends. A slot may
+    end (`ending`) at the first minute skipped, which is the instant the clocks jump (01:00 in London, which then
+    reads 02:00)."""
+    def missing(moment: dt.datetime) -> bool:
+        return moment.astimezone(dt.timezone.utc).astimezone(tz).replace(tzinfo=None) != moment.replace(tzinfo=None)
+
     local = dt.datetime.combine(date, time, tz)
-    return local.astimezone(dt.timezone.utc).astimezone(tz).replace(tzinfo=None) != local.replace(tzinfo=None)
+    return missing(local) and not (ending and not missing(local - dt.timedelta(minutes=1)))
 
 
 @dataclass

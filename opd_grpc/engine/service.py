@@ -274,10 +274,9 @@ class OPDService:
         new = [self._new_slot(v, f"slots[{i}]", r) for i, r in enumerate(requests)]
         if not v.items:
             for i, n in enumerate(new):
-                for name, time in (("start_time", n.start), ("end_time", n.end)):
-                    if skipped(n.date, time, self.rules.timezone):
-                        v.add(f"slots[{i}].{name}", f"{time:%H:%M} does not happen on {n.date.isoformat()} in "
-                                                    f"{self.rules.timezone} (the clocks skip it)")
+                for name, time in self._skipped_times(n):
+                    v.add(f"slots[{i}].{name}", f"{time:%H:%M} does not happen on {n.date.isoformat()} in "
+                                                f"{self.rules.timezone} (the clocks skip it)")
         self._check(v, call)
         if (pair := next(_overlapping(new), None)) is not None:
             first, later = (new[k] for k in pair)
@@ -290,6 +289,11 @@ class OPDService:
                     for n in new]
 
         return self._add_slots(doctor_id, sorted({(doctor_id, n.date) for n in new}), call, add)
+
+    def _skipped_times(self, slot: NewSlot) -> list[tuple[str, dt.time]]:
+        """The slot's start and end times that its date does not have in the hospital's zone (model.skipped)."""
+        return [(name, time) for name, time in (("start_time", slot.start), ("end_time", slot.end))
+                if skipped(slot.date, time, self.rules.timezone, ending=name == "end_time")]
 
     def _new_slot(self, v: Violations, field: str, r: SlotRequest) -> NewSlot:
         return NewSlot(v.date(f"{field}.date", r.date),
@@ -454,12 +458,12 @@ class OPDService:
                 raise FailedPrecondition(f"{doctor_id}'s slot template does not fit the settings any more "
                                          f"({first.field}: {first.description}); set it again with SetSlotTemplate.",
                                          "SLOT_TEMPLATE_OUT_OF_BOUNDS")
-            if (gap := next((n for n in new if skipped(n.date, n.start, self.rules.timezone)
-                             or skipped(n.date, n.end, self.rules.timezone)), None)) is not None:
+            if (gap := next((n for n in new if self._skipped_times(n)), None)) is not None:
                 raise FailedPrecondition(
                     f"{doctor_id}'s slot template puts a slot {gap.start:%H:%M}-{gap.end:%H:%M} on "
-                    f"{gap.date.isoformat()}, when {self.rules.timezone}'s clocks skip part of it; apply the template "
-                    "to the dates before and after that one, and make that date's slot with CreateSlots.",
+                    f"{gap.date.isoformat()}, where {self.rules.timezone}'s clocks skip "
+                    f"{' and '.join(f'{t:%H:%M}' for _, t in self._skipped_times(gap))}; apply the template to the "
+                    "dates before and after that one, and make that date's slot with CreateSlots at times that happen.",
                     "SLOT_TIME_SKIPPED")
             created, existing = [], []
             for n in new:

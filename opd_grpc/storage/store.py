@@ -371,11 +371,12 @@ class SqlUnitOfWork:
         return [(doctor_id, dt.date.fromisoformat(date)) for doctor_id, date in rows]
 
     def no_shows_swept_to(self) -> dt.date | None:
-        swept_to = self.conn.execute(select(sweep.c.swept_to)).scalar_one()
+        swept_to = self.conn.execute(select(sweep.c.swept_to)).scalar_one_or_none()  # no row: never swept
         return None if swept_to is None else dt.date.fromisoformat(swept_to)
 
     def set_no_shows_swept_to(self, date: dt.date) -> None:
-        self.conn.execute(update(sweep).values(swept_to=date.isoformat()))
+        if not self.conn.execute(update(sweep).values(swept_to=date.isoformat())).rowcount:
+            self.conn.execute(insert(sweep).values(sweep_id=1, swept_to=date.isoformat()))  # its one row was deleted
 
     def slots(self, doctor_id: str, date: dt.date | None, after: tuple[dt.date, dt.time] | None,
               limit: int) -> list[Slot]:

@@ -527,8 +527,9 @@ def test_times_the_clocks_skip_are_refused_by_create_slots_and_by_applying_a_pat
             "slots[0].end_time": "02:30 does not happen on 2030-03-10 in America/New_York (the clocks skip it)",
             "slots[2].end_time": "02:30 does not happen on 2030-03-10 in America/New_York (the clocks skip it)"}
         across = live.stub.CreateSlots(pb.CreateSlotsRequest(doctor_id=doctor, slots=[
-            pb.SlotSpec(date=spring, start_time="01:00", end_time="03:00")])).slots  # one real hour
-        assert [(s.start_time, s.end_time) for s in across] == [("01:00", "03:00")]
+            pb.SlotSpec(date=spring, start_time="00:00", end_time="02:00"),  # ends as the clocks jump
+            pb.SlotSpec(date=spring, start_time="03:00", end_time="04:00")])).slots
+        assert [(s.start_time, s.end_time) for s in across] == [("00:00", "02:00"), ("03:00", "04:00")]
 
         other = make_doctor(live.stub)
         set_template(live, other, [tslot(SUN, "02:00", "02:45")])

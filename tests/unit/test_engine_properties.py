@@ -226,9 +226,7 @@ class ModelDay:
         if self.free_seats(slot.slot_id) > 0:
             plan = AllocationPlan(slot.slot_id, Status.CONFIRMED)
         elif source is Source.EMERGENCY and (victim := self.bump_victim(slot.slot_id)) is not None:
-            plan = AllocationPlan(slot.slot_id, Status.CONFIRMED, victim=victim)
-            if waitlist_full:  # the SPEC does not say whether a bump may lengthen a full waitlist: both are fine
-                expect.refusals.append((ResourceExhausted, "WAITLIST_FULL"))
+            plan = AllocationPlan(slot.slot_id, Status.CONFIRMED, victim=victim)  # even onto a full waitlist
         elif flexible and (later := next((s for s in open_slots if s.start > slot.start
                                           and self.free_seats(s.slot_id) > 0), None)) is not None:
             plan = AllocationPlan(later.slot_id, Status.CONFIRMED, moved=True)
