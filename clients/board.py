@@ -34,7 +34,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from clients.library import DEFAULT_ADDRESS, OPDClient, OPDError, tls_credentials
+from clients.library import DEFAULT_ADDRESS, OPDClient, OPDError, hospital_today, tls_credentials
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 
 PANELS_PER_ROW = 3
@@ -363,11 +363,6 @@ def _names(client: OPDClient, doctor_ids: list[str], wait: bool) -> dict[str, st
         if wait and error.code is grpc.StatusCode.UNAVAILABLE:
             return {}
         raise
-
-
-def hospital_today(zone: dt.tzinfo | None) -> str:
-    """The hospital's date now: in its time zone, or this machine's."""
-    return dt.datetime.now(zone).date().isoformat() if zone else dt.date.today().isoformat()
 
 
 def _zone(name: str) -> dt.tzinfo:

@@ -180,6 +180,11 @@ def _pem(path: Path | None, marker: bytes, what: str) -> bytes | None:
     return data
 
 
+def hospital_today(zone: dt.tzinfo | None) -> str:
+    """The hospital's date now: in its time zone, or this machine's."""
+    return dt.datetime.now(zone).date().isoformat() if zone else dt.date.today().isoformat()
+
+
 def server_zone(stats: pb.GetStatsResponse) -> dt.tzinfo:
     """The hospital's time zone, the server's TIMEZONE as GetStats names it: dates and slot times are its wall clock.
     An older server names none: UTC."""

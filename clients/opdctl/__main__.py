@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 
 from clients.library import OPDClient, OPDError, tls_credentials
-from clients.opdctl import parser
+from clients.opdctl import commands, parser
 from clients.opdctl.errors import EXIT_USAGE, Refused, UsageError, command_name, exit_code, explain
 from clients.opdctl.pattern import PatternError
 from clients.opdctl.render import Printer
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser.parse(argv)
+    args = parser.build().parse_args(argv)  # a bad flag: argparse prints the usage and exits with 2
     command = command_name(args)
     try:
         credentials = (tls_credentials(*(Path(f) if f else None for f in (args.ca_cert, args.cert, args.key_file)))
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with OPDClient(args.address, timeout=args.timeout, api_key=args.key or None,
                        credentials=credentials) as client:
+            commands.fill_in_today(client, args)
             args.run(client, args, Printer(args.json))
     except Refused as refused:
         print(explain(refused.error, args, refused.notes), file=sys.stderr)

@@ -10,8 +10,9 @@ import argparse
 import datetime as dt
 import sys
 from pathlib import Path
+from typing import Any
 
-from clients.library import AlreadyExists, OPDClient, OPDError, server_zone
+from clients.library import AlreadyExists, OPDClient, OPDError, hospital_today, server_zone
 from clients.opdctl import pattern
 from clients.opdctl.errors import Refused, UsageError
 from clients.report import write_report
@@ -285,6 +286,18 @@ def _day_view(client: OPDClient, args: argparse.Namespace, doctor_id: str,
     if args.json:  # only the replies are printed: asking for what the text would show is two calls for nothing
         return {}, dt.timezone.utc
     return _slot_times(client, doctor_id, date), _hospital_zone(client, args, doctor_id, date)
+
+
+# A --date left out where it means today (parser._date); not a string, which argparse would parse as a date.
+TODAY: Any = object()
+
+
+def fill_in_today(client: OPDClient, args: argparse.Namespace) -> None:
+    """A --date left out is the hospital's today: on the clock of --timezone, else of the server's TIMEZONE (one
+    GetStats call), not of this terminal, which may be a day off."""
+    if getattr(args, "date", None) is TODAY:
+        zone = args.timezone or server_zone(client.get_stats(dt.date.today().isoformat()))
+        args.date = hospital_today(zone)
 
 
 def _hospital_zone(client: OPDClient, args: argparse.Namespace, doctor_id: str, date: str) -> dt.tzinfo:

@@ -28,7 +28,7 @@ opdctl: the OPD token service from a terminal, for clinic staff.
   opdctl watch --doctor DOC001 --date 2030-01-07
 
 Every command takes --address, --key, --json, --timezone and the TLS flags, before or after its name. Dates are
-YYYY-MM-DD and default to today (on the --timezone clock); times are HH:MM. Times of day are shown on the hospital's clock, the server's
+YYYY-MM-DD and default to the hospital's today; times are HH:MM. Times of day are shown on the hospital's clock, the server's
 TIMEZONE. `opdctl COMMAND --help` says more."""
 
 EPILOG = """\
@@ -42,7 +42,6 @@ C seats per slot (none: the server's DEFAULT_SLOT_CAPACITY)"""
 
 
 MAX_TIMEOUT_SECONDS = 86_400  # a day; gRPC cannot take a deadline of billions of seconds
-TODAY: Any = object()  # --date left out where it means today (not a string: argparse would parse it as a date)
 
 
 def build() -> argparse.ArgumentParser:
@@ -163,15 +162,6 @@ def build() -> argparse.ArgumentParser:
     return parser
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags, with a date left out taken as today on the clock of --timezone (or $OPD_TIMEZONE), else of this
-    machine: a desk in another zone than the hospital would otherwise ask for the wrong day."""
-    args = build().parse_args(argv)  # a bad flag: argparse prints the usage and exits with 2
-    if getattr(args, "date", None) is TODAY:
-        args.date = dt.datetime.now(args.timezone).date().isoformat()
-    return args
-
-
 def date(text: str) -> str:
     """A YYYY-MM-DD calendar date, as the server takes it."""
     try:
@@ -273,8 +263,9 @@ def _doctor(parser: argparse.ArgumentParser) -> None:
 
 
 def _date(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--date", type=date, default=TODAY,
-                        help="YYYY-MM-DD (default: today, on the clock of --timezone if given)")
+    parser.add_argument("--date", type=date, default=commands.TODAY,
+                        help="YYYY-MM-DD (default: today, the hospital's: on the clock of --timezone, else the "
+                             "server's TIMEZONE)")
 
 
 def _consultation_minutes(parser: argparse.ArgumentParser) -> None:

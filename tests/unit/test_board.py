@@ -11,7 +11,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from rich.console import Console
 
-from clients.board import (BoardState, big_number, connection_line, demo_state, follow, hospital_today, main,
+from clients.library import hospital_today
+from clients.board import (BoardState, big_number, connection_line, demo_state, follow, main,
                            render, save_picture)
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 

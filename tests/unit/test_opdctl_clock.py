@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from clients.library import Unavailable
-from clients.opdctl import parser
+from clients.opdctl import commands, parser
 from clients.opdctl.render import Printer
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 
@@ -61,7 +61,7 @@ def terminal_in_new_york(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def run(desk: Desk, *argv: str) -> str:
-    args = parser.parse(list(argv))
+    args = parser.build().parse_args(list(argv))
     out = io.StringIO()
     args.run(desk, args, Printer(args.json, file=out))
     return out.getvalue()
@@ -100,13 +100,20 @@ def test_json_prints_the_reply_alone_and_asks_nothing_more_for_it():
     assert desk.asked == []
 
 
-def test_a_date_left_out_is_today_on_the_clock_of_the_timezone_given():
-    """Kiritimati (UTC+14) and Pago Pago (UTC-11) are always on different dates: a desk's machine in one zone asks
-    for the hospital's today when --timezone names the hospital's zone."""
-    for name in ("Pacific/Kiritimati", "Pacific/Pago_Pago"):
+
+def test_a_date_left_out_is_the_hospitals_today_on_the_servers_clock_or_the_timezone_given():
+    """Kiritimati (UTC+14) and Pago Pago (UTC-11) are always on different dates: a desk whose machine is in one
+    zone asks for the hospital's today, on the server's TIMEZONE, or on --timezone's clock when given."""
+    for name, flags in (("Pacific/Kiritimati", []), ("Pacific/Pago_Pago", ["--timezone", "Pacific/Pago_Pago"])):
+        desk = Desk(pb.GetStatsResponse(timezone="Pacific/Kiritimati"))
         before = dt.datetime.now(ZoneInfo(name)).date().isoformat()
-        args = parser.parse(["tokens", "list", "--doctor", "DOC001", "--timezone", name])
+        args = parser.build().parse_args(["tokens", "list", "--doctor", "DOC001", *flags])
+        commands.fill_in_today(desk, args)  # type: ignore[arg-type]
         assert args.date in (before, dt.datetime.now(ZoneInfo(name)).date().isoformat())
-    given = parser.parse(["tokens", "list", "--doctor", "DOC001", "--date", "2030-01-07", "--timezone", name])
+        assert len(desk.asked) == (0 if flags else 1)  # --timezone: nothing to ask
+    given = parser.build().parse_args(["tokens", "list", "--doctor", "DOC001", "--date", "2030-01-07"])
+    commands.fill_in_today(Desk(ValueError("not asked")), given)  # type: ignore[arg-type]
     assert given.date == "2030-01-07"
-    assert parser.parse(["slots", "list", "--doctor", "DOC001"]).date is None  # every date, as before
+    every_date = parser.build().parse_args(["slots", "list", "--doctor", "DOC001"])
+    commands.fill_in_today(Desk(ValueError("not asked")), every_date)  # type: ignore[arg-type]
+    assert every_date.date is None
