@@ -28,8 +28,8 @@ opdctl: the OPD token service from a terminal, for clinic staff.
   opdctl watch --doctor DOC001 --date 2030-01-07
 
 Every command takes --address, --key, --json, --timezone and the TLS flags, before or after its name. Dates are
-YYYY-MM-DD and default to the hospital's today; times are HH:MM. Times of day are shown on the hospital's clock, the server's
-TIMEZONE. `opdctl COMMAND --help` says more."""
+YYYY-MM-DD and default to the hospital's today; times are HH:MM. Times of day are shown on the hospital's clock,
+the server's TIMEZONE. `opdctl COMMAND --help` says more."""
 
 EPILOG = """\
 exit codes: 0 done; 1 the server refused (its message and a hint go to stderr); 2 a bad flag, date, pattern or
