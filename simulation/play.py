@@ -40,6 +40,9 @@ from simulation.scenario import DATE, NO_SHOW_GRACE, OPENS_AT, DayPlan, Fate, Pa
 
 MINUTE = dt.timedelta(minutes=1)
 CALL_TIMEOUT_SECONDS = 30.0
+# UNAVAILABLE is tried this many times (0.7 s in all), not until CALL_TIMEOUT_SECONDS as the client library would: a
+# server that is gone ends the day at once, while a slow answer on a busy machine still gets its 30 s.
+ATTEMPTS_WHILE_UNAVAILABLE = 4
 COMPLETES_BY_CALLING_NEXT = 0.3  # how often a doctor lets the next CallNext end the consultation
 # What the day counts, per doctor, in the order the summary shows them.
 EVENTS = {
@@ -83,8 +86,10 @@ class CannotRun(Exception):
 def role_clients(channel: grpc.Channel, keys: Mapping[str, str], timeout: float) -> dict[str, OPDClient]:
     """A client per role on the one `channel`, each presenting its role's key (none without keys: a development
     server). Without a display key, `display` reads with the admin key."""
-    clients = {role: OPDClient(channel=channel, timeout=timeout, api_key=keys.get(role)) for role in CHANGING_ROLES}
-    clients["display"] = OPDClient(channel=channel, timeout=timeout, api_key=keys.get("display", keys.get("admin")))
+    clients = {role: OPDClient(channel=channel, timeout=timeout, attempts=ATTEMPTS_WHILE_UNAVAILABLE,
+                               api_key=keys.get(role)) for role in CHANGING_ROLES}
+    clients["display"] = OPDClient(channel=channel, timeout=timeout, attempts=ATTEMPTS_WHILE_UNAVAILABLE,
+                                   api_key=keys.get("display", keys.get("admin")))
     return clients
 
 
