@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import sqlalchemy
+
 from opd_grpc.engine.model import Rules
 from opd_grpc.engine.service import MAX_CONSULTATION_MINUTES, MAX_SLOT_CAPACITY, MAX_SLOT_SPAN_MINUTES
 
@@ -87,6 +89,8 @@ class Settings:
         for name in names:
             if f"OPD_{name}" in env:
                 values[name] = env[f"OPD_{name}"]
+        if "DATABASE_URL" in values:
+            values["DATABASE_URL"] = _database_url(str(values["DATABASE_URL"]))
         settings = cls(**{name: _convert(name, names[name].type, value) for name, value in values.items()})
         settings.check()
         return settings
@@ -172,3 +176,19 @@ def _convert(name: str, kind: Any, value: Any) -> Any:
         except (TypeError, ValueError):
             raise SettingsError(f"{name} must be a number, not {value!r}") from None
     return str(value)
+
+
+def _database_url(url: str) -> str:
+    """DATABASE_URL as SQLAlchemy takes it. `postgresql://` alone names a driver (psycopg2) this project does not
+    install: it means psycopg 3, which it does. Other databases are refused here, by name, rather than by a missing
+    driver's traceback."""
+    try:
+        parsed = sqlalchemy.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        return url  # the store says it cannot parse it, with the URL
+    if parsed.drivername == "postgresql":
+        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    if parsed.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):
+        raise SettingsError(f"DATABASE_URL: {parsed.drivername}:// is not a database this server runs on; give "
+                            "sqlite:///FILE or postgresql://USER@HOST/DATABASE")
+    return url

@@ -59,6 +59,12 @@ def change_entries(actor: Actor, method: str, request_id: str, now: dt.datetime,
         entry(e.token_id, [e], _cause(e)) for e in others if e.token_id]
 
 
+def named(text: str) -> str:
+    """A name a person typed (a holiday's, a key's), for an audit reason: quoted, with any number long enough to be
+    a phone or a record number blanked, as in a note (SPEC §13: no phone number in any log)."""
+    return repr(_LONG_NUMBER.sub("…", unicodedata.normalize("NFKC", text)))
+
+
 def _blanked(note: str, patient: Patient | None) -> str:
     """A caller's words (in Unicode's NFKC form) without the patient's details: their mrn wherever it appears,
     their phone (its digits, however spaced), and each word of their name, compared as the duplicate-patient

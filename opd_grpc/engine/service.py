@@ -22,7 +22,7 @@ from operator import methodcaller
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 from opd_grpc.engine.access import ROLES, SYSTEM, Actor, ApiKey, KeyRing, new_key
-from opd_grpc.engine.audit import CHANGED, AuditEntry, change_entries, denied_entry
+from opd_grpc.engine.audit import CHANGED, AuditEntry, change_entries, denied_entry, named
 from opd_grpc.engine.clock import Clock
 from opd_grpc.engine.errors import (
     AlreadyExists, Conflict, EngineError, FailedPrecondition, NotFound, OutOfRange, Unauthenticated, Unavailable,
@@ -495,7 +495,7 @@ class OPDService:
 
         def describe(new: NewHoliday) -> str:
             open_slots = f"; {new.slots_that_day_total} slots of that date stay open" if new.slots_that_day else ""
-            return f"holiday {holiday.date.isoformat()} ({holiday.name!r}) created{open_slots}"
+            return f"holiday {holiday.date.isoformat()} ({named(holiday.name)}) created{open_slots}"
 
         return self._write(call, add, describe)
 
@@ -526,7 +526,7 @@ class OPDService:
                 raise NotFound(f"{date} is not a holiday.", "HOLIDAY_NOT_FOUND")
             return holiday
 
-        return self._write(call, remove, lambda h: f"holiday {h.date.isoformat()} ({h.name!r}) deleted")
+        return self._write(call, remove, lambda h: f"holiday {h.date.isoformat()} ({named(h.name)}) deleted")
 
     # ---- tokens -------------------------------------------------------------------------------
 
@@ -744,7 +744,7 @@ class OPDService:
     def add_key(self, name: str, role: str, actor: Actor) -> tuple[ApiKey, str]:
         """A new key with one role; answers it and its text, which is shown once and stored only hashed."""
         v = Violations()
-        name = v.text("name", name)
+        name = " ".join(v.text("name", name).split())  # one line: `keys list` shows it as a row of its own
         if role not in ROLES:
             v.add("role", f"{role!r} is not a role; one of {', '.join(ROLES)}")
         v.check()
@@ -753,7 +753,7 @@ class OPDService:
         with self.store.unit_of_work(write=True) as uow:
             uow.add_api_key(key)
             uow.add_audit_entry(AuditEntry(now, CHANGED, actor.key_id, actor.role, "AddApiKey",
-                                           reason=f"key {key.key_id} ({role}, {name!r}) added"))
+                                           reason=f"key {key.key_id} ({role}, {named(name)}) added"))
             uow.commit()
         return key, text
 

@@ -495,3 +495,19 @@ def test_a_flood_of_bad_keys_is_refused_but_fills_the_audit_log_only_at_its_rate
             assert len(audit_rows(url, before)) == len(flood) + 1
         finally:
             live.close()
+
+
+def test_a_keys_name_is_one_line_and_its_audit_row_holds_no_phone_number(tmp_path: Path):
+    """`keys list` shows a key a row: a name with a line break would forge a row of its own. A name with a phone
+    number in it keeps it for `keys list`, but no log holds it (SPEC §13)."""
+    with fresh_database(tmp_path) as url:
+        add_key(url, "display", "Ravi Kumar desk\n+91 98450 12345")
+        (row,) = [r for r in audit_rows(url) if r[4] == "AddApiKey"]
+        assert row[5].endswith("(display, 'Ravi Kumar desk …') added"), row
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.NullPool)
+        try:
+            with engine.connect() as conn:
+                names = list(conn.execute(sqlalchemy.text("SELECT name FROM api_keys")).scalars())
+        finally:
+            engine.dispose()
+        assert names == ["Ravi Kumar desk +91 98450 12345"]

@@ -487,6 +487,15 @@ def test_repeated_template_and_holiday_changes_answer_the_first_answer(live: Liv
     assert audit_reasons(live, "DeleteHoliday") == ["holiday 2030-01-26 ('Republic Day') deleted"]
 
 
+def test_a_phone_number_in_a_holidays_name_stays_out_of_the_audit_log(live: LiveServer):
+    """Staff type what they like into a holiday's name; the name keeps it, no log does (SPEC §13)."""
+    name = "Closed, call Ravi at 98450 12345"
+    assert holiday(live, "2031-03-05", name).name == name
+    live.stub.DeleteHoliday(pb.DeleteHolidayRequest(date="2031-03-05"))
+    assert audit_reasons(live, "CreateHoliday") + audit_reasons(live, "DeleteHoliday") == [
+        "holiday 2031-03-05 ('Closed, call Ravi at …') created", "holiday 2031-03-05 ('Closed, call Ravi at …') deleted"]
+
+
 def test_audit_entries_of_these_changes_carry_no_token(live: LiveServer):
     doctor = make_doctor(live.stub)
     set_template(live, doctor, WEEKLY)

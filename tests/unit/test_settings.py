@@ -116,11 +116,18 @@ def test_true_in_the_environment(text):
     ({"OPD_LISTEN": "nonsense"}, "LISTEN must be HOST:PORT"),
     ({"OPD_LISTEN": "::1"}, "LISTEN must be HOST:PORT"),
     ({"OPD_METRICS_LISTEN": "garbage"}, "METRICS_LISTEN must be HOST:PORT"),
+    ({"OPD_DATABASE_URL": "mysql://root@localhost/opd"}, "DATABASE_URL: mysql:// is not a database"),
 ], ids=lambda v: str(v) if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()))
 def test_a_bad_value_in_the_environment_is_refused_by_name(env, named):
     with pytest.raises(SettingsError) as refusal:
         Settings.load(env=env)
     assert named in str(refusal.value)
+
+
+def test_postgresql_without_a_driver_means_the_psycopg_this_project_installs():
+    """SQLAlchemy reads postgresql:// as psycopg2, which is not installed: the server would die with a traceback."""
+    settings = Settings.load(env={"OPD_DATABASE_URL": "postgresql://postgres:p%40ss@db.example:5432/opd"})
+    assert settings.DATABASE_URL == "postgresql+psycopg://postgres:p%40ss@db.example:5432/opd"
 
 
 @pytest.mark.parametrize("text,named", [
