@@ -115,7 +115,9 @@ class Metrics:
         self._per_kind = {kind: events.labels(kind.value) for kind in EventKind}
         self._per_allocation = {(kind, source): allocations.labels(source.value, outcome)
                                 for kind, outcome in ALLOCATION_OUTCOMES.items() for source in Source}
-        self.registry.register(_ScrapeTimeGauges(waitlist_lengths, watchers))
+        self._database_answering = True
+        self.registry.register(_ScrapeTimeGauges(
+            lambda: waitlist_lengths() if self._database_answering else None, watchers))
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     def start(self, listen: str) -> int:
@@ -149,6 +151,7 @@ class Metrics:
         children[1].observe(seconds)
 
     def database_answers(self, answering: bool) -> None:
+        self._database_answering = answering
         self._database_up.set(int(answering))
 
     def denial_not_audited(self) -> None:
@@ -165,9 +168,11 @@ class Metrics:
 
 class _ScrapeTimeGauges(Collector):
     """Gauges read when Prometheus scrapes. A family whose reading fails (the database is away) is left out of
-    that scrape, with a warning, instead of failing the whole scrape."""
+    that scrape, with a warning, instead of failing the whole scrape; so are the waitlists while health says the
+    database does not answer (None): a database that has stopped answering would hold the scrape for as long as
+    it hangs, and opd_database_up with it."""
 
-    def __init__(self, waitlist_lengths: Callable[[], dict[str, int]], watchers: Callable[[], int]):
+    def __init__(self, waitlist_lengths: Callable[[], dict[str, int] | None], watchers: Callable[[], int]):
         self.waitlist_lengths = waitlist_lengths
         self.watchers = watchers
 
@@ -176,7 +181,8 @@ class _ScrapeTimeGauges(Collector):
             lengths = self.waitlist_lengths()
         except Exception as error:
             log.warning("metrics: could not read the waitlist lengths: %s", error)
-        else:
+            lengths = None
+        if lengths is not None:
             family = GaugeMetricFamily("opd_waitlist_length", "Tokens WAITLISTED today, per doctor.",
                                        labels=("doctor_id",))
             for doctor_id, length in sorted(lengths.items()):

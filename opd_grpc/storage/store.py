@@ -101,18 +101,22 @@ _KEYS_PER_QUERY = 500
 # A read's transaction on PostgreSQL: one snapshot for all its statements, and no lock.
 _BEGIN_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 CONNECT_TIMEOUT_SECONDS = 5
+# libpq's own settings for a PostgreSQL connection, unless the URL sets them: a new connection to a host that does
+# not answer fails after CONNECT_TIMEOUT_SECONDS; an open one whose packets are dropped (a lost network) is closed
+# once what it sent has gone unacknowledged for 15 s, or its peer has not answered keepalives for about 25 s,
+# instead of waiting the kernel's 15 minutes, its calls, health's check and a shutdown with it.
+POSTGRES_CONNECTION = {"connect_timeout": CONNECT_TIMEOUT_SECONDS, "tcp_user_timeout": 15_000, "keepalives": 1,
+                       "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
 
 class SqlStore:
     def __init__(self, url: str):
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
-        # SQLite takes named parameters (:name) natively, so hot statements run with plain dicts. A database host
-        # that stops answering (a lost network) fails a new connection in CONNECT_TIMEOUT_SECONDS instead of
-        # hanging it (and health's check, server._watch_database) for ever, unless the URL sets connect_timeout.
-        options: dict[str, Any] = {"paramstyle": "named"} if self.is_sqlite else {"pool_pre_ping": True}
-        if not self.is_sqlite and "connect_timeout" not in self.url.query:
-            options["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+        # SQLite takes named parameters (:name) natively, so hot statements run with plain dicts.
+        options: dict[str, Any] = {"paramstyle": "named"} if self.is_sqlite else {
+            "pool_pre_ping": True,
+            "connect_args": {k: v for k, v in POSTGRES_CONNECTION.items() if k not in self.url.query}}
         self.engine: Engine = create_engine(url, **options)
         self._writer = threading.Lock() if self.is_sqlite else None
         self._writer_uow: SqlUnitOfWork | None = None

@@ -223,6 +223,27 @@ def test_a_failing_waitlist_read_leaves_that_family_out_and_the_scrape_still_ans
     assert "could not read the waitlist lengths: connection refused" in caplog.text
 
 
+def test_while_health_says_the_database_does_not_answer_a_scrape_does_not_ask_it():
+    """A database that hangs (packets dropped) would hold every scrape, opd_database_up with it, until it gave up."""
+    asked = threading.Event()
+
+    def hanging() -> dict[str, int]:
+        asked.set()
+        time.sleep(60)
+        return {}
+
+    metrics = Metrics(hanging, lambda: 0)
+    try:
+        port = metrics.start("127.0.0.1:0")
+        metrics.database_answers(False)
+        samples = scrape(port)
+    finally:
+        metrics.stop()
+    assert not asked.is_set()
+    assert value(samples, "opd_database_up") == 0
+    assert not any(name == "opd_waitlist_length" for name, _ in samples)
+
+
 def test_two_servers_in_one_process_keep_their_own_metrics():
     first, second = Metrics(lambda: {}, lambda: 0), Metrics(lambda: {"DOC009": 1}, lambda: 0)
     try:
