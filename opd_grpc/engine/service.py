@@ -203,8 +203,9 @@ def _retried(method: Callable[..., T]) -> Callable[..., T]:
             except Conflict as conflict:
                 lost = conflict
                 time.sleep(random.uniform(0, 0.002 * 2 ** attempt))  # apart, so the racers do not meet again
-        raise Unavailable(f"The database stayed busy with conflicting changes ({lost}); try again with the same "
-                          "request_id.", "DATABASE_CONFLICT")
+        raise Unavailable(f"The database could not complete this call ({lost}): it stayed busy with conflicting "
+                          "changes, or could not be reached. Try again (a change with the same request_id).",
+                          "DATABASE_CONFLICT")
 
     return run
 DEFAULT_PAGE_SIZE = 100
