@@ -328,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     zone: dt.tzinfo | None = args.timezone
     console = Console()
     try:
-        with OPDClient(args.address, api_key=args.api_key, credentials=credentials) as client:
+        # The names are asked 4 times (0.7 s) while the server cannot be reached, not for the call's whole 5 s: the
+        # board then shows "connecting…" at once, and its watch waits for the server.
+        with OPDClient(args.address, api_key=args.api_key, credentials=credentials, attempts=4) as client:
             names = _names(client, args.doctor_ids, wait=not args.once)
             while True:
                 date = args.date or hospital_today(zone)
