@@ -34,7 +34,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from clients.library import DEFAULT_ADDRESS, OPDClient, OPDError, hospital_today, tls_credentials
+from clients.library import DEFAULT_ADDRESS, QUICK_ATTEMPTS, OPDClient, OPDError, hospital_today, tls_credentials
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 
 PANELS_PER_ROW = 3
@@ -328,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     zone: dt.tzinfo | None = args.timezone
     console = Console()
     try:
-        # The names are asked 4 times (0.7 s) while the server cannot be reached, not for the call's whole 5 s: the
-        # board then shows "connecting…" at once, and its watch waits for the server.
-        with OPDClient(args.address, api_key=args.api_key, credentials=credentials, attempts=4) as client:
+        # The names are not asked for the call's whole 5 s while the server cannot be reached: the board then shows
+        # "connecting…" at once, and its watch waits for the server.
+        with OPDClient(args.address, api_key=args.api_key, credentials=credentials,
+                       attempts=QUICK_ATTEMPTS) as client:
             names = _names(client, args.doctor_ids, wait=not args.once)
             while True:
                 date = args.date or hospital_today(zone)

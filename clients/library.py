@@ -29,6 +29,9 @@ from opd_grpc._gen.opd.v1 import opd_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"  # the server's default LISTEN (SPEC §14)
 MAX_RETRY_PAUSE = 0.5  # seconds between two attempts at most: a restarted server is found soon after it is back
+# `attempts` for a caller that must learn at once that the server is away (0.1 + 0.2 + 0.4 s of pauses), rather than
+# ride out a restart within its deadline: the board, which then shows "connecting…", and the simulation, which ends.
+QUICK_ATTEMPTS = 4
 MAX_RECONNECT_DELAY = 2.0  # seconds; a watch keeps trying at least this often while the server is away
 LIST_PAGE_SIZE = 500
 DEFAULT_STALL_SECONDS = 30.0  # 3x the server's default WATCH_HEARTBEAT_SECONDS: two heartbeats lost is not yet a stall

@@ -29,7 +29,7 @@ from typing import Any, Callable, Collection, Mapping, NoReturn
 import grpc
 from google.protobuf import timestamp_pb2
 
-from clients.library import OPDClient, OPDError
+from clients.library import QUICK_ATTEMPTS, OPDClient, OPDError
 from clients.report.figures import DayReport
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from opd_grpc._gen.opd.v1 import test_clock_pb2, test_clock_pb2_grpc
@@ -40,9 +40,6 @@ from simulation.scenario import DATE, NO_SHOW_GRACE, OPENS_AT, DayPlan, Fate, Pa
 
 MINUTE = dt.timedelta(minutes=1)
 CALL_TIMEOUT_SECONDS = 30.0
-# UNAVAILABLE is tried this many times (0.7 s in all), not until CALL_TIMEOUT_SECONDS as the client library would: a
-# server that is gone ends the day at once, while a slow answer on a busy machine still gets its 30 s.
-ATTEMPTS_WHILE_UNAVAILABLE = 4
 COMPLETES_BY_CALLING_NEXT = 0.3  # how often a doctor lets the next CallNext end the consultation
 # What the day counts, per doctor, in the order the summary shows them.
 EVENTS = {
@@ -85,10 +82,11 @@ class CannotRun(Exception):
 
 def role_clients(channel: grpc.Channel, keys: Mapping[str, str], timeout: float) -> dict[str, OPDClient]:
     """A client per role on the one `channel`, each presenting its role's key (none without keys: a development
-    server). Without a display key, `display` reads with the admin key."""
-    clients = {role: OPDClient(channel=channel, timeout=timeout, attempts=ATTEMPTS_WHILE_UNAVAILABLE,
+    server). Without a display key, `display` reads with the admin key. A server that is gone ends the day at once
+    (QUICK_ATTEMPTS), while a slow answer on a busy machine still gets `timeout`."""
+    clients = {role: OPDClient(channel=channel, timeout=timeout, attempts=QUICK_ATTEMPTS,
                                api_key=keys.get(role)) for role in CHANGING_ROLES}
-    clients["display"] = OPDClient(channel=channel, timeout=timeout, attempts=ATTEMPTS_WHILE_UNAVAILABLE,
+    clients["display"] = OPDClient(channel=channel, timeout=timeout, attempts=QUICK_ATTEMPTS,
                                    api_key=keys.get("display", keys.get("admin")))
     return clients
 

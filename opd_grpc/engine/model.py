@@ -159,7 +159,7 @@ def skipped(date: dt.date, time: dt.time, tz: dt.tzinfo, ending: bool = False) -
         return moment.astimezone(dt.timezone.utc).astimezone(tz).replace(tzinfo=None) != moment.replace(tzinfo=None)
 
     local = dt.datetime.combine(date, time, tz)
-    return missing(local) and not (ending and not missing(local - dt.timedelta(minutes=1)))
+    return missing(local) and (not ending or missing(local - dt.timedelta(minutes=1)))
 
 
 @dataclass

@@ -459,11 +459,12 @@ class OPDService:
                 raise FailedPrecondition(f"{doctor_id}'s slot template does not fit the settings any more "
                                          f"({first.field}: {first.description}); set it again with SetSlotTemplate.",
                                          "SLOT_TEMPLATE_OUT_OF_BOUNDS")
-            if (gap := next((n for n in new if self._skipped_times(n)), None)) is not None:
+            if (gap := next(((n, times) for n in new if (times := self._skipped_times(n))), None)) is not None:
+                slot, times = gap
                 raise FailedPrecondition(
-                    f"{doctor_id}'s slot template puts a slot {gap.start:%H:%M}-{gap.end:%H:%M} on "
-                    f"{gap.date.isoformat()}, where {self.rules.timezone}'s clocks skip "
-                    f"{' and '.join(f'{t:%H:%M}' for _, t in self._skipped_times(gap))}; apply the template to the "
+                    f"{doctor_id}'s slot template puts a slot {slot.start:%H:%M}-{slot.end:%H:%M} on "
+                    f"{slot.date.isoformat()}, where {self.rules.timezone}'s clocks skip "
+                    f"{' and '.join(f'{t:%H:%M}' for _, t in times)}; apply the template to the "
                     "dates before and after that one, and make that date's slot with CreateSlots at times that happen.",
                     "SLOT_TIME_SKIPPED")
             created, existing = [], []
