@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 
@@ -59,6 +61,12 @@ KEEPALIVE_ACK_SECONDS = 10.0  # an ack takes one round trip: no ack in 10 s is a
 # often is a "strike"; after two, the server sends GOAWAY "too_many_pings" and every call on the connection ends,
 # so a board would reconnect for nothing. Half the library's interval leaves room for timer jitter.
 CLIENT_PING_MIN_SECONDS = 5.0
+# Past SHUTDOWN_GRACE_SECONDS, what is left of a stop (the engine's threads, the notifications' connection, the
+# database's pool) gets this long to close. A database that stopped answering holds threads that nothing can stop,
+# and Python waits for them at exit: past this, the process leaves them (`_exit_if_stop_hangs`).
+STOP_MARGIN_SECONDS = 3.0
+# The exit code of a stop that had to leave threads waiting on the database.
+STOP_ABANDONED_EXIT_CODE = 1
 OPD_SERVICE = opd_pb2.DESCRIPTOR.services_by_name["OPDTokenService"].full_name
 TEST_CLOCK_SERVICE = test_clock_pb2.DESCRIPTOR.services_by_name["TestClockService"].full_name
 
@@ -302,4 +310,21 @@ async def serve(settings: Settings, migrate: bool = False) -> None:
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     print("opd-grpc stopping: finishing calls in flight", flush=True)
+    _exit_if_stop_hangs(settings.SHUTDOWN_GRACE_SECONDS + STOP_MARGIN_SECONDS)
     await server.stop()
+
+
+def _exit_if_stop_hangs(seconds: float) -> None:
+    """A call or health check waiting on a database that does not answer (packets dropped, not refused) keeps a
+    thread until the network gives up, minutes later; the stop, and then Python's exit, would wait for it. A stop
+    that has not ended within `seconds` ends the process: what the database did not commit, it rolls back when the
+    connection goes, and a caller retries with its request_id."""
+    def watchdog() -> None:
+        time.sleep(seconds)
+        log.error("the stop did not end within %g s (SHUTDOWN_GRACE_SECONDS and %g s more): a call or check still "
+                  "waits on the database; exiting without it", seconds, STOP_MARGIN_SECONDS)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(STOP_ABANDONED_EXIT_CODE)
+
+    threading.Thread(target=watchdog, name="opd-stop-watchdog", daemon=True).start()

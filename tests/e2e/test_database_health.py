@@ -16,6 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
+from opd_grpc._gen.opd.v1 import opd_pb2_grpc
+from opd_grpc.process import ServerProcess
+from opd_grpc.server import STOP_ABANDONED_EXIT_CODE, STOP_MARGIN_SECONDS
 from tests.support import (
     POSTGRES, TEST_DATABASE, Cuttable, LiveServer, eventually, failure, fresh_database, make_doctor, through,
 )
@@ -23,6 +26,7 @@ from tests.support import (
 pytestmark = pytest.mark.skipif(TEST_DATABASE != "postgresql", reason="a database reached over the network")
 
 OPD = "opd.v1.OPDTokenService"
+HUNG_GRACE_SECONDS = 2.0
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -100,4 +104,36 @@ def test_a_database_that_stops_answering_turns_health_not_serving_and_a_hung_che
             make_doctor(live.stub)
         finally:
             live.close()
+            proxy.cut()
+
+
+def test_a_stop_while_the_database_does_not_answer_ends_the_process_soon_after_its_grace(tmp_path: Path):
+    """A call hangs on a black-holed database, and the health check beside it: neither thread can be stopped, and
+    Python waits for both at exit. SIGTERM must still end the process, soon after SHUTDOWN_GRACE_SECONDS, saying
+    so; the caller is told UNAVAILABLE, which it retries with its request_id."""
+    proxy = Cuttable(POSTGRES)
+    with fresh_database(tmp_path) as url:
+        server = ServerProcess(through(proxy, url), test_clock=False,
+                               settings={"SHUTDOWN_GRACE_SECONDS": HUNG_GRACE_SECONDS, "METRICS_LISTEN": ""})
+        server.start()
+        channel = grpc.insecure_channel(server.address)
+        try:
+            stub = opd_pb2_grpc.OPDTokenServiceStub(channel)
+            make_doctor(stub)
+            proxy.black_hole()
+            hanging = stub.CreateDoctor.future(pb.CreateDoctorRequest(name="Dr Meera Iyer", specialization="ENT"),
+                                               timeout=60)
+            time.sleep(1.5)  # the call and a health check are waiting on the database
+            began = time.monotonic()
+            code = server.stop(timeout=60)
+            took = time.monotonic() - began
+            with pytest.raises(grpc.RpcError) as answer:
+                hanging.result()
+            assert answer.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert code == STOP_ABANDONED_EXIT_CODE, server.output
+            assert took < HUNG_GRACE_SECONDS + STOP_MARGIN_SECONDS + 2, took
+            assert any("the stop did not end within" in line for line in server.output), server.output
+        finally:
+            channel.close()
+            server.kill()
             proxy.cut()
