@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import tomllib
@@ -18,6 +19,14 @@ from opd_grpc.engine.service import MAX_CONSULTATION_MINUTES, MAX_SLOT_CAPACITY,
 
 
 MIN_REQUEST_RETENTION_HOURS = 24
+# Below this, a single booking could be refused: one with every field at its longest, in 4-byte characters, is
+# 1.8 KiB (a batch of slots is sent in parts).
+MIN_MESSAGE_BYTES = 4096
+ENVIRONMENT_PREFIX = "OPD_"
+# `OPD_` variables that are not the server's settings: the settings file's name, and what the clients read
+# (opdctl, the display board), which an operator's shell may hold beside the server's.
+OTHER_VARIABLES = frozenset({"OPD_CONFIG", "OPD_ADDRESS", "OPD_API_KEY", "OPD_CA_CERT", "OPD_CLIENT_CERT",
+                             "OPD_CLIENT_KEY"})
 
 
 class SettingsError(ValueError):
@@ -83,12 +92,13 @@ class Settings:
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 raise SettingsError(f"cannot read settings file {file}: {exc}") from exc
         names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(values) - set(names)
-        if unknown:
-            raise SettingsError(f"unknown settings in {file}: {', '.join(sorted(unknown))}")
+        _refuse_unknown(set(values) - set(names), names, "", f"in {file}")
+        _refuse_unknown({key for key in env if key.startswith(ENVIRONMENT_PREFIX) and key not in OTHER_VARIABLES
+                         and key.removeprefix(ENVIRONMENT_PREFIX) not in names}, names, ENVIRONMENT_PREFIX,
+                        "in the environment")
         for name in names:
-            if f"OPD_{name}" in env:
-                values[name] = env[f"OPD_{name}"]
+            if ENVIRONMENT_PREFIX + name in env:
+                values[name] = env[ENVIRONMENT_PREFIX + name]
         if "DATABASE_URL" in values:
             values["DATABASE_URL"] = _database_url(str(values["DATABASE_URL"]))
         settings = cls(**{name: _convert(name, names[name].type, value) for name, value in values.items()})
@@ -118,6 +128,9 @@ class Settings:
         _check_address("LISTEN", self.LISTEN)
         if self.METRICS_LISTEN:
             _check_address("METRICS_LISTEN", self.METRICS_LISTEN)
+        if self.MAX_MESSAGE_BYTES < MIN_MESSAGE_BYTES:
+            raise SettingsError(f"MAX_MESSAGE_BYTES must be at least {MIN_MESSAGE_BYTES}: below it a booking may be "
+                                f"refused, not {self.MAX_MESSAGE_BYTES}")
         if self.REQUEST_RETENTION_HOURS < MIN_REQUEST_RETENTION_HOURS:
             raise SettingsError(f"REQUEST_RETENTION_HOURS must be at least {MIN_REQUEST_RETENTION_HOURS} (a retry "
                                 f"must find its first answer for a day, SPEC §9), not {self.REQUEST_RETENTION_HOURS}")
@@ -140,6 +153,17 @@ class Settings:
                      max_waitlist_size=self.MAX_WAITLIST_SIZE, timezone=self.zone(),
                      event_retention_days=self.EVENT_RETENTION_DAYS,
                      request_retention_hours=self.REQUEST_RETENTION_HOURS)
+
+
+def _refuse_unknown(unknown: set[str], names: Mapping[str, Any], prefix: str, where: str) -> None:
+    """A misspelt setting would otherwise leave its default in force without a word (AUTO_NO_SHOW off, say)."""
+    if not unknown:
+        return
+    described = []
+    for key in sorted(unknown):
+        near = difflib.get_close_matches(key.removeprefix(prefix), names, n=1)
+        described.append(f"{key} (did you mean {prefix}{near[0]}?)" if near else key)
+    raise SettingsError(f"unknown settings {where}: {', '.join(described)}")
 
 
 def _check_address(name: str, address: str) -> None:

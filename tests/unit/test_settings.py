@@ -117,6 +117,7 @@ def test_true_in_the_environment(text):
     ({"OPD_LISTEN": "::1"}, "LISTEN must be HOST:PORT"),
     ({"OPD_METRICS_LISTEN": "garbage"}, "METRICS_LISTEN must be HOST:PORT"),
     ({"OPD_DATABASE_URL": "mysql://root@localhost/opd"}, "DATABASE_URL: mysql:// is not a database"),
+    ({"OPD_MAX_MESSAGE_BYTES": "1"}, "MAX_MESSAGE_BYTES must be at least 4096"),
 ], ids=lambda v: str(v) if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()))
 def test_a_bad_value_in_the_environment_is_refused_by_name(env, named):
     with pytest.raises(SettingsError) as refusal:
@@ -142,6 +143,18 @@ def test_a_bad_file_is_refused_by_name(tmp_path, text, named):
     with pytest.raises(SettingsError) as refusal:
         Settings.load(env={}, file=toml(tmp_path, text + "\n"))
     assert named in str(refusal.value)
+
+
+def test_a_misspelt_setting_is_refused_with_the_name_it_is_near(tmp_path):
+    """OPD_AUTO_NOSHOW=1 left auto no-show off without a word; what the clients read may sit beside the server's."""
+    with pytest.raises(SettingsError, match=r"^unknown settings in the environment: OPD_AUTO_NOSHOW \(did you mean "
+                                            r"OPD_AUTO_NO_SHOW\?\), OPD_XYZZY$"):
+        Settings.load(env={"OPD_AUTO_NOSHOW": "1", "OPD_XYZZY": "1", "OPD_MAX_WAITLIST_SIZE": "5"})
+    clients = {"OPD_ADDRESS": "opd:50051", "OPD_API_KEY": "opd_x_y", "OPD_CA_CERT": "ca.pem",
+               "OPD_CLIENT_CERT": "c.pem", "OPD_CLIENT_KEY": "k.pem"}
+    assert Settings.load(env={**clients, "OPD_AUTO_NO_SHOW": "1"}).AUTO_NO_SHOW
+    with pytest.raises(SettingsError, match=r"MAX_WAITLST_SIZE \(did you mean MAX_WAITLIST_SIZE\?\)"):
+        Settings.load(env={}, file=toml(tmp_path, "MAX_WAITLST_SIZE = 5\n"))
 
 
 def test_a_missing_file_is_refused_by_name(tmp_path):
