@@ -208,6 +208,8 @@ class OPDClient:
                  credentials: grpc.ChannelCredentials | None = None):
         if channel is not None and (address is not None or credentials is not None):
             raise ValueError("give an address (and credentials) or a channel, not both")
+        if not (timeout > 0 and backoff > 0):  # no pause between retries would send them as fast as they fail
+            raise ValueError(f"timeout and backoff must be positive, not {timeout} and {backoff}")
         target = address or DEFAULT_ADDRESS
         self._owned_channel = None if channel is not None else (
             grpc.secure_channel(target, credentials, CHANNEL_OPTIONS) if credentials

@@ -54,7 +54,7 @@ def _hint(error: OPDError, args: argparse.Namespace) -> str:
     doctor = _first(getattr(args, "doctor", None)) or "DOCTOR"
     date = getattr(args, "date", None) or "DATE"
     code = error.code
-    if code is grpc.StatusCode.UNAVAILABLE:
+    if code is grpc.StatusCode.UNAVAILABLE and not error.reason:  # no answer: the server's own have a reason
         return (f"is the server running at {args.address}? Start it with `make run` (or pass --address / set "
                 "OPD_ADDRESS); if it speaks TLS, pass --ca-cert (and --cert/--key-file for mutual TLS).")
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -83,6 +83,12 @@ _NEXT_STEP = {
     "SLOT_CLOSED": "pick a later slot with --time: `opdctl slots list --doctor {doctor} --date {date}`.",
     "CAPACITY_BELOW_SEAT_HOLDERS": "`opdctl slots status SLOT_ID` shows how many seats are taken.",
     "ILLEGAL_STATE_TRANSITION": "`opdctl tokens get TOKEN` shows where the token stands.",
+    "DATABASE_CONFLICT": "the server is running, but its database was busy or out of reach and nothing was changed; "
+                         "run the command again in a moment.",
+    "COMMIT_OUTCOME_UNKNOWN": "the change may have been saved: look (`opdctl tokens list --doctor {doctor} --date "
+                              "{date}`) before you run the command again.",
+    "SERVER_SHUTTING_DOWN": "the server is stopping and did nothing with this call; run the command again once it "
+                            "(or another replica) serves.",
 }
 
 

@@ -425,6 +425,13 @@ def test_a_stalled_watch_without_reconnect_raises_unavailable(server: Any) -> No
         viewer.finished.result()
 
 
+@pytest.mark.parametrize("options", [{"backoff": 0}, {"backoff": -1}, {"timeout": 0}, {"timeout": float("nan")}])
+def test_a_retry_pause_or_deadline_that_is_not_positive_is_refused_at_once(options: dict[str, float]) -> None:
+    """backoff=0 had sent the retries of a call refused UNAVAILABLE as fast as they failed, until its deadline."""
+    with pytest.raises(ValueError, match="must be positive"):
+        OPDClient("127.0.0.1:1", **options)
+
+
 def test_a_call_after_close_raises_an_opd_error_not_grpcs_value_error() -> None:
     client = OPDClient("127.0.0.1:1")  # closed before it ever connects: no server is needed
     client.close()
