@@ -303,7 +303,7 @@ async def serve(settings: Settings, migrate: bool = False) -> None:
         print(f"opd-grpc metrics on http://{metrics_host}:{server.metrics_port}/metrics", flush=True)
     if not server.gate.keys.required:
         log.warning("no API keys in the database: every caller may make every call (development on loopback)")
-    print(f"opd-grpc listening on {host}:{port} (database {server.store.url.render_as_string()})", flush=True)
+    print(f"opd-grpc listening on {host}:{port} (database {server.store.shown_url})", flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

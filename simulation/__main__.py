@@ -129,8 +129,8 @@ def read_keys(path: Path) -> dict[str, str]:
 
 def add_keys(database_url: str) -> dict[str, str]:
     """One key per role in the database, made as `opd-grpc keys add` makes them: role → key."""
-    with offline_service(database_url, Settings().rules()) as service:
-        return {role: service.add_key(f"simulation {role}", role, KEY_MAKER)[1] for role in ROLES}
+    with offline_service(database_url, Settings().rules()) as offline:
+        return {role: offline.service.add_key(f"simulation {role}", role, KEY_MAKER)[1] for role in ROLES}
 
 
 def play(plan: DayPlan, address: str, keys: Mapping[str, str], console: Console, board_count: int = 0,

@@ -222,13 +222,13 @@ def eventually(what: Callable[[], Any], wanted: Any, timeout: float = 10.0) -> N
 
 def add_key(database_url: str, role: str, name: str = "test key") -> str:
     """A new API key with `role` in the database (as `opd-grpc keys add` makes one); answers its text."""
-    with offline_service(database_url, Settings().rules()) as service:
-        return service.add_key(name, role, KEY_MAKER)[1]
+    with offline_service(database_url, Settings().rules()) as offline:
+        return offline.service.add_key(name, role, KEY_MAKER)[1]
 
 
 def revoke_key(database_url: str, key: str) -> None:
-    with offline_service(database_url, Settings().rules()) as service:
-        service.revoke_key(key.split("_")[1], KEY_MAKER)
+    with offline_service(database_url, Settings().rules()) as offline:
+        offline.service.revoke_key(key.split("_")[1], KEY_MAKER)
 
 
 def bearer(key: str) -> tuple[tuple[str, str], ...]:

@@ -67,16 +67,17 @@ def upgrade(url: str) -> None:
         engine.dispose()
 
 
-def prepare(engine: Engine, migrate: bool = False) -> None:
+def prepare(engine: Engine, migrate: bool = False) -> bool:
     """Makes sure the database is at head before a server serves it, or raises `SchemaMismatch`: a brand-new
-    database (no tables) gets the schema at head, an older revision is upgraded when `migrate` is set."""
+    database (no tables) gets the schema at head, an older revision is upgraded when `migrate` is set. Answers
+    whether the database was brand-new."""
     target = head()
     with _schema_locked(engine) as conn:
         tables = inspect(conn).get_table_names()
         if not tables:
             command.upgrade(alembic_config(conn), "head")
             log.info("created the schema at revision %s in an empty database", target)
-            return
+            return True
         if VERSION_TABLE not in tables:
             raise SchemaMismatch(
                 f"the database has tables ({', '.join(sorted(tables))}) but no schema revision (no {VERSION_TABLE} "
@@ -85,7 +86,7 @@ def prepare(engine: Engine, migrate: bool = False) -> None:
                 "`.venv/bin/alembic stamp 0001` with its OPD_DATABASE_URL, then `make migrate`)")
         current = MigrationContext.configure(conn).get_current_revision()
         if current == target:
-            return
+            return False
         scripts = ScriptDirectory.from_config(alembic_config())
         known = current is None or current in {script.revision for script in scripts.walk_revisions()}
         if not known:
@@ -98,6 +99,7 @@ def prepare(engine: Engine, migrate: bool = False) -> None:
                 "or start with `--migrate`")
         command.upgrade(alembic_config(conn), "head")
         log.info("upgraded the schema from revision %s to %s", current or "base", target)
+        return False
 
 
 @contextlib.contextmanager

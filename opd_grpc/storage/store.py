@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 import sqlite3
 import threading
+from pathlib import Path
 from typing import Any, Iterator
 
 from sqlalchemy import (
@@ -113,6 +114,11 @@ class SqlStore:
     def __init__(self, url: str):
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        # For messages: the URL without its password, an SQLite file's path made absolute (a relative one is the
+        # process's folder's, which is what an operator in another folder gets wrong).
+        self.shown_url = (self.url.set(database=str(Path(self.url.database).resolve()))
+                          if self.is_sqlite and self.url.database not in (None, "", ":memory:")
+                          else self.url).render_as_string()
         # SQLite takes named parameters (:name) natively, so hot statements run with plain dicts.
         options: dict[str, Any] = {"paramstyle": "named"} if self.is_sqlite else {
             "pool_pre_ping": True,

@@ -414,6 +414,24 @@ def test_keys_revoked_and_added_with_the_command_count_on_a_running_server(tmp_p
         assert "active" in listed[key_id(admin)]
 
 
+@pytest.mark.backend_independent
+def test_keys_made_where_there_was_no_database_say_which_new_file_holds_them(tmp_path: Path):
+    """Run in another folder than the server's, `keys add` made a new opd.db there without a word: the operator
+    handed out a key that the server never heard of."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OPD_")}, "OPD_DATABASE_URL": "sqlite:///opd.db"}
+
+    def keys(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "opd_grpc", "keys", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+
+    first, again = keys("add", "--role", "admin", "--name", "ops"), keys("list")
+    assert (first.returncode, again.returncode) == (0, 0), (first.stderr, again.stderr)
+    assert (f"opd-grpc: there was no database at sqlite:///{tmp_path / 'opd.db'}: a new, empty one was made. A "
+            "server uses it only if its DATABASE_URL names it") in first.stderr
+    assert KEY_TEXT.search(first.stdout) and "there was no database" not in again.stderr
+    assert "admin" in again.stdout
+
+
 def test_revoking_the_last_key_does_not_open_the_server(tmp_path: Path):
     """A database that holds only revoked keys still needs a key: revoking is not a way back to development mode."""
     with fresh_database(tmp_path) as url:

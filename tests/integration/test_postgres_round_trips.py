@@ -64,8 +64,8 @@ def counted(tmp_path: Path) -> Iterator[tuple[OPDService, RoundTrips]]:
     with fresh_database(tmp_path) as url:
         # Plain text on the wire, so that the proxy can read PostgreSQL's messages.
         proxied = through(proxy, url) + "&sslmode=disable&gssencmode=disable"
-        with offline_service(proxied, Settings().rules()) as service:
-            yield service, trips
+        with offline_service(proxied, Settings().rules()) as offline:
+            yield offline.service, trips
     proxy.cut()
 
 
