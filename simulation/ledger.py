@@ -28,8 +28,9 @@ def patient_key(patient: pb.Patient) -> str:
 
 
 def _contact(patient: pb.Patient) -> str:
+    """The phone's last 10 digits (+91 and a trunk 0 left off) and the name."""
     digits = "".join(str(unicodedata.digit(ch)) for ch in patient.phone if ch.isdigit())
-    return f"phone:{digits}:{_folded(patient.name)}"
+    return f"phone:{digits[-10:]}:{_folded(patient.name)}"
 
 
 def _folded(text: str) -> str:

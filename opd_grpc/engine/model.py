@@ -112,6 +112,10 @@ class Doctor:
 
 
 _SPACES = re.compile(r"\s+")
+# A phone is compared by its last 10 digits: a national number's length in India (and North America), so that a
+# mobile typed as 98765 43210 at the desk, 098765 43210 with the trunk 0, and +91 98765 43210 by the booking
+# portal is one phone. A shorter number is compared whole; two people would need one name as well as these digits.
+PHONE_DIGITS_COMPARED = 10
 GENDERS = frozenset({"", "FEMALE", "MALE", "OTHER"})  # "": not given
 
 
@@ -125,9 +129,10 @@ class Patient:
 
     @functools.cached_property
     def contact(self) -> str:
-        """The phone's digits (0-9, in whatever script they were typed) and the name, folded."""
+        """The phone's last PHONE_DIGITS_COMPARED digits (0-9, in whatever script they were typed) and the name,
+        folded."""
         digits = "".join(str(unicodedata.digit(ch)) for ch in self.phone if ch.isdigit())
-        return f"phone:{digits}:{folded(self.name)}"
+        return f"phone:{digits[-PHONE_DIGITS_COMPARED:]}:{folded(self.name)}"
 
     @functools.cached_property
     def identity(self) -> str:

@@ -331,6 +331,22 @@ def test_the_same_name_mrn_and_phone_typed_in_other_unicode_forms_are_the_same_p
     assert statuses(live.stub, doctor) == {1: "CONFIRMED", 2: "CONFIRMED", 3: "CONFIRMED", 4: "CONFIRMED"}
 
 
+def test_one_phone_with_or_without_its_country_code_or_trunk_zero_is_the_same_phone(live):
+    """The portal sends +91 98765 43210, one desk types 98765 43210 and another 098765 43210: one patient, who
+    had held three tokens of one doctor-day (a reviewer's find). A shorter number is compared whole."""
+    doctor = make_doctor(live.stub)
+    make_slots(live.stub, doctor, ("09:00", "10:00", 9))
+    live.stub.AllocateToken(request(doctor, patient(1, name="Ravi Kumar", phone="9876543210")))
+    for typed in ("+919876543210", "09876543210", "+91 (0) 98765-43210", "0091 98765 43210"):
+        error = refused(live.stub.AllocateToken, request(doctor, patient(1, name="Ravi Kumar", phone=typed)))
+        assert (error.code, error.reason) == (grpc.StatusCode.ALREADY_EXISTS, "PATIENT_ALREADY_HAS_TOKEN"), typed
+    live.stub.AllocateToken(request(doctor, patient(2, name="Ravi Kumar", phone="+91 98765 43211")))  # another phone
+    live.stub.AllocateToken(request(doctor, patient(3, name="Sita Das", phone="2345678")))           # a short one
+    live.stub.AllocateToken(request(doctor, patient(4, name="Sita Das", phone="12345678")))          # not the same
+    assert statuses(live.stub, doctor) == {1: "CONFIRMED", 2: "CONFIRMED", 3: "CONFIRMED", 4: "CONFIRMED"}
+    assert spec_violations(live.stub, doctor) == []
+
+
 def test_phone_and_name_decide_where_either_request_has_no_mrn(live):
     """SPEC §1: the same mrn, or, without one, the same phone and name. A desk that books Ravi without his record
     number, after the portal booked him with it, books the same person; two record numbers are two people, even

@@ -19,7 +19,7 @@ from opd_grpc.server import OPDServer
 from opd_grpc.settings import Settings
 from opd_grpc.storage import schema
 from opd_grpc.storage.tables import Base
-from tests.support import LiveServer, fresh_database, make_doctor
+from tests.support import LiveServer, allocate, fresh_database, make_doctor, make_slots
 
 
 @pytest.fixture
@@ -149,3 +149,32 @@ def test_tables_without_a_revision_are_refused(database: tuple[str, sqlalchemy.E
         start_and_stop(url, migrate=True)
     with engine.connect() as conn:
         assert not sqlalchemy.inspect(conn).has_table(schema.VERSION_TABLE)
+
+
+def test_0008_writes_active_tokens_identities_with_the_phones_last_ten_digits(database: tuple[str, sqlalchemy.Engine]):
+    """As 0007 left them, identities held every digit (+91 too); the engine now compares the last 10, and the
+    schema's one-active-token index must hold the same. A token whose new identity another active token of its
+    day already holds (one patient booked under two forms of a phone) keeps its own: the upgrade does not fail."""
+    url, engine = database
+    live = LiveServer(url)
+    try:
+        doctor = make_doctor(live.stub)
+        make_slots(live.stub, doctor, ("09:00", "10:00", 5))
+        for n in (1, 2, 3):
+            allocate(live.stub, doctor, n)
+    finally:
+        live.close()
+    with engine.begin() as conn:
+        now = dict(conn.exec_driver_sql("SELECT token_number, patient_identity FROM tokens").all())
+        assert now[1] == "phone:9845000001:patient 1"  # +91-98450-00001 as the engine writes it now
+        before = {1: "phone:919845000001:patient 1", 2: "phone:919845000002:patient 2",
+                  3: "phone:9845000001:patient 1"}  # token 3: patient 1 again, typed without +91 (an old server let it)
+        for number, identity in before.items():
+            conn.execute(sqlalchemy.text("UPDATE tokens SET patient_identity = :identity WHERE token_number = :n"),
+                         {"identity": identity, "n": number})
+    migrate_to(engine, "0007")
+    start_and_stop(url, migrate=True)
+    with engine.connect() as conn:
+        after = dict(conn.exec_driver_sql("SELECT token_number, patient_identity FROM tokens").all())
+    assert after == {1: "phone:919845000001:patient 1", 2: "phone:9845000002:patient 2",
+                     3: "phone:9845000001:patient 1"}
