@@ -208,6 +208,8 @@ class OPDServer:
                 self.gate.keys = await asyncio.to_thread(self.service.key_ring)
             except Exception:
                 log.exception("reloading API keys failed; the keys loaded before stay in force")
+                continue
+            self.pipeline.end_streams_without_a_key()
 
     async def _watch_database(self) -> None:
         """Health follows the database: while this server cannot read it, every call would fail, so health says

@@ -84,6 +84,14 @@ class KeyRing:
                                   "(`opd-grpc keys add`).", "API_KEY_INVALID", presented=self._why(match, key))
         return key.actor
 
+    def accepts(self, actor: Actor) -> bool:
+        """Whether a call authenticated as `actor` under earlier keys would still be let in: its key not revoked,
+        or no key needed at all."""
+        if not self.required:
+            return True
+        key = self._active.get(actor.key_id)
+        return key is not None and key.role == actor.role
+
     def _why(self, match: re.Match[str] | None, key: ApiKey | None) -> str:
         """What a refused key was, for the audit log: a desk still sending a revoked key is then found by its id."""
         if match is None:

@@ -30,8 +30,8 @@ from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from opd_grpc._gen.opd.v1 import opd_pb2_grpc, test_clock_pb2, test_clock_pb2_grpc
 from opd_grpc.api.convert import timestamp
 from opd_grpc.process import ServerProcess
-from tests.support import (DAY, LiveServer, add_key, at, bearer, failure, fresh_database, patient, refused,
-                           revoke_key)
+from tests.support import (DAY, LiveServer, RpcFailure, add_key, at, bearer, failure, fresh_database, make_doctor,
+                           patient, refused, revoke_key)
 
 ROLES = ("admin", "reception", "triage", "doctor", "display")
 EVERY_ROLE = frozenset(ROLES)
@@ -441,6 +441,51 @@ def test_revoking_the_last_key_does_not_open_the_server(tmp_path: Path):
             keys_command(url, "revoke", key_id(only))
             answer_within(NOTICED_WITHIN, live, only, UNAUTHENTICATED)
             assert _list_doctors(live, ()) is UNAUTHENTICATED
+        finally:
+            live.close()
+
+
+def ended_within(stream: Any) -> tuple[float, RpcFailure]:
+    """Reads a WatchQueue stream to its end: how long that took, and how it ended."""
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as ended:
+        for _ in stream:
+            pass
+    return time.monotonic() - started, failure(ended.value)
+
+
+def test_a_stream_ends_once_its_key_is_revoked_or_keys_become_required(tmp_path: Path):
+    """A board's WatchQueue stream passed the key check when it opened; revoked, its key had gone on receiving
+    every change of the day for as long as the stream stayed open (a reviewer's find). Now it ends UNAUTHENTICATED
+    at the next key reload, as one opened with no key does once the first key is made; other streams go on."""
+    with fresh_database(tmp_path) as url:
+        live = LiveServer(url, API_KEYS_REFRESH_SECONDS=0.2)
+        try:
+            doctor = make_doctor(live.stub)
+
+            def watch(key: str = "") -> Any:
+                stream = live.stub.WatchQueue(pb.WatchQueueRequest(doctor_ids=[doctor], date=DAY),
+                                              metadata=bearer(key), timeout=CALL_TIMEOUT)
+                next(stream)  # its snapshot's first message: the stream is open
+                return stream
+
+            anonymous = watch()
+            admin, desk = add_key(url, "admin"), add_key(url, "reception")
+            board, other = add_key(url, "display", "board"), add_key(url, "display")
+            took, why = ended_within(anonymous)
+            assert (why.code, why.reason) == (UNAUTHENTICATED, "API_KEY_INVALID") and took < NOTICED_WITHIN, took
+
+            revoked, kept = watch(board), watch(other)
+            revoke_key(url, board)
+            took, why = ended_within(revoked)
+            assert (why.code, why.reason) == (UNAUTHENTICATED, "API_KEY_INVALID") and took < NOTICED_WITHIN, took
+            live.stub.CreateSlots(pb.CreateSlotsRequest(doctor_id=doctor, slots=[pb.SlotSpec(
+                date=DAY, start_time="09:00", end_time="10:00", max_capacity=2)]), metadata=bearer(admin))
+            live.stub.AllocateToken(pb.AllocateTokenRequest(patient=patient(1), doctor_id=doctor, date=DAY,
+                                                         source=pb.SOURCE_WALK_IN),
+                                    metadata=bearer(desk))
+            assert any(update.event.kind == pb.EVENT_KIND_ALLOCATED for update in kept)  # the valid key watches on
+            kept.cancel()
         finally:
             live.close()
 
