@@ -435,6 +435,12 @@ class Watch:
         start = dict.fromkeys(doctor_ids, after_sequence) if after_sequence is not None else {}
         self.last_sequences: dict[str, int] = {**start, **after_sequences}
         self._after_sequence = after_sequence
+        # The last event seen of each doctor (`_fingerprint`). A reconnect resumes one event earlier, so that the
+        # server sends that event again: if it is another one, the server's history is not the one this watch
+        # followed (its database restored from a backup, then written past our sequence) and the watch raises
+        # OUT_OF_RANGE (HISTORY_CHANGED), as when the server no longer has our sequence at all.
+        self._last_events: dict[str, tuple[object, ...]] = {}
+        self._unverified: set[str] = set()  # doctors whose resumed stream has not yet sent that event again
         self.reconnects = 0  # attempts to reconnect, successful or not
         self.connected = False  # whether the stream open now has brought an update (False while reconnecting)
         self._client = client
@@ -489,20 +495,42 @@ class Watch:
             delay = min(max(delay, 0.01) * 2, MAX_RECONNECT_DELAY)
 
     def _request(self) -> pb.WatchQueueRequest:
-        """The caller's request, with each doctor seen so far resuming after its last sequence."""
+        """The caller's request, with each doctor seen so far resuming after its last sequence, or one earlier
+        where this watch saw that last event."""
+        self._unverified = set(self._last_events)
+        after = {d: n - 1 if d in self._unverified else n for d, n in self.last_sequences.items()}
         return pb.WatchQueueRequest(doctor_ids=self.doctor_ids, date=self.date, after_sequence=self._after_sequence,
-                                    after_sequences=self.last_sequences)
+                                    after_sequences=after)
 
     def _is_new(self, update: pb.WatchQueueResponse) -> bool:
-        """Remembers each doctor's sequence; drops an event already seen (a replay must never show twice)."""
+        """Remembers each doctor's sequence; drops an event already seen (a replay must never show twice), after
+        checking that a resumed stream's first event of a doctor is the one seen last."""
         kind = update.WhichOneof("update")
         if kind == "heartbeat":
             return True
         item = update.snapshot if kind == "snapshot" else update.event
-        if kind == "event" and item.sequence <= self.last_sequences.get(item.doctor_id, -1):
-            return False
+        if kind == "snapshot":
+            self._last_events.pop(item.doctor_id, None)
+        else:
+            if item.doctor_id in self._unverified:
+                self._unverified.discard(item.doctor_id)
+                seen = self.last_sequences[item.doctor_id]
+                if (item.sequence, _fingerprint(item)) != (seen, self._last_events[item.doctor_id]):
+                    raise OutOfRange(grpc.StatusCode.OUT_OF_RANGE,
+                                     f"Event {seen} of {item.doctor_id} on {item.date} is not the one this watch saw: "
+                                     "the server's history has changed (its database restored from a backup). "
+                                     "Start again from a snapshot.", "HISTORY_CHANGED")
+            if item.sequence <= self.last_sequences.get(item.doctor_id, -1):
+                return False
+            self._last_events[item.doctor_id] = _fingerprint(item)
         self.last_sequences[item.doctor_id] = item.sequence
         return True
+
+
+def _fingerprint(event: pb.QueueEvent) -> tuple[object, ...]:
+    """What tells one event from another of its sequence: its kind, token, slot, cause and time (to the µs)."""
+    return (event.kind, event.token.token_id, event.slot_id, event.caused_by_token_id, event.occurred_at.seconds,
+            event.occurred_at.nanos // 1000)
 
 
 class _StallWatchdog:

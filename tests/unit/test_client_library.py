@@ -291,7 +291,8 @@ def test_watch_resumes_after_unavailable_from_the_last_sequences_and_shows_nothi
 
     _, second, rpc = within(server.take_unary_stream, METHOD["WatchQueue"])
     assert not watch.connected  # a board says "reconnecting…" until the new stream brings something
-    assert dict(second.after_sequences) == {"DOC001": 4, "DOC002": 0}
+    # DOC001 resumes one event early, so that the server sends its event 4 again, to be checked and dropped.
+    assert dict(second.after_sequences) == {"DOC001": 3, "DOC002": 0}
     for update in (event("DOC001", 4), event("DOC001", 5), event("DOC002", 1)):  # 4 replayed: dropped
         rpc.send_response(update)
     assert viewer.next(2) == [("event", "DOC001", 5), ("event", "DOC002", 1)]
@@ -317,9 +318,34 @@ def test_watch_that_fell_behind_resumes_keeping_the_callers_start_for_doctors_no
                   "read faster")
 
     _, second, rpc = within(server.take_unary_stream, METHOD["WatchQueue"])
-    assert second.after_sequence == 7 and dict(second.after_sequences) == {"DOC001": 8, "DOC002": 2}
+    assert second.after_sequence == 7 and dict(second.after_sequences) == {"DOC001": 7, "DOC002": 2}  # 8 again
     watch.cancel()
     viewer.finished.result()
+
+
+def test_a_resumed_watch_whose_last_event_the_server_now_tells_otherwise_raises_out_of_range(server: Any) -> None:
+    """The server's database was restored from a backup and has since written past this watch's sequence: the
+    same sequence numbers now name other events. Resumed after them, a board would show the old history for good
+    (a reviewer's find); the watch raises OUT_OF_RANGE (HISTORY_CHANGED), on which the board starts afresh."""
+    client, _ = client_of(server)
+    viewer = Viewer(client.watch(["DOC001"], DAY))
+    _, _, rpc = within(server.take_unary_stream, METHOD["WatchQueue"])
+    seen = event("DOC001", 10)
+    seen.event.token.token_id, seen.event.kind = "DOC001-20310303-T2", pb.EVENT_KIND_CANCELLED
+    rpc.send_response(snapshot("DOC001", 9))
+    rpc.send_response(seen)
+    assert viewer.next(2) == [("snapshot", "DOC001", 9), ("event", "DOC001", 10)]
+    rpc.terminate((), grpc.StatusCode.UNAVAILABLE, "restarting")
+
+    _, again, rpc = within(server.take_unary_stream, METHOD["WatchQueue"])
+    assert dict(again.after_sequences) == {"DOC001": 9}
+    other = event("DOC001", 10)
+    other.event.token.token_id = "DOC001-20310303-T5"  # ALLOCATED T5: the restored server's own event 10
+    rpc.send_response(other)
+    with pytest.raises(OPDError) as raised:
+        viewer.finished.result()
+    assert (raised.value.code, raised.value.reason) == (grpc.StatusCode.OUT_OF_RANGE, "HISTORY_CHANGED")
+    assert viewer.updates.empty()
 
 
 def test_watch_refused_for_too_many_watchers_tries_again(server: Any) -> None:
