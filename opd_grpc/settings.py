@@ -86,11 +86,7 @@ class Settings:
         file = file or env.get("OPD_CONFIG")
         values: dict[str, Any] = {}
         if file:
-            try:
-                with open(file, "rb") as fh:
-                    values = {k.upper(): v for k, v in tomllib.load(fh).items()}
-            except (OSError, tomllib.TOMLDecodeError) as exc:
-                raise SettingsError(f"cannot read settings file {file}: {exc}") from exc
+            values = _read_file(file)
         names = {f.name: f for f in dataclasses.fields(cls)}
         _refuse_unknown(set(values) - set(names), names, "", f"in {file}")
         _refuse_unknown({key for key in env if key.startswith(ENVIRONMENT_PREFIX) and key not in OTHER_VARIABLES
@@ -155,6 +151,25 @@ class Settings:
                      request_retention_hours=self.REQUEST_RETENTION_HOURS)
 
 
+def _read_file(file: str | Path) -> dict[str, Any]:
+    """The file's settings by name in capitals. UTF-8, with or without the byte-order mark some editors write."""
+    try:
+        with open(file, "rb") as fh:
+            text = fh.read().decode("utf-8-sig")
+        table = tomllib.loads(text)
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"cannot read settings file {file}: it is not UTF-8 text (byte {exc.start}); save it "
+                            "as UTF-8") from exc
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"cannot read settings file {file}: {exc}") from exc
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key.upper() in values:  # names are read in any case: two spellings of one would leave one unsaid
+            raise SettingsError(f"settings file {file} sets {key.upper()} twice (names are read in any case)")
+        values[key.upper()] = value
+    return values
+
+
 def _refuse_unknown(unknown: set[str], names: Mapping[str, Any], prefix: str, where: str) -> None:
     """A misspelt setting would otherwise leave its default in force without a word (AUTO_NO_SHOW off, say)."""
     if not unknown:
@@ -203,14 +218,17 @@ def _convert(name: str, kind: Any, value: Any) -> Any:
 
 
 def _database_url(url: str) -> str:
-    """DATABASE_URL as SQLAlchemy takes it. `postgresql://` alone names a driver (psycopg2) this project does not
-    install: it means psycopg 3, which it does. Other databases are refused here, by name, rather than by a missing
+    """DATABASE_URL as SQLAlchemy takes it. `postgresql://` (or `postgres://`) alone names a driver (psycopg2) this
+    project does not install: it means psycopg 3, which it does. Other databases are refused here, by name, rather than by a missing
     driver's traceback."""
+    if not url.strip():
+        raise SettingsError("DATABASE_URL is empty: leave it out for the default (sqlite:///opd.db), or give "
+                            "sqlite:///FILE or postgresql://USER@HOST/DATABASE")
     try:
         parsed = sqlalchemy.make_url(url)
     except sqlalchemy.exc.ArgumentError:
         return url  # the store says it cannot parse it, with the URL
-    if parsed.drivername == "postgresql":
+    if parsed.drivername in ("postgresql", "postgres"):  # postgres:// is libpq's and many hosts' spelling
         return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     if parsed.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):
         raise SettingsError(f"DATABASE_URL: {parsed.drivername}:// is not a database this server runs on; give "

@@ -118,6 +118,7 @@ def test_true_in_the_environment(text):
     ({"OPD_METRICS_LISTEN": "garbage"}, "METRICS_LISTEN must be HOST:PORT"),
     ({"OPD_DATABASE_URL": "mysql://root@localhost/opd"}, "DATABASE_URL: mysql:// is not a database"),
     ({"OPD_MAX_MESSAGE_BYTES": "1"}, "MAX_MESSAGE_BYTES must be at least 4096"),
+    ({"OPD_DATABASE_URL": " "}, "DATABASE_URL is empty: leave it out for the default"),
 ], ids=lambda v: str(v) if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()))
 def test_a_bad_value_in_the_environment_is_refused_by_name(env, named):
     with pytest.raises(SettingsError) as refusal:
@@ -129,6 +130,8 @@ def test_postgresql_without_a_driver_means_the_psycopg_this_project_installs():
     """SQLAlchemy reads postgresql:// as psycopg2, which is not installed: the server would die with a traceback."""
     settings = Settings.load(env={"OPD_DATABASE_URL": "postgresql://postgres:p%40ss@db.example:5432/opd"})
     assert settings.DATABASE_URL == "postgresql+psycopg://postgres:p%40ss@db.example:5432/opd"
+    assert Settings.load(env={"OPD_DATABASE_URL": "postgres://db.example/opd"}).DATABASE_URL == \
+        "postgresql+psycopg://db.example/opd"
 
 
 @pytest.mark.parametrize("text,named", [
@@ -155,6 +158,19 @@ def test_a_misspelt_setting_is_refused_with_the_name_it_is_near(tmp_path):
     assert Settings.load(env={**clients, "OPD_AUTO_NO_SHOW": "1"}).AUTO_NO_SHOW
     with pytest.raises(SettingsError, match=r"MAX_WAITLST_SIZE \(did you mean MAX_WAITLIST_SIZE\?\)"):
         Settings.load(env={}, file=toml(tmp_path, "MAX_WAITLST_SIZE = 5\n"))
+
+
+def test_a_file_in_utf16_or_with_one_name_twice_is_refused_and_a_byte_order_mark_is_read(tmp_path):
+    """Notepad's "Unicode" (UTF-16) had stopped the server with a UnicodeDecodeError traceback; UTF-8 with a BOM
+    was refused as invalid TOML; and MAX_WAITLIST_SIZE beside max_waitlist_size left one of them unsaid."""
+    path = tmp_path / "opd.toml"
+    path.write_bytes("MAX_WAITLIST_SIZE = 30\n".encode("utf-16"))
+    with pytest.raises(SettingsError, match=r"it is not UTF-8 text \(byte 0\); save it as UTF-8$"):
+        Settings.load(env={}, file=path)
+    path.write_bytes("MAX_WAITLIST_SIZE = 30\n".encode("utf-8-sig"))
+    assert Settings.load(env={}, file=path).MAX_WAITLIST_SIZE == 30
+    with pytest.raises(SettingsError, match="sets MAX_WAITLIST_SIZE twice"):
+        Settings.load(env={}, file=toml(tmp_path, "MAX_WAITLIST_SIZE = 30\nmax_waitlist_size = 40\n"))
 
 
 def test_a_missing_file_is_refused_by_name(tmp_path):
