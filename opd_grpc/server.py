@@ -80,6 +80,11 @@ class OPDServer:
 
     def __init__(self, settings: Settings, migrate: bool = False):
         self.settings = settings
+        if settings.TEST_CLOCK and not tls.is_loopback(settings.LISTEN):
+            raise SettingsError(f"TEST_CLOCK is on and LISTEN {settings.LISTEN} is reachable from other machines: a "
+                                "test clock moves every clinic's day for whoever calls SetTime, so it serves on "
+                                "127.0.0.1 only, for tests and the simulation (SPEC §8: never in production)")
+        self.credentials = tls.server_credentials(settings)  # its files are checked before the database is touched
         self.clock: Clock = TestClock() if settings.TEST_CLOCK else WallClock()
         self.store = SqlStore(settings.DATABASE_URL)
         try:
@@ -138,7 +143,7 @@ class OPDServer:
         self.service.events.bind(asyncio.get_running_loop())
         if self.notifications is not None:
             self.notifications.start()
-        self.port = tls.bind(self.server, self.settings)
+        self.port = tls.bind(self.server, self.settings.LISTEN, self.credentials)
         self.metrics_port = self.metrics.start(self.settings.METRICS_LISTEN)
         await self.server.start()
         for name in ("", OPD_SERVICE):
@@ -305,6 +310,9 @@ async def serve(settings: Settings, migrate: bool = False) -> None:
         print(f"opd-grpc metrics on http://{metrics_host}:{server.metrics_port}/metrics", flush=True)
     if not server.gate.keys.required:
         log.warning("no API keys in the database: every caller may make every call (development on loopback)")
+    if settings.TEST_CLOCK:
+        log.warning("TEST_CLOCK is on: the service clock is what SetTime and AdvanceTime make it, for tests and the "
+                    "simulation, never in production")
     print(f"opd-grpc listening on {host}:{port} (database {server.store.shown_url})", flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -12,21 +12,19 @@ import grpc
 from opd_grpc.settings import Settings, SettingsError
 
 
-def bind(server: grpc.aio.Server, settings: Settings) -> int:
-    """Adds the port of `settings.LISTEN` to `server` and answers the port bound (the free one taken for :0).
-
-    The PEM files are read and checked here, at start: gRPC itself would only say "failed to bind" for a key that
-    does not match its certificate, and a wrong path must stop the server with a message naming the setting."""
+def bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Adds the port of `listen` to `server`, with TLS when there are `credentials`, and answers the port bound
+    (the free one taken for :0)."""
     try:
-        if settings.TLS_CERT_FILE:
-            port = server.add_secure_port(settings.LISTEN, _server_credentials(settings))
+        if credentials is not None:
+            port = server.add_secure_port(listen, credentials)
         else:
-            port = server.add_insecure_port(settings.LISTEN)
+            port = server.add_insecure_port(listen)
     except RuntimeError:  # grpcio raises where older versions answered port 0
         port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {settings.LISTEN} (LISTEN): the port is in use, or the address is not "
-                      "one of this machine's")
+        raise OSError(f"cannot listen on {listen} (LISTEN): the port is in use, or the address is not one of this "
+                      "machine's")
     return port
 
 
@@ -52,7 +50,12 @@ def _host(listen: str) -> str:
         return listen.rpartition(":")[0] if ":" in listen else listen
 
 
-def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """The TLS credentials of the settings, None for plaintext. The PEM files are read and checked here, before the
+    server touches its database: gRPC itself would only say "failed to bind" for a key that does not match its
+    certificate, and a wrong path must stop the server with a message naming the setting."""
+    if not settings.TLS_CERT_FILE:
+        return None
     cert_file, key_file, ca_file = settings.TLS_CERT_FILE, settings.TLS_KEY_FILE, settings.TLS_CLIENT_CA_FILE
     chain = _read("TLS_CERT_FILE", cert_file)
     key = _read("TLS_KEY_FILE", key_file)

@@ -502,6 +502,24 @@ def test_a_server_without_keys_refuses_to_listen_beyond_loopback(tmp_path: Path)
         assert "listening" not in done.stdout
 
 
+def test_a_test_clock_server_refuses_to_listen_beyond_loopback_and_warns_on_it(tmp_path: Path):
+    """Its SetTime moves every clinic's day (slots closing, no-show graces, AUTO_NO_SHOW, audit times): it had
+    served on 0.0.0.0 without a word."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OPD_")},
+           "OPD_DATABASE_URL": f"sqlite:///{tmp_path / 'opd.db'}", "OPD_LISTEN": "0.0.0.0:0", "OPD_TEST_CLOCK": "1",
+           "OPD_METRICS_LISTEN": ""}
+    done = subprocess.run([sys.executable, "-m", "opd_grpc"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "listening" not in done.stdout
+    assert done.stderr.startswith("opd-grpc: TEST_CLOCK is on and LISTEN 0.0.0.0:0 is reachable from other "
+                                  "machines"), done.stderr
+    server = ServerProcess(tmp_path / "opd.db", test_clock=True, settings={"METRICS_LISTEN": ""})
+    server.start()
+    try:
+        assert any('"TEST_CLOCK is on: the service clock is what SetTime' in line for line in server.output)
+    finally:
+        assert server.stop() == 0
+
+
 def test_a_server_with_a_key_listens_beyond_loopback_and_asks_for_it(tmp_path: Path):
     with fresh_database(tmp_path) as url:
         key = add_key(url, "display", "board")

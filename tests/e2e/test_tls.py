@@ -111,9 +111,13 @@ def test_tls_settings_that_cannot_work_stop_the_server_with_a_message(certs: Pat
                                                                       named: list[str]):
     server = ServerProcess(test_clock=False, settings={"METRICS_LISTEN": "", **{
         name: value.format(certs=certs) for name, value in settings.items()}})
+    database = Path(server.database_url.removeprefix("sqlite:///"))
     try:
         with pytest.raises(ServerFailed) as failure:
             server.start()
+        # Refused before the database was touched: a fresh one is not made (nor an old one's revision reported
+        # first, hiding this mistake until the next start).
+        assert not database.exists()
     finally:
         server.stop()  # a server that started after all must not outlive the test
     assert "exited with code 1" in str(failure.value)
