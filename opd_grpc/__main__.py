@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from pathlib import Path
 
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
                                 help="the new file (never overwritten)")
     args = parser.parse_args(argv)
     observe.configure_logging()
+    if args.command:  # a one-line answer, without notes on how the schema was opened (a new one is said below)
+        for noisy in ("alembic", "opd_grpc.storage.schema"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         settings = Settings.load(file=args.config)
         if args.command == "keys":
