@@ -80,6 +80,8 @@ class KeyRing:
         matches = hmac.compare_digest(_digest(match[2]) if match else _NO_SECRET,
                                       key.secret_sha256 if key else _NO_SECRET)
         if key is None or not matches:
+            if scheme.lower() != "bearer":  # says nothing of any key: `Basic <key>`, or the key alone
+                raise Unauthenticated("The authorization metadata must read `Bearer <key>`.", "API_KEY_INVALID")
             raise Unauthenticated("The API key is unknown, revoked or malformed; ask an administrator for a key "
                                   "(`opd-grpc keys add`).", "API_KEY_INVALID", presented=self._why(match, key))
         return key.actor

@@ -22,6 +22,9 @@ REQUEST_ID_MAX = 36  # a UUID with its hyphens: the width of the stored requests
 # 8-16 KiB and hands the client a bare RESOURCE_EXHAUSTED instead. So a refusal quotes at most SHOWN_CHARS of a
 # value, and names at most MAX_VIOLATIONS problems (a batch of 60 bad slots is still told what to fix first).
 SHOWN_CHARS = 40
+_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+# Embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069): a name holding one shows other text reversed.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 MAX_VIOLATIONS = 10
 
 
@@ -85,7 +88,9 @@ class Violations:
         return None
 
     def text(self, field: str, text: str, max_len: int = 200, required: bool = True) -> str:
-        """Text to store or to look up: no control characters but spacing (PostgreSQL takes no NUL in text)."""
+        """Text to store or to look up: one line (a name on a board, a row of a table, a line of the audit log),
+        with no control characters but spaces and tabs (PostgreSQL takes no NUL in text), and none of the
+        bidirectional controls that make it show in another order than it reads."""
         value = text.strip()
         if not value and required:
             self.add(field, "is required")
@@ -93,7 +98,10 @@ class Violations:
             self.add(field, "has no character a person can see (only spaces or invisible marks); it is required")
         elif len(value) > max_len:
             self.add(field, f"is longer than {max_len} characters")
-        elif control := next((ch for ch in value if unicodedata.category(ch) == "Cc" and not ch.isspace()), None):
+        elif any(ch in _LINE_BREAKS for ch in value):
+            self.add(field, "contains a line break; send it on one line")
+        elif control := next((ch for ch in value if (unicodedata.category(ch) == "Cc" and ch != "\t")
+                              or ch in _BIDI_CONTROLS), None):
             self.add(field, f"contains the control character U+{ord(control):04X}; send printable text")
         return value
 

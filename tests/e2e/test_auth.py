@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 from opd_grpc._gen.opd.v1 import opd_pb2_grpc, test_clock_pb2, test_clock_pb2_grpc
 from opd_grpc.api.convert import timestamp
+from opd_grpc.engine.errors import InvalidArgument
 from opd_grpc.process import ServerProcess
 from tests.support import (DAY, LiveServer, RpcFailure, add_key, at, bearer, failure, fresh_database, make_doctor,
                            patient, refused, revoke_key)
@@ -356,6 +357,8 @@ def test_a_malformed_authorization_value_is_refused_as_an_invalid_key(keyed, val
     error = refused(lambda r: keyed.live.stub.ListDoctors(r, metadata=metadata, timeout=CALL_TIMEOUT),
                     pb.ListDoctorsRequest())
     assert (error.code, error.reason) == (UNAUTHENTICATED, "API_KEY_INVALID")
+    if not value.startswith("Bearer"):  # a valid key in the wrong form is told the form
+        assert error.message == "The authorization metadata must read `Bearer <key>`."
 
 
 def test_a_wrong_secret_for_a_real_key_id_is_refused(keyed):
@@ -580,10 +583,13 @@ def test_a_flood_of_bad_keys_is_refused_but_fills_the_audit_log_only_at_its_rate
 
 
 def test_a_keys_name_is_one_line_and_its_audit_row_holds_no_phone_number(tmp_path: Path):
-    """`keys list` shows a key a row: a name with a line break would forge a row of its own. A name with a phone
-    number in it keeps it for `keys list`, but no log holds it (SPEC §13)."""
+    """`keys list` shows a key a row: a name with a line break would forge a row of its own, so it is refused (runs
+    of spaces and tabs are one space). A name with a phone number in it keeps it for `keys list`, but no log holds
+    it (SPEC §13)."""
     with fresh_database(tmp_path) as url:
-        add_key(url, "display", "Ravi Kumar desk\n+91 98450 12345")
+        with pytest.raises(InvalidArgument, match="name: contains a line break"):
+            add_key(url, "display", "Ravi Kumar desk\n+91 98450 12345")
+        add_key(url, "display", "Ravi Kumar desk\t +91 98450 12345")
         (row,) = [r for r in audit_rows(url) if r[4] == "AddApiKey"]
         assert row[5].endswith("(display, 'Ravi Kumar desk …') added"), row
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.NullPool)
