@@ -164,22 +164,30 @@ def build() -> argparse.ArgumentParser:
 
 def date(text: str) -> str:
     """A YYYY-MM-DD calendar date, as the server takes it."""
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text, re.ASCII):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date of the form YYYY-MM-DD")
     try:
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-            return dt.date.fromisoformat(text).isoformat()
+        return dt.date.fromisoformat(text).isoformat()
     except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"{text!r} is not a date of the form YYYY-MM-DD")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a calendar date (no such day)") from None
 
 
 def time(text: str) -> str:
     """An HH:MM time of the day."""
+    if not re.fullmatch(r"\d{2}:\d{2}", text, re.ASCII):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time of the form HH:MM")
     try:
-        if re.fullmatch(r"\d{2}:\d{2}", text):
-            return dt.time.fromisoformat(text).strftime("%H:%M")
+        return dt.time.fromisoformat(text).strftime("%H:%M")
     except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"{text!r} is not a time of the form HH:MM")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time of day (00:00 to 23:59)") from None
+
+
+def address(text: str) -> str:
+    """The server's HOST:PORT. gRPC would take a port past 65535 modulo 65536, and call another server."""
+    port = text.rpartition(":")[2]
+    if port.isascii() and port.isdigit() and not 0 < int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: the port must be from 1 to 65535")
+    return text
 
 
 def whole_number(text: str) -> int:
@@ -227,7 +235,8 @@ def _common_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
 
     env = os.environ.get
     group = parser.add_argument_group("connection and output")
-    group.add_argument("--address", default=default(env("OPD_ADDRESS", DEFAULT_ADDRESS)), metavar="HOST:PORT",
+    group.add_argument("--address", type=address, default=default(env("OPD_ADDRESS", DEFAULT_ADDRESS)),
+                       metavar="HOST:PORT",
                        help=f"the server (env OPD_ADDRESS; default {DEFAULT_ADDRESS})")
     group.add_argument("--key", default=default(env("OPD_API_KEY", "")),
                        help="the API key, opd_<id>_<secret> (env OPD_API_KEY)")

@@ -608,8 +608,13 @@ def test_fields_the_server_refuses_are_listed_one_a_line(live: LiveServer, docto
 
 @pytest.mark.backend_independent
 @pytest.mark.parametrize("args, says", [
-    (["tokens", "list", "--doctor", "DOC001", "--date", "2030-02-30"], "'2030-02-30' is not a date of the form"),
+    (["tokens", "list", "--doctor", "DOC001", "--date", "2030-02-30"], "'2030-02-30' is not a calendar date"),
     (["tokens", "list", "--doctor", "DOC001", "--date", "07/01/2030"], "'07/01/2030' is not a date of the form"),
+    (["tokens", "list", "--doctor", "DOC001", "--date", "２０３０-01-07"], "'２０３０-01-07' is not a date of the form"),
+    (["tokens", "allocate", "--doctor", "DOC001", "--name", "A", "--source", "walk-in", "--time", "25:00"],
+     "'25:00' is not a time of day (00:00 to 23:59)"),
+    # gRPC would have called port 34463 (99999 modulo 65536) and said the server was not running there
+    (["doctors", "list", "--address", "127.0.0.1:99999"], "'127.0.0.1:99999': the port must be from 1 to 65535"),
     (["tokens", "allocate", "--doctor", "DOC001", "--name", "A", "--source", "vip"], "invalid choice: 'vip'"),
     (["tokens", "allocate", "--doctor", "DOC001", "--name", "A", "--source", "walk-in", "--time", "9am"],
      "'9am' is not a time of the form HH:MM"),
