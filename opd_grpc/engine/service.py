@@ -369,7 +369,7 @@ class OPDService:
         v = Violations()
         v.text("slot_id", slot_id)
         if max_capacity == 0:  # proto3 sends a field left out as 0
-            v.add("max_capacity", f"is required: a number of seats from 1 to {MAX_SLOT_CAPACITY}")
+            v.add("max_capacity", f"is 0 or left out: give a number of seats from 1 to {MAX_SLOT_CAPACITY}")
         elif not 0 < max_capacity <= MAX_SLOT_CAPACITY:
             v.add("max_capacity", f"{max_capacity} is not a number of seats from 1 to {MAX_SLOT_CAPACITY}")
         self._check(v, call)

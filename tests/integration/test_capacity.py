@@ -128,4 +128,4 @@ def test_a_capacity_left_out_is_said_to_be_required(live):
     (slot,) = make_slots(live.stub, doctor, ("09:00", "10:00", 2))
     error = refused(live.stub.UpdateSlotCapacity, pb.UpdateSlotCapacityRequest(slot_id=slot.slot_id))
     assert (error.code, list(error.fields)) == (grpc.StatusCode.INVALID_ARGUMENT, ["max_capacity"])
-    assert error.fields["max_capacity"].startswith("is required: a number of seats from 1 to ")
+    assert error.fields["max_capacity"].startswith("is 0 or left out: give a number of seats from 1 to ")
