@@ -604,7 +604,10 @@ class DoctorDay:
             local = due.astimezone(self.rules.timezone)
             raise FailedPrecondition(
                 f"Token {token.token_number} ({token_id}) can be marked no-show from {local:%Y-%m-%d %H:%M}, "
-                f"{self.rules.no_show_grace_period_minutes} minutes after {since}.", "GRACE_PERIOD_NOT_ELAPSED")
+                f"{self.rules.no_show_grace_period_minutes} minutes after {since}.", "GRACE_PERIOD_NOT_ELAPSED",
+                # for a desk's program to show or wait for: RFC 3339, UTC (the time may differ from
+                # estimated_time + grace, see _no_show_due)
+                metadata={"no_show_from": due.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")})
         return self._release(token, NO_SHOW, now)
 
     def mark_overdue_no_shows(self, now: dt.datetime) -> list[Release]:

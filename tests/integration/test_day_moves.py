@@ -216,6 +216,8 @@ def test_mark_no_show_waits_for_the_grace_period_after_the_estimated_time(live):
     early = refused(live.stub.MarkNoShow, pb.MarkNoShowRequest(token_id=second.token_id))
     assert (early.code, early.reason, early.domain) == (
         grpc.StatusCode.FAILED_PRECONDITION, "GRACE_PERIOD_NOT_ELAPSED", "opd.v1")
+    # when it may be marked, for a desk's program: the estimated time counts the seen and absent ahead (README)
+    assert early.metadata == {"no_show_from": f"{DAY}T09:20:00Z"}
     assert all_tokens(live.stub, doctor) == before
     live.set_time(MORNING.replace(hour=9, minute=20))
     marked = live.stub.MarkNoShow(pb.MarkNoShowRequest(token_id=second.token_id)).token
