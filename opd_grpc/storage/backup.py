@@ -62,7 +62,11 @@ def backup(database_url: str, path: Path) -> Backup:
     except FileExistsError:
         raise BackupError(f"{path} exists already: give a new path (a backup is never overwritten)") from None
     except FileNotFoundError:
+        if path.parent.is_dir():  # /proc, say: a folder that makes no files
+            raise BackupError(f"cannot make a file in {path.parent}: give a path in a folder for files") from None
         raise BackupError(f"the folder {path.parent} does not exist: make it first") from None
+    except OSError as error:  # no permission, a read-only file system, a full disk
+        raise BackupError(f"cannot make {path}: {error.strerror or error}") from None
     try:
         with contextlib.closing(sqlite3.connect(f"{source_file.as_uri()}?mode=ro", uri=True)) as source, \
                 contextlib.closing(sqlite3.connect(path)) as copy:

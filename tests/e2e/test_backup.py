@@ -155,6 +155,9 @@ REFUSALS = {
                            "opd-grpc: {folder}/earlier.db exists already: give a new path"),
     "a folder that does not exist": ("sqlite:///{folder}/opd.db", "{folder}/missing/opd.db",
                                      "opd-grpc: the folder {folder}/missing does not exist"),
+    # /proc is a folder, but of the kernel's: it had been called a folder that does not exist
+    "a folder that makes no files": ("sqlite:///{folder}/opd.db", "/proc/opd-backup.db",
+                                     "opd-grpc: cannot make a file in /proc: give a path in a folder for files"),
     "a database file that does not exist": (
         "sqlite:///{folder}/missing.db", "{folder}/new.db",
         "opd-grpc: there is no SQLite database file at sqlite:///{folder}/missing.db"),
