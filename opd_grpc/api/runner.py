@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
@@ -29,10 +28,13 @@ class EngineRunner:
     async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
         if self.pool is None:
             return fn(*args)
-        running = asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+        queued = self.pool.submit(fn, *args)
+        running = asyncio.wrap_future(queued)
         try:
             return await asyncio.shield(running)
         except asyncio.CancelledError:
+            if queued.cancel():  # still waiting for a thread (its caller gone, its deadline past): it never runs
+                raise
             # A thread cannot be stopped half-way, and its transaction may commit: wait for it, so that the call's
             # access-log line says what was done, not that nothing was.
             while not running.done():
