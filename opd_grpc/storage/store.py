@@ -15,7 +15,7 @@ import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from sqlalchemy import (
     Connection, Engine, bindparam, create_engine, delete, event, func, insert, select, tuple_, update,
@@ -108,6 +108,12 @@ CONNECT_TIMEOUT_SECONDS = 5
 # instead of waiting the kernel's 15 minutes, its calls, health's check and a shutdown with it.
 POSTGRES_CONNECTION = {"connect_timeout": CONNECT_TIMEOUT_SECONDS, "tcp_user_timeout": 15_000, "keepalives": 1,
                        "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+# And PostgreSQL's own, for each session, unless the URL's `options` set them: a unit of work waits on nothing but
+# its own statements, so a transaction left idle this long belongs to a replica that froze (a paused VM) or lost
+# its network mid-way. PostgreSQL ends that session and its locks with it; without this, that replica held a
+# doctor-day's row lock for as long as it stayed frozen, and every other replica's calls on that doctor-day waited,
+# until their threads were all taken and they answered nothing at all.
+POSTGRES_SESSION = {"idle_in_transaction_session_timeout": "5s"}
 
 
 class SqlStore:
@@ -121,8 +127,7 @@ class SqlStore:
                           else self.url).render_as_string()
         # SQLite takes named parameters (:name) natively, so hot statements run with plain dicts.
         options: dict[str, Any] = {"paramstyle": "named"} if self.is_sqlite else {
-            "pool_pre_ping": True,
-            "connect_args": {k: v for k, v in POSTGRES_CONNECTION.items() if k not in self.url.query}}
+            "pool_pre_ping": True, "connect_args": _postgres_connect_args(self.url.query)}
         self.engine: Engine = create_engine(url, **options)
         self._writer = threading.Lock() if self.is_sqlite else None
         self._writer_uow: SqlUnitOfWork | None = None
@@ -200,6 +205,19 @@ class SqlStore:
                     # BEGIN), so that BEGIN goes with the unit of work's first statements.
                     conn.execution_options(isolation_level="AUTOCOMMIT")
                     yield SqlUnitOfWork(conn, self.hot, write, begin="BEGIN" if write else _BEGIN_SNAPSHOT)
+
+
+def _postgres_connect_args(query: Mapping[str, Any]) -> dict[str, Any]:
+    """POSTGRES_CONNECTION and POSTGRES_SESSION where the URL's query does not set them; the URL's own `options`
+    (a search_path, say) kept beside ours."""
+    args = {k: v for k, v in POSTGRES_CONNECTION.items() if k not in query}
+    given = query.get("options", "")
+    if not isinstance(given, str):
+        given = " ".join(given)  # the URL named `options` more than once
+    ours = [f"-c {name}={value}" for name, value in POSTGRES_SESSION.items() if name not in given]
+    if ours:
+        args["options"] = " ".join([given, *ours]).strip()
+    return args
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
