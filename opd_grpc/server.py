@@ -28,7 +28,7 @@ from opd_grpc.engine.clock import Clock, TestClock, WallClock
 from opd_grpc.engine.service import OPDService
 from opd_grpc.engine.watch import QueueWatch
 from opd_grpc.engine.access import Actor
-from opd_grpc.engine.errors import EngineError
+from opd_grpc.engine.errors import EngineError, Unavailable
 from opd_grpc.settings import Settings, SettingsError
 from opd_grpc.storage import schema
 from opd_grpc.storage.notify import QueueNotifications
@@ -237,6 +237,11 @@ class OPDServer:
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if answering
                                       else health_pb2.HealthCheckResponse.NOT_SERVING)
             self.metrics.database_answers(answering)
+            if not answering:  # their clients go to a replica that hears the changes, or wait for this one
+                self.service.events.end_watches(Unavailable(
+                    "This server cannot read its database just now, so it would miss other replicas' changes; "
+                    "reconnect (to another replica, if there is one) with after_sequences set to the last sequence "
+                    "you received for each doctor.", "DATABASE_UNAVAILABLE"))
             if answering:
                 log.info("the database answers again: health is SERVING")
             else:

@@ -34,6 +34,9 @@ Runner = Callable[..., Awaitable[Any]]  # runs a synchronous engine call where t
 EventsAfter = Callable[["DayKey", int, int], Awaitable[list[QueueEvent]]]  # (day, after, limit), from the store
 LastSequences = Callable[[list["DayKey"]], Awaitable[dict["DayKey", int]]]  # each day's last stored sequence
 CATCH_UP_PAGE = 500
+_SHUTTING_DOWN = Unavailable("The server is shutting down; reconnect (to another replica, if there is one) with "
+                             "after_sequences set to the last sequence you received for each doctor.",
+                             "SERVER_SHUTTING_DOWN")
 
 
 @dataclass(frozen=True)
@@ -62,11 +65,11 @@ class Subscription:
         self.limit = limit
         self.events: collections.deque[QueueEvent] = collections.deque()
         self.overflowed = False
-        self.closed = False
+        self.ended: Unavailable | None = None  # why the watch must end and its client reconnect
         self._ready = asyncio.Event()
 
-    def close(self) -> None:
-        self.closed = True
+    def end(self, why: Unavailable) -> None:
+        self.ended = why
         self._ready.set()
 
     def offer(self, events: list[QueueEvent]) -> None:
@@ -81,17 +84,15 @@ class Subscription:
 
     async def take(self, timeout: float) -> list[QueueEvent]:
         """The events buffered so far, waiting up to `timeout` seconds for one ([] if none came)."""
-        if not self.events and not self.overflowed and not self.closed:
+        if not self.events and not self.overflowed and self.ended is None:
             try:
                 async with asyncio.timeout(timeout):  # not wait_for, which makes a task for every wait
                     await self._ready.wait()
             except TimeoutError:
                 return []
         self._ready.clear()
-        if self.closed:
-            raise Unavailable("The server is shutting down; reconnect (to another replica, if there is one) with "
-                              "after_sequences set to the last sequence you received for each doctor.",
-                              "SERVER_SHUTTING_DOWN")
+        if self.ended is not None:
+            raise Unavailable(self.ended.message, self.ended.reason)  # its own: a raise keeps its traceback
         if self.overflowed:
             raise Aborted(f"This watcher fell more than {self.limit} events behind; reconnect with "
                           "after_sequences set to the last sequence you received for each doctor.",
@@ -131,15 +132,21 @@ class EventHub:
         for key in subscription.keys:
             self._subscriptions[key].add(subscription)
         if self._closed:
-            subscription.close()
+            subscription.end(_SHUTTING_DOWN)
         return subscription
 
     def close(self) -> None:
-        """At shutdown: every watch ends, telling its client to reconnect."""
+        """At shutdown: every watch ends, telling its client to reconnect, and so does every later one."""
         self._closed = True
+        self.end_watches(_SHUTTING_DOWN)
+
+    def end_watches(self, why: Unavailable) -> None:
+        """Every watch open now ends with `why`, telling its client to reconnect: while this server cannot read its
+        database (health NOT_SERVING), a watch would hear no other replica's changes, and its heartbeats would
+        tell the client it had them all."""
         for subs in self._subscriptions.values():
             for subscription in subs:
-                subscription.close()
+                subscription.end(why)
 
     def unsubscribe(self, subscription: Subscription) -> None:
         for key in subscription.keys:

@@ -20,7 +20,7 @@ from opd_grpc._gen.opd.v1 import opd_pb2_grpc
 from opd_grpc.process import ServerProcess
 from opd_grpc.server import STOP_ABANDONED_EXIT_CODE, STOP_MARGIN_SECONDS
 from tests.support import (
-    POSTGRES, TEST_DATABASE, Cuttable, LiveServer, eventually, failure, fresh_database, make_doctor, through,
+    DAY, POSTGRES, TEST_DATABASE, Cuttable, LiveServer, eventually, failure, fresh_database, make_doctor, through,
 )
 
 pytestmark = pytest.mark.skipif(TEST_DATABASE != "postgresql", reason="a database reached over the network")
@@ -59,12 +59,21 @@ def test_health_is_not_serving_while_the_database_is_out_of_reach_and_serving_on
                     pass
 
             threading.Thread(target=read, daemon=True).start()
-            make_doctor(live.stub)
+            doctor = make_doctor(live.stub)
             assert (status(), status(""), database_up(live.server.metrics_port)) == (SERVING, SERVING, 1)
+            queue = live.stub.WatchQueue(pb.WatchQueueRequest(doctor_ids=[doctor], date=DAY), timeout=30)
+            next(queue)  # its snapshot: the watch is open
 
             proxy.cut()
             eventually(status, NOT_SERVING)
             assert (status(""), database_up(live.server.metrics_port)) == (NOT_SERVING, 0)
+            # A watch here would hear no other replica's changes while its heartbeats said it had them all: it
+            # ends, and its client reconnects (to a replica that can read the database).
+            with pytest.raises(grpc.RpcError) as ended:
+                for _ in queue:
+                    pass
+            assert (failure(ended.value).code, failure(ended.value).reason) == (grpc.StatusCode.UNAVAILABLE,
+                                                                                "DATABASE_UNAVAILABLE")
             with pytest.raises(grpc.RpcError) as refused:
                 live.stub.CreateDoctor(pb.CreateDoctorRequest(name="Dr Meera Iyer", specialization="ENT"), timeout=30)
             assert failure(refused.value).code == grpc.StatusCode.UNAVAILABLE, failure(refused.value)
