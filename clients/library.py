@@ -577,8 +577,10 @@ class _StallWatchdog:
 
 def _worth_reconnecting(error: OPDError) -> bool:
     """The server went away (shutdown, crash, reset transport, a path gone silent), has no room for a watcher just
-    now, or dropped us for reading too slowly."""
-    if error.code is grpc.StatusCode.UNAVAILABLE or "RST_STREAM" in error.message:
+    now, or dropped us for reading too slowly. CANCELLED that this watch did not ask for is gRPC's own answer to a
+    stream that reached a server as its stop began (grpc/grpc#41785): a board reconnecting during a deploy had
+    exited on it. A closed channel also ends a stream CANCELLED; its reconnect then fails at once, CANCELLED."""
+    if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) or "RST_STREAM" in error.message:
         return True
     if error.code is grpc.StatusCode.RESOURCE_EXHAUSTED and error.reason == "TOO_MANY_WATCHERS":
         return True  # the server may still count this watch's own stream from before a network failure

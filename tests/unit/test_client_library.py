@@ -348,6 +348,25 @@ def test_a_resumed_watch_whose_last_event_the_server_now_tells_otherwise_raises_
     assert viewer.updates.empty()
 
 
+def test_watch_ended_cancelled_by_the_server_reconnects(server: Any) -> None:
+    """A stream that reaches a server as its stop begins is ended CANCELLED by gRPC itself: two of three boards
+    reconnecting through a restart had exited on it (a reviewer's find)."""
+    client, _ = client_of(server)
+    watch = client.watch(["DOC001"], DAY)
+    viewer = Viewer(watch)
+    _, _, rpc = within(server.take_unary_stream, METHOD["WatchQueue"])
+    rpc.send_response(snapshot("DOC001", 3))
+    assert viewer.next(1) == [("snapshot", "DOC001", 3)]
+    rpc.terminate((), grpc.StatusCode.CANCELLED, "CANCELLED")
+    _, again, rpc = within(server.take_unary_stream, METHOD["WatchQueue"])
+    assert dict(again.after_sequences) == {"DOC001": 3}
+    rpc.send_response(event("DOC001", 4))
+    assert viewer.next(1) == [("event", "DOC001", 4)]
+    watch.cancel()
+    within(rpc.cancelled)
+    viewer.finished.result()
+
+
 def test_watch_refused_for_too_many_watchers_tries_again(server: Any) -> None:
     """After a network failure the server may still count the watch's old stream for a while: no room is a
     reason to try again, not to give up."""
@@ -426,13 +445,15 @@ def test_a_watch_that_hears_nothing_for_stall_seconds_reconnects_and_resumes(ser
 
 def test_the_time_a_caller_spends_on_an_update_is_not_a_stall(server: Any) -> None:
     client, _ = client_of(server)
-    watch = client.watch(["DOC001"], DAY, stall_seconds=0.2)
+    # A second of silence is a stall here; the gap below is 2.5 s. (0.2 and 0.5 s had failed on a loaded machine,
+    # the next update's 0.2 s window missed.)
+    watch = client.watch(["DOC001"], DAY, stall_seconds=1.0)
     updates = iter(watch)
     pending = Background(next, updates)
     _, _, rpc = within(server.take_unary_stream, METHOD["WatchQueue"])
     rpc.send_response(snapshot("DOC001", 3))
     assert pending.result() == snapshot("DOC001", 3)
-    time.sleep(0.5)  # busy drawing it, say; the watch is not reading meanwhile
+    time.sleep(2.5)  # busy drawing it, say; the watch is not reading meanwhile
     rpc.send_response(event("DOC001", 4))
 
     assert within(next, updates) == event("DOC001", 4)
