@@ -23,7 +23,6 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import grpc
 from rich.align import Align
@@ -34,6 +33,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from clients import arguments
 from clients.library import DEFAULT_ADDRESS, QUICK_ATTEMPTS, OPDClient, OPDError, hospital_today, tls_credentials
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
 
@@ -92,8 +92,9 @@ class DoctorQueue:
 class BoardState:
     """The queues of some doctors on one date, built only from WatchQueue updates (no gRPC, no drawing)."""
 
-    def __init__(self, doctor_ids: Sequence[str], date: str):
+    def __init__(self, doctor_ids: Sequence[str], date: str, zone: dt.tzinfo | None = None):
         self.date = date
+        self.zone = zone  # the hospital's, for the footer's time (None: this machine's)
         self.doctors: dict[str, DoctorQueue] = {doctor_id: DoctorQueue() for doctor_id in doctor_ids}
         self.last_heard: dt.datetime | None = None
         self._calls_seen = 0
@@ -198,7 +199,7 @@ def render(state: BoardState, names: dict[str, str] | None = None, next_count: i
     for start in range(0, len(doctor_ids), PANELS_PER_ROW):
         grid.add_row(*(_doctor_panel(state, d, names.get(d), next_count)
                        for d in doctor_ids[start:start + PANELS_PER_ROW]))
-    heard = state.last_heard.astimezone().strftime("%H:%M:%S") if state.last_heard else "—"
+    heard = state.last_heard.astimezone(state.zone).strftime("%H:%M:%S") if state.last_heard else "—"
     style = "green" if connection.startswith("live") else "yellow"
     footer = Text.assemble(("OPD queues for ", "dim"), state.date, ("  ·  last update ", "dim"), heard,
                            ("  ·  ", "dim"), (connection, style))
@@ -292,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clients.board", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("doctor_ids", nargs="*", metavar="DOCTOR_ID", help="the doctors to show, e.g. DOC001")
-    parser.add_argument("--address", default=DEFAULT_ADDRESS,
-                        help=f"HOST:PORT of the server (default {DEFAULT_ADDRESS})")
+    parser.add_argument("--address", type=arguments.address, default=os.environ.get("OPD_ADDRESS", DEFAULT_ADDRESS),
+                        help=f"HOST:PORT of the server (default: $OPD_ADDRESS, else {DEFAULT_ADDRESS})")
     parser.add_argument("--api-key", default=os.environ.get("OPD_API_KEY"),
                         help="a key of the display role (default: $OPD_API_KEY; none for a loopback dev server)")
     parser.add_argument("--ca-cert", default=os.environ.get("OPD_CA_CERT"), type=Path, metavar="FILE",
@@ -303,8 +304,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="for mutual TLS: this client certificate (PEM) (default: $OPD_CLIENT_CERT)")
     parser.add_argument("--key-file", default=os.environ.get("OPD_CLIENT_KEY"), type=Path, metavar="FILE",
                         help="for mutual TLS: its private key (PEM) (default: $OPD_CLIENT_KEY)")
-    parser.add_argument("--date", help="YYYY-MM-DD (default: the hospital's today, moving on at midnight)")
-    parser.add_argument("--timezone", type=_zone, default=os.environ.get("OPD_TIMEZONE") or None,
+    parser.add_argument("--date", type=arguments.date, help="YYYY-MM-DD (default: the hospital's today, moving on at "
+                                                  "midnight)")
+    parser.add_argument("--timezone", type=arguments.zone, default=os.environ.get("OPD_TIMEZONE") or None,
                         help="the hospital's TIMEZONE, which says when its day begins (default: $OPD_TIMEZONE, "
                              "else this machine's)")
     parser.add_argument("--next", type=_positive(int), default=5, dest="next_count",
@@ -341,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                 with client.watch(args.doctor_ids, date, reconnect=not args.once,
                                   stall_seconds=3 * args.heartbeat_seconds) as watch:
                     try:
-                        follow(watch, BoardState(args.doctor_ids, date), console, names, args.next_count, args.once,
+                        follow(watch, BoardState(args.doctor_ids, date, zone), console, names, args.next_count, args.once,
                                args.heartbeat_seconds, until=new_day)
                     except OPDError as error:
                         if error.code is not grpc.StatusCode.OUT_OF_RANGE:
@@ -366,13 +368,6 @@ def _names(client: OPDClient, doctor_ids: list[str], wait: bool) -> dict[str, st
         if wait and error.code is grpc.StatusCode.UNAVAILABLE:
             return {}
         raise
-
-
-def _zone(name: str) -> dt.tzinfo:
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise argparse.ArgumentTypeError(f"{name!r} is not an IANA time zone (e.g. Asia/Kolkata)") from None
 
 
 def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:

@@ -8,8 +8,8 @@ import math
 import os
 import re
 from typing import Any, Callable
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from clients.arguments import address, date, zone
 from clients.library import DEFAULT_ADDRESS
 from clients.opdctl import commands
 from clients.opdctl.pattern import EXAMPLE, INT32_LIMIT
@@ -162,16 +162,6 @@ def build() -> argparse.ArgumentParser:
     return parser
 
 
-def date(text: str) -> str:
-    """A YYYY-MM-DD calendar date, as the server takes it."""
-    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text, re.ASCII):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a date of the form YYYY-MM-DD")
-    try:
-        return dt.date.fromisoformat(text).isoformat()
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a calendar date (no such day)") from None
-
-
 def time(text: str) -> str:
     """An HH:MM time of the day."""
     if not re.fullmatch(r"\d{2}:\d{2}", text, re.ASCII):
@@ -180,14 +170,6 @@ def time(text: str) -> str:
         return dt.time.fromisoformat(text).strftime("%H:%M")
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a time of day (00:00 to 23:59)") from None
-
-
-def address(text: str) -> str:
-    """The server's HOST:PORT. gRPC would take a port past 65535 modulo 65536, and call another server."""
-    port = text.rpartition(":")[2]
-    if port.isascii() and port.isdigit() and not 0 < int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r}: the port must be from 1 to 65535")
-    return text
 
 
 def whole_number(text: str) -> int:
@@ -217,14 +199,6 @@ def seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds more than 0, up to "
                                          f"{MAX_TIMEOUT_SECONDS:,}")
     return value
-
-
-def zone(text: str) -> ZoneInfo:
-    """An IANA time zone, e.g. Asia/Kolkata."""
-    try:
-        return ZoneInfo(text)
-    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a region's directory, e.g. "Asia"
-        raise argparse.ArgumentTypeError(f"{text!r} is not an IANA time zone, e.g. Asia/Kolkata") from None
 
 
 def _common_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:

@@ -173,6 +173,15 @@ def test_many_doctors_wrap_three_to_a_row_and_wait_for_their_snapshot():
     assert not state.ready()
 
 
+def test_the_footer_tells_the_last_update_on_the_hospitals_clock():
+    """With --timezone Asia/Kolkata on a UTC machine the footer had said 11:14:30 at 16:44:30 in the hospital."""
+    state = BoardState(["DOC001"], DATE, ZoneInfo("Asia/Kolkata"))
+    state.apply(snapshot([token(4, pb.STATUS_CONFIRMED)]), received_at=NOON)
+    console = Console(record=True, width=120, file=io.StringIO())
+    console.print(render(state))
+    assert "last update 17:30:00" in console.export_text()
+
+
 def test_the_connection_line_says_reconnecting_once_the_stream_goes_quiet_or_while_the_library_reconnects():
     assert connection_line(None, NOON, 0) == "connecting…"
     assert connection_line(NOON, NOON + dt.timedelta(seconds=12), 0) == "live"
