@@ -225,8 +225,9 @@ def _common_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
     group.add_argument("--timeout", type=seconds, default=default(5.0), metavar="SECONDS",
                        help="how long each call may take, its retries included (default 5)")
     group.add_argument("--timezone", type=zone, default=default(env("OPD_TIMEZONE") or None), metavar="ZONE",
-                       help="show times of day in this IANA time zone, e.g. Asia/Kolkata (env OPD_TIMEZONE; "
-                            "default: the hospital's, the server's TIMEZONE)")
+                       help="show estimated and event times in this IANA time zone, e.g. Asia/Kolkata (env "
+                            "OPD_TIMEZONE; default: the hospital's, the server's TIMEZONE); slot times, the "
+                            "server's messages and the report stay on the hospital's clock")
 
 
 def _group(tasks: Any, name: str, help_text: str) -> Any:
