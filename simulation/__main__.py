@@ -151,6 +151,13 @@ def play(plan: DayPlan, address: str, keys: Mapping[str, str], console: Console,
             except grpc.RpcError as error:
                 raise CannotRun(_will_not_play(address, role, keys, OPDError.from_rpc_error(error))) from None
         day = Day(plan, clients, clock)
+        try:
+            zone = clients["display"].get_stats(day.date).timezone or "UTC"
+        except OPDError as error:
+            raise CannotRun(_will_not_play(address, "display", keys, error)) from None
+        if zone not in ("UTC", "Etc/UTC"):  # its slots would close hours off the simulated clock
+            raise CannotRun(f"the server at {address} runs with TIMEZONE={zone}; the simulation plays a day in UTC: "
+                            "start it with OPD_TIMEZONE=UTC")
         boards = Boards(clients["display"], plan, board_count, day.date) if board_count else None
         if boards is not None:
             day.on_open, day.on_minute = boards.open, boards.minute
@@ -183,7 +190,8 @@ def _will_not_play(address: str, role: str, keys: Mapping[str, str], error: OPDE
 
 
 def _run_with_progress(day: Day, console: Console) -> Outcome:
-    """The large day, checked after each batch of minutes, with a progress bar."""
+    """The large day, checked after each batch of LARGE_CHECK_EVERY_MINUTES simulated minutes (after each step,
+    thousands of patients' checks would take most of the run), with a progress bar."""
     plan, on_minute = day.plan, day.on_minute
     day.check_every_minutes = LARGE_CHECK_EVERY_MINUTES
     minutes = int((plan.stops_at - OPENS_AT).total_seconds() // 60)

@@ -182,6 +182,18 @@ def test_a_keyed_server_without_the_keys_file_is_refused_before_the_day_with_exi
            "--keys FILE [UNAUTHENTICATED (API_KEY_MISSING)" in out, out
 
 
+def test_a_server_in_another_time_zone_is_refused_before_the_day_with_exit_2(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Played on an Asia/Kolkata server, the day had ended with 94 'violations', all SLOT_CLOSED refusals of
+    slots that closed five and a half hours off the simulated clock (a reviewer's find)."""
+    with ServerProcess(settings={"TIMEZONE": "Asia/Kolkata", "METRICS_LISTEN": ""}) as server:
+        code = cli.main(["--seed", "7", "--address", server.address, "--report", str(tmp_path / "day.html")])
+    out = one_line(capsys.readouterr().out)
+    assert code == 2, out
+    assert f"the server at {server.address} runs with TIMEZONE=Asia/Kolkata; the simulation plays a day in UTC" \
+        in out, out
+
+
 def test_a_key_under_the_wrong_role_is_a_violation_naming_the_call_and_the_role(
         keyed_server: tuple[ServerProcess, dict[str, str]], monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
