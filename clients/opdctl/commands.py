@@ -50,7 +50,7 @@ def slots_add(client: OPDClient, args: argparse.Namespace, out: Printer) -> None
     if not specs:
         raise UsageError(f"the pattern {args.pattern!r} makes no slot on {span}")
     reply = client.create_slots(args.doctor, specs)
-    out.show(reply, f"Created {len(reply.slots)} slots for {args.doctor} on {span}:", slots_table(reply.slots))
+    out.show(reply, f"Created {_slots(len(reply.slots))} for {args.doctor} on {span}:", slots_table(reply.slots))
 
 
 def slots_list(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
@@ -95,7 +95,7 @@ def templates_show(client: OPDClient, args: argparse.Namespace, out: Printer) ->
 
 def templates_apply(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
     reply = client.apply_slot_template(args.doctor, args.start, args.end)
-    text = [f"Created {len(reply.created)} slots for {args.doctor} from {args.start} to {args.end} "
+    text = [f"Created {_slots(len(reply.created))} for {args.doctor} from {args.start} to {args.end} "
             f"({len(reply.existing)} of the pattern's slots were there already)."]
     if reply.skipped_holidays:
         text.append("Holidays skipped: " + ", ".join(f"{h.date} ({h.name})" for h in reply.skipped_holidays) + ".")
@@ -316,6 +316,10 @@ def _hospital_zone(client: OPDClient, args: argparse.Namespace, doctor_id: str, 
 
 def _after(client: OPDClient, args: argparse.Namespace, token: pb.Token) -> str:
     return token_line(token, *_day_view(client, args, token.doctor_id, token.date))
+
+
+def _slots(count: int) -> str:
+    return f"{count} slot" if count == 1 else f"{count} slots"
 
 
 def _promoted(tokens: list[pb.Token], times: dict[str, str], zone: dt.tzinfo) -> list[str]:

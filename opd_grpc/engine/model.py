@@ -696,7 +696,8 @@ class DoctorDay:
 
     def _check_move(self, token: Token, move: Move) -> None:
         if token.status not in move.allowed_from:
-            allowed = " or ".join(sorted(s.value for s in move.allowed_from))
+            *others, last = [s.value for s in Status if s in move.allowed_from]  # in the day's order
+            allowed = f"{', '.join(others)} or {last}" if others else last
             raise FailedPrecondition(
                 f"Token {token.token_number} ({token.token_id}) is {token.status.value}; only a {allowed} "
                 f"token can be {move.verb}.", "ILLEGAL_STATE_TRANSITION")
