@@ -16,7 +16,7 @@ from clients.library import AlreadyExists, OPDClient, OPDError, hospital_today, 
 from clients.opdctl import pattern
 from clients.opdctl.errors import Refused, UsageError
 from clients.report import write_report
-from clients.opdctl.render import (GENDERS, SOURCES, Printer, doctors_table, events_table, holidays_table, place,
+from clients.opdctl.render import (GENDERS, SOURCES, Printer, clock, doctors_table, events_table, holidays_table, place,
                                    report_table, seats_table, slot_time, slots_table, stats_table, template_table,
                                    token_line, tokens_table, update_line, waitlist_table, weekday_word)
 from opd_grpc._gen.opd.v1 import opd_pb2 as pb
@@ -152,8 +152,14 @@ def tokens_allocate(client: OPDClient, args: argparse.Namespace, out: Printer) -
 
 
 def tokens_get(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
+    """The token's row, then when it moved through the day (queue time, check-in, call, end)."""
     reply = client.get_token(args.token_id)
-    out.show(reply, tokens_table([reply.token], *_day_view(client, args, reply.token.doctor_id, reply.token.date)))
+    times, zone = _day_view(client, args, reply.token.doctor_id, reply.token.date)
+    token = reply.token
+    moments = [(what, clock(getattr(token, field), zone)) for what, field in (
+        ("booked", "created_at"), ("checked in", "checked_in_at"), ("called", "called_at"),
+        ("completed", "completed_at"), ("last change", "updated_at"))]
+    out.show(reply, tokens_table([token], times, zone), ", ".join(f"{what} {at}" for what, at in moments if at))
 
 
 def tokens_list(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:
