@@ -12,6 +12,8 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import IO, Any
 from wsgiref.simple_server import WSGIServer
 
@@ -30,6 +32,7 @@ FIELDS = "fields"
 # Codes that mean the server failed rather than the caller: logged at ERROR, so they stand out.
 SERVER_FAULTS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
 # From a cached read (0.5 ms) to a call stuck behind a slow database (5 s).
+WAITLIST_READ_SECONDS = 1.0  # a scrape's wait for the waitlist lengths (Prometheus' own timeout is 10 s)
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # A new token gets exactly one of these events (DoctorDay._new_token); BUMPED and PROMOTED move existing tokens.
 ALLOCATION_OUTCOMES = {EventKind.ALLOCATED: "confirmed", EventKind.WAITLISTED: "waitlisted"}
@@ -116,8 +119,8 @@ class Metrics:
         self._per_allocation = {(kind, source): allocations.labels(source.value, outcome)
                                 for kind, outcome in ALLOCATION_OUTCOMES.items() for source in Source}
         self._database_answering = True
-        self.registry.register(_ScrapeTimeGauges(
-            lambda: waitlist_lengths() if self._database_answering else None, watchers))
+        self._gauges = _ScrapeTimeGauges(lambda: waitlist_lengths() if self._database_answering else None, watchers)
+        self.registry.register(self._gauges)
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     def start(self, listen: str) -> int:
@@ -141,6 +144,7 @@ class Metrics:
             server.shutdown()
             server.server_close()
             thread.join()
+        self._gauges.reader.shutdown(wait=False)  # a read hung on the database is left to the process's exit
 
     def call_finished(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         children = self._per_call.get((method, code))
@@ -175,10 +179,16 @@ class _ScrapeTimeGauges(Collector):
     def __init__(self, waitlist_lengths: Callable[[], dict[str, int] | None], watchers: Callable[[], int]):
         self.waitlist_lengths = waitlist_lengths
         self.watchers = watchers
+        # The read runs here and is waited for WAITLIST_READ_SECONDS at most: a database that has just stopped
+        # answering, before health has said so, would otherwise hold the scrape with it.
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-metrics-read")
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
-            lengths = self.waitlist_lengths()
+            lengths = self.reader.submit(self.waitlist_lengths).result(timeout=WAITLIST_READ_SECONDS)
+        except FutureTimeout:
+            log.warning("metrics: the waitlist lengths did not come within %g s", WAITLIST_READ_SECONDS)
+            lengths = None
         except Exception as error:
             log.warning("metrics: could not read the waitlist lengths: %s", error)
             lengths = None

@@ -18,7 +18,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from opd_grpc.api.observe import Metrics, configure_logging, log_call
+from opd_grpc.api.observe import WAITLIST_READ_SECONDS, Metrics, configure_logging, log_call
 from opd_grpc.engine.model import EventKind, QueueEvent, Source, Status
 from opd_grpc.engine.watch import EventHub
 from opd_grpc.process import ServerProcess
@@ -221,6 +221,31 @@ def test_a_failing_waitlist_read_leaves_that_family_out_and_the_scrape_still_ans
     assert value(samples, "opd_watchers") == 5
     assert value(samples, "opd_calls_total", method="ListDoctors", code="OK") == 1
     assert "could not read the waitlist lengths: connection refused" in caplog.text
+
+
+def test_a_waitlist_read_that_hangs_before_health_has_noticed_leaves_that_family_out_within_a_second(caplog):
+    """A database that had just stopped answering held a scrape until the scraper gave up (a reviewer's find):
+    the read is waited for WAITLIST_READ_SECONDS, and the rest of the scrape answers."""
+    release = threading.Event()
+
+    def hanging() -> dict[str, int]:
+        release.wait(30)
+        return {}
+
+    metrics = Metrics(hanging, lambda: 2)
+    try:
+        port = metrics.start("127.0.0.1:0")
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, "opd_grpc.api.observe"):
+            samples = scrape(port)
+        took = time.monotonic() - started
+    finally:
+        release.set()
+        metrics.stop()
+    assert WAITLIST_READ_SECONDS <= took < WAITLIST_READ_SECONDS + 2, took
+    assert not any(name == "opd_waitlist_length" for name, _ in samples)
+    assert value(samples, "opd_watchers") == 2
+    assert "the waitlist lengths did not come within 1 s" in caplog.text
 
 
 def test_while_health_says_the_database_does_not_answer_a_scrape_does_not_ask_it():
