@@ -23,6 +23,7 @@ MIN_REQUEST_RETENTION_HOURS = 24
 # 1.8 KiB (a batch of slots is sent in parts).
 MIN_MESSAGE_BYTES = 4096
 ENVIRONMENT_PREFIX = "OPD_"
+NEAR_ENOUGH = 0.8  # difflib's ratio from which a name is taken for a misspelt setting
 # `OPD_` variables that are not the server's settings: the settings file's name, and what the clients read
 # (opdctl, the display board), which an operator's shell may hold beside the server's.
 OTHER_VARIABLES = frozenset({"OPD_CONFIG", "OPD_ADDRESS", "OPD_API_KEY", "OPD_CA_CERT", "OPD_CLIENT_CERT",
@@ -89,8 +90,11 @@ class Settings:
             values = _read_file(file)
         names = {f.name: f for f in dataclasses.fields(cls)}
         _refuse_unknown(set(values) - set(names), names, "", f"in {file}")
+        # In the environment only a name near a setting's is refused: other OPD_ names belong to others (the
+        # clients' own, or Kubernetes' for a Service named opd: OPD_SERVICE_HOST, OPD_PORT_50051_TCP, ...).
         _refuse_unknown({key for key in env if key.startswith(ENVIRONMENT_PREFIX) and key not in OTHER_VARIABLES
-                         and key.removeprefix(ENVIRONMENT_PREFIX) not in names}, names, ENVIRONMENT_PREFIX,
+                         and key.removeprefix(ENVIRONMENT_PREFIX) not in names
+                         and _nearest(key.removeprefix(ENVIRONMENT_PREFIX), names)}, names, ENVIRONMENT_PREFIX,
                         "in the environment")
         for name in names:
             if ENVIRONMENT_PREFIX + name in env:
@@ -176,9 +180,15 @@ def _refuse_unknown(unknown: set[str], names: Mapping[str, Any], prefix: str, wh
         return
     described = []
     for key in sorted(unknown):
-        near = difflib.get_close_matches(key.removeprefix(prefix), names, n=1)
-        described.append(f"{key} (did you mean {prefix}{near[0]}?)" if near else key)
+        near = _nearest(key.removeprefix(prefix), names)
+        described.append(f"{key} (did you mean {prefix}{near}?)" if near else key)
     raise SettingsError(f"unknown settings {where}: {', '.join(described)}")
+
+
+def _nearest(name: str, names: Mapping[str, Any]) -> str:
+    """The setting `name` is a misspelling of, or ""."""
+    near = difflib.get_close_matches(name, names, n=1, cutoff=NEAR_ENOUGH)
+    return near[0] if near else ""
 
 
 def _check_address(name: str, address: str) -> None:

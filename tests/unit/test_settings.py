@@ -149,13 +149,18 @@ def test_a_bad_file_is_refused_by_name(tmp_path, text, named):
 
 
 def test_a_misspelt_setting_is_refused_with_the_name_it_is_near(tmp_path):
-    """OPD_AUTO_NOSHOW=1 left auto no-show off without a word; what the clients read may sit beside the server's."""
+    """OPD_AUTO_NOSHOW=1 left auto no-show off without a word. Other OPD_ names are others' and let be: what the
+    clients read, and what Kubernetes sets for a Service named opd or opd-grpc in the pod's namespace (a reviewer
+    found the first version of this check refusing them, so a replica would not have restarted)."""
     with pytest.raises(SettingsError, match=r"^unknown settings in the environment: OPD_AUTO_NOSHOW \(did you mean "
-                                            r"OPD_AUTO_NO_SHOW\?\), OPD_XYZZY$"):
-        Settings.load(env={"OPD_AUTO_NOSHOW": "1", "OPD_XYZZY": "1", "OPD_MAX_WAITLIST_SIZE": "5"})
-    clients = {"OPD_ADDRESS": "opd:50051", "OPD_API_KEY": "opd_x_y", "OPD_CA_CERT": "ca.pem",
-               "OPD_CLIENT_CERT": "c.pem", "OPD_CLIENT_KEY": "k.pem"}
-    assert Settings.load(env={**clients, "OPD_AUTO_NO_SHOW": "1"}).AUTO_NO_SHOW
+                                            r"OPD_AUTO_NO_SHOW\?\), OPD_DATABSE_URL \(did you mean "
+                                            r"OPD_DATABASE_URL\?\)$"):
+        Settings.load(env={"OPD_AUTO_NOSHOW": "1", "OPD_DATABSE_URL": "x", "OPD_MAX_WAITLIST_SIZE": "5"})
+    others = {"OPD_ADDRESS": "opd:50051", "OPD_API_KEY": "opd_x_y", "OPD_CA_CERT": "ca.pem",
+              "OPD_CLIENT_CERT": "c.pem", "OPD_CLIENT_KEY": "k.pem", "OPD_CONFIG": "",
+              "OPD_SERVICE_HOST": "10.0.0.7", "OPD_SERVICE_PORT": "50051", "OPD_PORT": "tcp://10.0.0.7:50051",
+              "OPD_PORT_50051_TCP_ADDR": "10.0.0.7", "OPD_GRPC_SERVICE_HOST": "10.0.0.8", "OPD_GRPC_PORT": "tcp://x"}
+    assert Settings.load(env={**others, "OPD_AUTO_NO_SHOW": "1"}).AUTO_NO_SHOW
     with pytest.raises(SettingsError, match=r"MAX_WAITLST_SIZE \(did you mean MAX_WAITLIST_SIZE\?\)"):
         Settings.load(env={}, file=toml(tmp_path, "MAX_WAITLST_SIZE = 5\n"))
 
