@@ -10,6 +10,7 @@ lock, so that reads (display boards, status screens) never wait for another repl
 from __future__ import annotations
 
 import contextlib
+import functools
 import datetime as dt
 import logging
 import sqlite3
@@ -108,11 +109,12 @@ CONNECT_TIMEOUT_SECONDS = 5
 # instead of waiting the kernel's 15 minutes, its calls, health's check and a shutdown with it.
 POSTGRES_CONNECTION = {"connect_timeout": CONNECT_TIMEOUT_SECONDS, "tcp_user_timeout": 15_000, "keepalives": 1,
                        "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
-# And PostgreSQL's own, for each session, unless the URL's `options` set them: a unit of work waits on nothing but
-# its own statements, so a transaction left idle this long belongs to a replica that froze (a paused VM) or lost
-# its network mid-way. PostgreSQL ends that session and its locks with it; without this, that replica held a
-# doctor-day's row lock for as long as it stayed frozen, and every other replica's calls on that doctor-day waited,
-# until their threads were all taken and they answered nothing at all.
+# And PostgreSQL's own, SET on each new session, unless the URL's `options` set them: a unit of work waits on
+# nothing but its own statements, so a transaction left idle this long belongs to a replica that froze (a paused
+# VM) or lost its network mid-way. PostgreSQL ends that session and its locks with it; without this, that replica
+# held a doctor-day's row lock for as long as it stayed frozen, and every other replica's calls on that doctor-day
+# waited, until their threads were all taken and they answered nothing at all. A SET, not libpq's `options`
+# startup parameter, which a connection pooler in between (PgBouncer) may refuse.
 POSTGRES_SESSION = {"idle_in_transaction_session_timeout": "5s"}
 
 
@@ -127,7 +129,8 @@ class SqlStore:
                           else self.url).render_as_string()
         # SQLite takes named parameters (:name) natively, so hot statements run with plain dicts.
         options: dict[str, Any] = {"paramstyle": "named"} if self.is_sqlite else {
-            "pool_pre_ping": True, "connect_args": _postgres_connect_args(self.url.query)}
+            "pool_pre_ping": True,
+            "connect_args": {k: v for k, v in POSTGRES_CONNECTION.items() if k not in self.url.query}}
         self.engine: Engine = create_engine(url, **options)
         self._writer = threading.Lock() if self.is_sqlite else None
         self._writer_uow: SqlUnitOfWork | None = None
@@ -135,6 +138,12 @@ class SqlStore:
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_connect)
             self._checkpointer = _Checkpointer(self.engine, self._writer)
+        else:
+            given = self.url.query.get("options", "")
+            given = given if isinstance(given, str) else " ".join(given)  # `options` named more than once
+            session = {name: value for name, value in POSTGRES_SESSION.items() if name not in given}
+            if session:
+                event.listen(self.engine, "connect", functools.partial(_postgres_connect, session))
         self.hot = _HotStatements(self.engine.dialect)
 
     def close(self) -> None:
@@ -207,17 +216,14 @@ class SqlStore:
                     yield SqlUnitOfWork(conn, self.hot, write, begin="BEGIN" if write else _BEGIN_SNAPSHOT)
 
 
-def _postgres_connect_args(query: Mapping[str, Any]) -> dict[str, Any]:
-    """POSTGRES_CONNECTION and POSTGRES_SESSION where the URL's query does not set them; the URL's own `options`
-    (a search_path, say) kept beside ours."""
-    args = {k: v for k, v in POSTGRES_CONNECTION.items() if k not in query}
-    given = query.get("options", "")
-    if not isinstance(given, str):
-        given = " ".join(given)  # the URL named `options` more than once
-    ours = [f"-c {name}={value}" for name, value in POSTGRES_SESSION.items() if name not in given]
-    if ours:
-        args["options"] = " ".join([given, *ours]).strip()
-    return args
+def _postgres_connect(session: Mapping[str, str], dbapi_connection: Any, _record: Any) -> None:
+    """SETs `session` on a new connection, outside any transaction."""
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    with dbapi_connection.cursor() as cursor:
+        for name, value in session.items():
+            cursor.execute(f"SET {name} = '{value}'")
+    dbapi_connection.autocommit = autocommit
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
