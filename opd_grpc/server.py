@@ -28,7 +28,7 @@ from opd_grpc.engine.clock import Clock, TestClock, WallClock
 from opd_grpc.engine.service import OPDService
 from opd_grpc.engine.watch import QueueWatch
 from opd_grpc.engine.access import Actor
-from opd_grpc.engine.errors import EngineError, Unavailable
+from opd_grpc.engine.errors import EngineError, Unauthenticated, Unavailable
 from opd_grpc.settings import Settings, SettingsError
 from opd_grpc.storage import schema
 from opd_grpc.storage.notify import QueueNotifications
@@ -214,7 +214,10 @@ class OPDServer:
             except Exception:
                 log.exception("reloading API keys failed; the keys loaded before stay in force")
                 continue
-            self.pipeline.end_streams_without_a_key()
+            self.service.events.end_watches(Unauthenticated(
+                "The API key this stream was opened with is no longer accepted (revoked, or keys are now required); "
+                "open it again with a valid key.", "API_KEY_INVALID"),
+                of=lambda watcher: not self.gate.keys.accepts(watcher))
 
     async def _watch_database(self) -> None:
         """Health follows the database: while this server cannot read it, every call would fail, so health says

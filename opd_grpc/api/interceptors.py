@@ -43,9 +43,6 @@ class CallPipeline(grpc.aio.ServerInterceptor):
         self.denied = denied
         self.finished = finished
         self._wrapped: dict[str, Any] = {}
-        # Open streams (their tasks) and who opened them: a stream outlives the key check it passed at its start.
-        self._streams: dict[asyncio.Task[Any], Actor] = {}
-        self._unkeyed: set[asyncio.Task[Any]] = set()  # streams being ended because their key no longer counts
         self.stopping = False  # from the server's stop on, every call that arrives is held, then refused
         self.last_held = 0.0  # time.monotonic() when the last of those arrived
         self._refuse = asyncio.Event()
@@ -58,14 +55,6 @@ class CallPipeline(grpc.aio.ServerInterceptor):
 
     def refuse_held_calls(self) -> None:
         self._refuse.set()
-
-    def end_streams_without_a_key(self) -> None:
-        """After the keys are reloaded: a stream whose key was revoked, or opened with none before keys were
-        required, ends UNAUTHENTICATED, as a new call with it would be refused."""
-        for task, actor in self._streams.items():
-            if task not in self._unkeyed and not self.gate.keys.accepts(actor):
-                self._unkeyed.add(task)
-                task.cancel()
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
@@ -144,25 +133,12 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             call = _Call(self, name, context)
             with call.recorded(context):
                 request = await admitted(raw, context, call)
-                task = asyncio.current_task()
-                assert task is not None
-                self._streams[task] = call.actor
                 try:
                     with self.watchers:
                         async for item in inner_stream(request, context):
                             yield item
-                except asyncio.CancelledError:
-                    if task not in self._unkeyed:
-                        raise
-                    task.uncancel()
-                    await context.abort_with_status(from_engine_error(Unauthenticated(
-                        "The API key this stream was opened with is no longer accepted (revoked, or keys are now "
-                        "required); open it again with a valid key.", "API_KEY_INVALID")))
                 except Exception as error:
                     await _failed(context, error, name)
-                finally:
-                    self._streams.pop(task, None)
-                    self._unkeyed.discard(task)
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=handler.response_serializer)
 

@@ -198,7 +198,7 @@ class OPDTokenServicer(opd_pb2_grpc.OPDTokenServiceServicer):
         plan = await self._call(context, self.service.watch_plan, list(request.doctor_ids), request.date, after,
                                 dict(request.after_sequences))
         try:
-            async for update in self.watch.stream(plan):
+            async for update in self.watch.stream(plan, auth.CALLER.get()):
                 yield _rendered_event(update) if isinstance(update, QueueEvent) else convert.watch_update(update)
         except Exception as error:
             await _refuse(context, error)

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from opd_grpc.engine.errors import Aborted, Unavailable
+from opd_grpc.engine.access import ANONYMOUS, Actor
+from opd_grpc.engine.errors import Aborted, EngineError, Unavailable
 from opd_grpc.engine.model import QueueEvent, TokenView
 
 if TYPE_CHECKING:
@@ -60,15 +62,16 @@ class Heartbeat:
 class Subscription:
     """One watcher's buffer of live events, filled by the hub and emptied by the watch."""
 
-    def __init__(self, keys: frozenset[DayKey], limit: int):
+    def __init__(self, keys: frozenset[DayKey], limit: int, watcher: Actor = ANONYMOUS):
         self.keys = keys
         self.limit = limit
+        self.watcher = watcher  # who opened the watch: it ends if their key stops counting
         self.events: collections.deque[QueueEvent] = collections.deque()
         self.overflowed = False
-        self.ended: Unavailable | None = None  # why the watch must end and its client reconnect
+        self.ended: EngineError | None = None  # why the watch must end
         self._ready = asyncio.Event()
 
-    def end(self, why: Unavailable) -> None:
+    def end(self, why: EngineError) -> None:
         self.ended = why
         self._ready.set()
 
@@ -92,7 +95,7 @@ class Subscription:
                 return []
         self._ready.clear()
         if self.ended is not None:
-            raise Unavailable(self.ended.message, self.ended.reason)  # its own: a raise keeps its traceback
+            raise dataclasses.replace(self.ended)  # a copy of its own: a raise keeps its traceback
         if self.overflowed:
             raise Aborted(f"This watcher fell more than {self.limit} events behind; reconnect with "
                           "after_sequences set to the last sequence you received for each doctor.",
@@ -127,8 +130,8 @@ class EventHub:
     def watchers(self) -> int:
         return len({id(s) for subs in self._subscriptions.values() for s in subs})
 
-    def subscribe(self, keys: Iterable[DayKey], limit: int) -> Subscription:
-        subscription = Subscription(frozenset(keys), limit)
+    def subscribe(self, keys: Iterable[DayKey], limit: int, watcher: Actor = ANONYMOUS) -> Subscription:
+        subscription = Subscription(frozenset(keys), limit, watcher)
         for key in subscription.keys:
             self._subscriptions[key].add(subscription)
         if self._closed:
@@ -140,13 +143,15 @@ class EventHub:
         self._closed = True
         self.end_watches(_SHUTTING_DOWN)
 
-    def end_watches(self, why: Unavailable) -> None:
-        """Every watch open now ends with `why`, telling its client to reconnect: while this server cannot read its
-        database (health NOT_SERVING), a watch would hear no other replica's changes, and its heartbeats would
-        tell the client it had them all."""
+    def end_watches(self, why: EngineError, of: Callable[[Actor], bool] = lambda watcher: True) -> None:
+        """Every watch open now (of the watchers `of` picks) ends with `why`: UNAVAILABLE tells its client to
+        reconnect, as while this server cannot read its database (health NOT_SERVING), when a watch would hear no
+        other replica's changes and its heartbeats would tell the client it had them all; UNAUTHENTICATED ends
+        the watches of a key since revoked."""
         for subs in self._subscriptions.values():
             for subscription in subs:
-                subscription.end(why)
+                if subscription.ended is None and of(subscription.watcher):
+                    subscription.end(why)
 
     def unsubscribe(self, subscription: Subscription) -> None:
         for key in subscription.keys:
@@ -278,11 +283,12 @@ class QueueWatch:
         self.heartbeat_seconds = heartbeat_seconds
         self.buffer_events = buffer_events
 
-    async def stream(self, plan: list[tuple[DayKey, int | None]]) -> AsyncIterator[Snapshot | QueueEvent | Heartbeat]:
+    async def stream(self, plan: list[tuple[DayKey, int | None]],
+                     watcher: Actor = ANONYMOUS) -> AsyncIterator[Snapshot | QueueEvent | Heartbeat]:
         """`plan` (from OPDService.watch_plan): each doctor-day with None for a snapshot or the sequence to
-        resume after."""
+        resume after; `watcher`, who asked."""
         hub = self.service.events
-        subscription = hub.subscribe((key for key, _ in plan), self.buffer_events)  # before reading: no gap
+        subscription = hub.subscribe((key for key, _ in plan), self.buffer_events, watcher)  # before reading: no gap
         last: dict[DayKey, int] = {}
         try:
             for key, after in plan:
