@@ -24,7 +24,7 @@ REQUEST_ID_MAX = 36  # a UUID with its hyphens: the width of the stored requests
 SHOWN_CHARS = 40
 _LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
 # Embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069): a name holding one shows other text reversed.
-_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_WITHOUT_BIDI_CONTROLS = dict.fromkeys(map(ord, "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"))
 MAX_VIOLATIONS = 10
 
 
@@ -89,9 +89,10 @@ class Violations:
 
     def text(self, field: str, text: str, max_len: int = 200, required: bool = True) -> str:
         """Text to store or to look up: one line (a name on a board, a row of a table, a line of the audit log),
-        with no control characters but spaces and tabs (PostgreSQL takes no NUL in text), and none of the
-        bidirectional controls that make it show in another order than it reads."""
-        value = text.strip()
+        with no control characters but spaces and tabs (PostgreSQL takes no NUL in text). The bidirectional
+        controls that make text show in another order than it reads are taken out (a phone's keyboard wraps a
+        right-to-left name in some: its letters are kept)."""
+        value = text.translate(_WITHOUT_BIDI_CONTROLS).strip()
         if not value and required:
             self.add(field, "is required")
         elif required and not any(unicodedata.category(ch)[0] not in "CZ" for ch in value):
@@ -100,8 +101,7 @@ class Violations:
             self.add(field, f"is longer than {max_len} characters")
         elif any(ch in _LINE_BREAKS for ch in value):
             self.add(field, "contains a line break; send it on one line")
-        elif control := next((ch for ch in value if (unicodedata.category(ch) == "Cc" and ch != "\t")
-                              or ch in _BIDI_CONTROLS), None):
+        elif control := next((ch for ch in value if unicodedata.category(ch) == "Cc" and ch != "\t"), None):
             self.add(field, f"contains the control character U+{ord(control):04X}; send printable text")
         return value
 

@@ -571,7 +571,8 @@ class OPDService:
     def cancel(self, token_id: str, reason: str, call: Call) -> Release | Replay:
         """SPEC §6; the caller's reason goes to the audit log (SPEC §13)."""
         v = Violations()
-        note = v.text("reason", reason, MAX_REASON, required=False)
+        # A desk's text area may send lines: the audit log keeps the words on one line.
+        note = v.text("reason", " ".join(reason.split()), MAX_REASON, required=False)
         return self._token_change(token_id, replace(call, note=note), lambda day, now: day.cancel(token_id, now), v)
 
     @_retried

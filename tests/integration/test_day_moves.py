@@ -135,6 +135,20 @@ def test_a_cancel_reason_is_audited_without_the_patients_own_name_mrn_or_phone(l
     assert [r.reason for r in rows if r.method == "CancelToken"] == ["reason given: … … (MRN…): … rang"]
 
 
+def test_a_cancel_reason_of_several_lines_is_kept_on_one_and_a_name_loses_its_direction_controls(live):
+    """A desk's text area sends lines: the cancel is made, its words kept on one line of the audit log. A phone's
+    keyboard wraps a right-to-left name in bidirectional controls: the name is kept without them, for they would
+    show a board's line reversed."""
+    doctor = make_doctor(live.stub, name="Dr \u2067\u0632\u064a\u0646\u0628\u2069 Rao")  # زينب, in an isolate
+    assert live.stub.GetDoctor(pb.GetDoctorRequest(doctor_id=doctor)).doctor.name == "Dr \u0632\u064a\u0646\u0628 Rao"
+    make_slots(live.stub, doctor, ("09:00", "10:00", 2))
+    token = allocate(live.stub, doctor, 1).token.token_id
+    cancelled = live.stub.CancelToken(pb.CancelTokenRequest(token_id=token, reason="went home\r\nwill come tomorrow"))
+    assert cancelled.token.status == pb.STATUS_CANCELLED
+    rows = live.stub.ListAuditEntries(pb.ListAuditEntriesRequest(token_id=token)).entries
+    assert [r.reason for r in rows if r.method == "CancelToken"] == ["reason given: went home will come tomorrow"]
+
+
 def test_check_in_then_call_next_then_complete(live):
     doctor = make_doctor(live.stub)
     make_slots(live.stub, doctor, ("09:00", "10:00", 3))

