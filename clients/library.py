@@ -219,8 +219,10 @@ class OPDClient:
         self.attempts = None if attempts is None else max(1, attempts)
         self.backoff = backoff
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.closed = False  # close() was called: a watch ended CANCELLED then is not reconnected
 
     def close(self) -> None:
+        self.closed = True
         if self._owned_channel is not None:
             self._owned_channel.close()
 
@@ -481,7 +483,7 @@ class Watch:
                 if self._cancelled.is_set():
                     return
                 error = stall.error() if stall.fired else OPDError.from_rpc_error(failure)
-                if not (self.reconnect and _worth_reconnecting(error)):
+                if not (self.reconnect and not self._client.closed and _worth_reconnecting(error)):
                     raise error from None
             finally:
                 stall.stop()
@@ -579,7 +581,7 @@ def _worth_reconnecting(error: OPDError) -> bool:
     """The server went away (shutdown, crash, reset transport, a path gone silent), has no room for a watcher just
     now, or dropped us for reading too slowly. CANCELLED that this watch did not ask for is gRPC's own answer to a
     stream that reached a server as its stop began (grpc/grpc#41785): a board reconnecting during a deploy had
-    exited on it. A closed channel also ends a stream CANCELLED; its reconnect then fails at once, CANCELLED."""
+    exited on it. (The client's own close() also ends a stream CANCELLED: Watch does not ask then.)"""
     if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) or "RST_STREAM" in error.message:
         return True
     if error.code is grpc.StatusCode.RESOURCE_EXHAUSTED and error.reason == "TOO_MANY_WATCHERS":

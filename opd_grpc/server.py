@@ -339,6 +339,8 @@ def _exit_if_stop_hangs(seconds: float) -> None:
     connection goes, and a caller retries with its request_id."""
     def watchdog() -> None:
         time.sleep(seconds)
+        # The exit must not wait on the log line either (stderr a full pipe, a handler's lock held).
+        threading.Timer(1.0, os._exit, (STOP_ABANDONED_EXIT_CODE,)).start()
         log.error("the stop did not end within %g s (SHUTDOWN_GRACE_SECONDS and %g s more): a call or check still "
                   "waits on the database; exiting without it", seconds, STOP_MARGIN_SECONDS)
         sys.stdout.flush()

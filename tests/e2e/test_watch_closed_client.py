@@ -70,3 +70,5 @@ def test_closing_the_client_under_its_watch_ends_the_watch_with_an_opd_error(tmp
     assert isinstance(error, OPDError), f"the watch ended with {error!r}"
     assert error.code == grpc.StatusCode.CANCELLED
     assert reader.kinds == ["snapshot"]
+    # Closed while reading, it ends at once: not taken for the server's CANCELLED, which a watch reconnects after
+    assert reader.watch.reconnects == (1 if when == "reconnecting" else 0)
