@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 AUTO_NO_SHOW_INTERVAL_SECONDS = 1.0
 # Health asks the database this often, and counts an answer slower than this as none.
 DATABASE_CHECK_SECONDS = 1.0
+# WatchQueue streams end (DATABASE_UNAVAILABLE) once this many checks in a row have failed.
+WATCHES_END_AFTER_FAILED_CHECKS = 2
 GC_FREEZE_SECONDS = 5.0
 GC_THAW_SECONDS = 600.0
 PRUNE_INTERVAL_SECONDS = 3600.0
@@ -223,7 +225,7 @@ class OPDServer:
         """Health follows the database: while this server cannot read it, every call would fail, so health says
         NOT_SERVING (a load balancer sends the calls to a replica that can) until it answers again. A check that
         hangs (a lost network) is waited for, not sent again beside it."""
-        answering, pending = True, None
+        answering, pending, failed = True, None, 0
         while True:
             await asyncio.sleep(DATABASE_CHECK_SECONDS)
             if pending is None:
@@ -233,6 +235,13 @@ class OPDServer:
                 error, pending = pending.exception(), None
             else:
                 error = TimeoutError(f"no answer within {DATABASE_CHECK_SECONDS:g} s")
+            failed = 0 if error is None else failed + 1
+            if failed == WATCHES_END_AFTER_FAILED_CHECKS:  # not on one slow check: every board would reconnect
+                # Their clients go to a replica that hears the other replicas' changes, or wait for this one.
+                self.service.events.end_watches(Unavailable(
+                    "This server cannot read its database just now, so it would miss other replicas' changes; "
+                    "reconnect (to another replica, if there is one) with after_sequences set to the last sequence "
+                    "you received for each doctor.", "DATABASE_UNAVAILABLE"))
             if (error is None) == answering:
                 continue
             answering = error is None
@@ -240,11 +249,6 @@ class OPDServer:
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if answering
                                       else health_pb2.HealthCheckResponse.NOT_SERVING)
             self.metrics.database_answers(answering)
-            if not answering:  # their clients go to a replica that hears the changes, or wait for this one
-                self.service.events.end_watches(Unavailable(
-                    "This server cannot read its database just now, so it would miss other replicas' changes; "
-                    "reconnect (to another replica, if there is one) with after_sequences set to the last sequence "
-                    "you received for each doctor.", "DATABASE_UNAVAILABLE"))
             if answering:
                 log.info("the database answers again: health is SERVING")
             else:
