@@ -44,7 +44,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from clients.library import OPDError
+from clients.library import OPDError, server_zone
 from clients.report import write_report
 from opd_grpc._gen.opd.v1 import test_clock_pb2, test_clock_pb2_grpc
 from opd_grpc.engine.access import ROLES, Actor
@@ -152,12 +152,13 @@ def play(plan: DayPlan, address: str, keys: Mapping[str, str], console: Console,
                 raise CannotRun(_will_not_play(address, role, keys, OPDError.from_rpc_error(error))) from None
         day = Day(plan, clients, clock)
         try:
-            zone = clients["display"].get_stats(day.date).timezone or "UTC"
+            stats = clients["display"].get_stats(day.date)
         except OPDError as error:
             raise CannotRun(_will_not_play(address, "display", keys, error)) from None
-        if zone not in ("UTC", "Etc/UTC"):  # its slots would close hours off the simulated clock
-            raise CannotRun(f"the server at {address} runs with TIMEZONE={zone}; the simulation plays a day in UTC: "
-                            "start it with OPD_TIMEZONE=UTC")
+        noon = dt.datetime.combine(dt.date.fromisoformat(day.date), dt.time(12))
+        if server_zone(stats).utcoffset(noon):  # its slots would close hours off the simulated clock
+            raise CannotRun(f"the server at {address} runs with TIMEZONE={stats.timezone}; the simulation plays a "
+                            "day in UTC: start it with OPD_TIMEZONE=UTC")
         boards = Boards(clients["display"], plan, board_count, day.date) if board_count else None
         if boards is not None:
             day.on_open, day.on_minute = boards.open, boards.minute

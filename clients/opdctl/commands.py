@@ -156,10 +156,13 @@ def tokens_get(client: OPDClient, args: argparse.Namespace, out: Printer) -> Non
     reply = client.get_token(args.token_id)
     times, zone = _day_view(client, args, reply.token.doctor_id, reply.token.date)
     token = reply.token
-    moments = [(what, clock(getattr(token, field), zone)) for what, field in (
-        ("booked", "created_at"), ("checked in", "checked_in_at"), ("called", "called_at"),
-        ("completed", "completed_at"), ("last change", "updated_at"))]
-    out.show(reply, tokens_table([token], times, zone), ", ".join(f"{what} {at}" for what, at in moments if at))
+    moments = []
+    for what, field in (("booked", "created_at"), ("checked in", "checked_in_at"), ("called", "called_at"),
+                        ("completed", "completed_at"), ("last change", "updated_at")):
+        if at := clock(getattr(token, field), zone):
+            day = getattr(token, field).ToDatetime(zone).date().isoformat()
+            moments.append(f"{what} {at}" if day == token.date else f"{what} {day} {at}")  # booked days before
+    out.show(reply, tokens_table([token], times, zone), ", ".join(moments))
 
 
 def tokens_list(client: OPDClient, args: argparse.Namespace, out: Printer) -> None:

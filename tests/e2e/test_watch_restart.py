@@ -98,7 +98,7 @@ def test_watchers_ride_out_graceful_restarts_however_they_meet_the_stop(tmp_path
         server.start()
         client = OPDClient(server.address)
         failures: list[str] = []
-        last_seen: dict[int, int] = {}
+        seen: dict[int, list[int]] = {n: [] for n in range(WATCHERS)}  # each watch's event sequences, in order
         try:
             doctor = client.create_doctor("Dr Asha Rao", "General Medicine").doctor.doctor_id
             client.create_slots(doctor, [pb.SlotSpec(date=DAY, start_time="09:00", end_time="12:00",
@@ -108,8 +108,10 @@ def test_watchers_ride_out_graceful_restarts_however_they_meet_the_stop(tmp_path
             def follow(n: int) -> None:
                 try:
                     for update in watchers[n].watch([doctor], DAY):
-                        if update.WhichOneof("update") == "event":
-                            last_seen[n] = update.event.sequence
+                        if update.WhichOneof("update") == "snapshot":
+                            seen[n].append(update.snapshot.sequence)
+                        elif update.WhichOneof("update") == "event":
+                            seen[n].append(update.event.sequence)
                 except Exception as error:  # an OPDError: the watch gave up
                     failures.append(repr(error))
 
@@ -126,11 +128,12 @@ def test_watchers_ride_out_graceful_restarts_however_they_meet_the_stop(tmp_path
                 client.allocate_token(patient=patient(restart), doctor_id=doctor, date=DAY, source=pb.SOURCE_WALK_IN)
             last = _event_table(database, doctor)[-1][0]
             deadline = time.monotonic() + 20
-            while any(last_seen.get(n) != last for n in range(WATCHERS)) and time.monotonic() < deadline \
+            while any(seen[n][-1:] != [last] for n in range(WATCHERS)) and time.monotonic() < deadline \
                     and not failures:
                 time.sleep(0.05)
             assert failures == [] and all(reader.is_alive() for reader in readers)
-            assert last_seen == dict.fromkeys(range(WATCHERS), last)
+            # one snapshot, then every later event once, in order, through all the restarts
+            assert all(seen[n] == list(range(seen[n][0], last + 1)) for n in range(WATCHERS)), seen
             for watcher in watchers:
                 watcher.close()
         finally:
