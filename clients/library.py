@@ -11,6 +11,7 @@ silence: keepalive pings find the dead connection, and a watch that hears nothin
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import itertools
 import threading
 import time
@@ -437,11 +438,12 @@ class Watch:
         start = dict.fromkeys(doctor_ids, after_sequence) if after_sequence is not None else {}
         self.last_sequences: dict[str, int] = {**start, **after_sequences}
         self._after_sequence = after_sequence
-        # The last event seen of each doctor (`_fingerprint`). A reconnect resumes one event earlier, so that the
-        # server sends that event again: if it is another one, the server's history is not the one this watch
-        # followed (its database restored from a backup, then written past our sequence) and the watch raises
-        # OUT_OF_RANGE (HISTORY_CHANGED), as when the server no longer has our sequence at all.
-        self._last_events: dict[str, tuple[object, ...]] = {}
+        # What each doctor's last event must look like, from the last update seen of it: the event itself, or a
+        # snapshot (whose last event changed one of its latest-changed tokens, at their time). A reconnect resumes one
+        # event earlier, so that the server sends that event again: if it does not match, the server's history is
+        # not the one this watch followed (its database restored from a backup, then written past our sequence)
+        # and the watch raises OUT_OF_RANGE (HISTORY_CHANGED), as when the server no longer has our sequence at all.
+        self._expected: dict[str, Callable[[pb.QueueEvent], bool]] = {}
         self._unverified: set[str] = set()  # doctors whose resumed stream has not yet sent that event again
         self.reconnects = 0  # attempts to reconnect, successful or not
         self.connected = False  # whether the stream open now has brought an update (False while reconnecting)
@@ -499,7 +501,7 @@ class Watch:
     def _request(self) -> pb.WatchQueueRequest:
         """The caller's request, with each doctor seen so far resuming after its last sequence, or one earlier
         where this watch saw that last event."""
-        self._unverified = set(self._last_events)
+        self._unverified = {d for d in self._expected if self.last_sequences.get(d, 0) > 0}
         after = {d: n - 1 if d in self._unverified else n for d, n in self.last_sequences.items()}
         return pb.WatchQueueRequest(doctor_ids=self.doctor_ids, date=self.date, after_sequence=self._after_sequence,
                                     after_sequences=after)
@@ -512,27 +514,46 @@ class Watch:
             return True
         item = update.snapshot if kind == "snapshot" else update.event
         if kind == "snapshot":
-            self._last_events.pop(item.doctor_id, None)
+            self._expected[item.doctor_id] = _ended_snapshot(item)
         else:
             if item.doctor_id in self._unverified:
                 self._unverified.discard(item.doctor_id)
                 seen = self.last_sequences[item.doctor_id]
-                if (item.sequence, _fingerprint(item)) != (seen, self._last_events[item.doctor_id]):
+                if item.sequence != seen or not self._expected[item.doctor_id](item):
                     raise OutOfRange(grpc.StatusCode.OUT_OF_RANGE,
                                      f"Event {seen} of {item.doctor_id} on {item.date} is not the one this watch saw: "
                                      "the server's history has changed (its database restored from a backup). "
                                      "Start again from a snapshot.", "HISTORY_CHANGED")
             if item.sequence <= self.last_sequences.get(item.doctor_id, -1):
                 return False
-            self._last_events[item.doctor_id] = _fingerprint(item)
+            self._expected[item.doctor_id] = functools.partial(_same_event, _fingerprint(item))
         self.last_sequences[item.doctor_id] = item.sequence
         return True
 
 
 def _fingerprint(event: pb.QueueEvent) -> tuple[object, ...]:
     """What tells one event from another of its sequence: its kind, token, slot, cause and time (to the µs)."""
-    return (event.kind, event.token.token_id, event.slot_id, event.caused_by_token_id, event.occurred_at.seconds,
-            event.occurred_at.nanos // 1000)
+    return (event.kind, event.token.token_id, event.slot_id, event.caused_by_token_id, _micros(event.occurred_at))
+
+
+def _same_event(fingerprint: tuple[object, ...], event: pb.QueueEvent) -> bool:
+    return _fingerprint(event) == fingerprint
+
+
+def _ended_snapshot(snapshot: pb.QueueSnapshot) -> Callable[[pb.QueueEvent], bool]:
+    """Whether an event can be the one a snapshot ended with: it moved one of the tokens changed last, into the
+    status the snapshot shows, at their time (a capacity change moves no token: it passes)."""
+    latest = max((_micros(t.updated_at) for t in snapshot.tokens), default=None)
+    last_moved = {(t.token_id, t.status) for t in snapshot.tokens if _micros(t.updated_at) == latest}
+
+    def ended(event: pb.QueueEvent) -> bool:
+        return event.kind == pb.EVENT_KIND_SLOT_CHANGED or (
+            (event.token.token_id, event.token.status) in last_moved and _micros(event.occurred_at) == latest)
+    return ended
+
+
+def _micros(stamp: Any) -> int:
+    return stamp.seconds * 1_000_000 + stamp.nanos // 1000
 
 
 class _StallWatchdog:

@@ -8,6 +8,7 @@ import time
 from typing import Any, Callable
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 import grpc_testing
 import pytest
 from google.protobuf import any_pb2
@@ -242,12 +243,18 @@ def test_iter_tokens_follows_next_page_token_to_the_end(server: Any) -> None:
 # WatchQueue
 
 def snapshot(doctor_id: str, sequence: int) -> pb.WatchQueueResponse:
-    return pb.WatchQueueResponse(snapshot=pb.QueueSnapshot(doctor_id=doctor_id, date=DAY, sequence=sequence))
+    """As a server sends it: after event `sequence`, the token that event moved is the last changed."""
+    tokens = [event(doctor_id, sequence).event.token] if sequence else []
+    return pb.WatchQueueResponse(snapshot=pb.QueueSnapshot(doctor_id=doctor_id, date=DAY, sequence=sequence,
+                                                           tokens=tokens))
 
 
 def event(doctor_id: str, sequence: int) -> pb.WatchQueueResponse:
+    """Event `sequence` allocates token `sequence`, at minute `sequence`."""
+    at = Timestamp(seconds=1_900_000_000 + 60 * sequence)
+    token = pb.Token(token_id=f"{doctor_id}-20300107-T{sequence}", status=pb.STATUS_CONFIRMED, updated_at=at)
     return pb.WatchQueueResponse(event=pb.QueueEvent(doctor_id=doctor_id, date=DAY, sequence=sequence,
-                                                     kind=pb.EVENT_KIND_ALLOCATED))
+                                                     kind=pb.EVENT_KIND_ALLOCATED, token=token, occurred_at=at))
 
 
 class Viewer:
@@ -323,6 +330,40 @@ def test_watch_that_fell_behind_resumes_keeping_the_callers_start_for_doctors_no
     viewer.finished.result()
 
 
+CANCEL_OF_T2 = pb.WatchQueueResponse(event=pb.QueueEvent(
+    doctor_id="DOC001", date=DAY, sequence=4, kind=pb.EVENT_KIND_CANCELLED, occurred_at=Timestamp(seconds=1_900_000_500),
+    token=pb.Token(token_id="DOC001-20300107-T2", status=pb.STATUS_CANCELLED)))
+
+
+@pytest.mark.parametrize("replayed, changed", [
+    (event("DOC001", 4), False),  # the event the snapshot ended with: dropped, and the watch goes on
+    (CANCEL_OF_T2, True),  # the restored server's own event 4
+], ids=["same history", "restored history"])
+def test_a_watch_resumed_after_a_snapshot_checks_the_event_the_snapshot_ended_with(
+        server: Any, replayed: Any, changed: bool) -> None:
+    """A board whose last update was a snapshot (a quiet doctor) resumed after its sequence unchecked: after a
+    restore it followed the new history and never heard of T2's cancel (a reviewer's find)."""
+    client, _ = client_of(server)
+    viewer = Viewer(client.watch(["DOC001"], DAY))
+    _, _, rpc = within(server.take_unary_stream, METHOD["WatchQueue"])
+    rpc.send_response(snapshot("DOC001", 4))
+    assert viewer.next(1) == [("snapshot", "DOC001", 4)]
+    rpc.terminate((), grpc.StatusCode.UNAVAILABLE, "restarting")
+    _, again, rpc = within(server.take_unary_stream, METHOD["WatchQueue"])
+    assert dict(again.after_sequences) == {"DOC001": 3}
+    rpc.send_response(replayed)
+    if changed:
+        with pytest.raises(OPDError) as raised:
+            viewer.finished.result()
+        assert raised.value.reason == "HISTORY_CHANGED"
+    else:
+        rpc.send_response(event("DOC001", 5))
+        assert viewer.next(1) == [("event", "DOC001", 5)]
+        rpc.terminate((), grpc.StatusCode.INVALID_ARGUMENT, "done")
+        with pytest.raises(OPDError):
+            viewer.finished.result()
+
+
 def test_a_resumed_watch_whose_last_event_the_server_now_tells_otherwise_raises_out_of_range(server: Any) -> None:
     """The server's database was restored from a backup and has since written past this watch's sequence: the
     same sequence numbers now name other events. Resumed after them, a board would show the old history for good
@@ -359,7 +400,8 @@ def test_watch_ended_cancelled_by_the_server_reconnects(server: Any) -> None:
     assert viewer.next(1) == [("snapshot", "DOC001", 3)]
     rpc.terminate((), grpc.StatusCode.CANCELLED, "CANCELLED")
     _, again, rpc = within(server.take_unary_stream, METHOD["WatchQueue"])
-    assert dict(again.after_sequences) == {"DOC001": 3}
+    assert dict(again.after_sequences) == {"DOC001": 2}  # one early: event 3 again, checked against the snapshot
+    rpc.send_response(event("DOC001", 3))
     rpc.send_response(event("DOC001", 4))
     assert viewer.next(1) == [("event", "DOC001", 4)]
     watch.cancel()
@@ -434,9 +476,10 @@ def test_a_watch_that_hears_nothing_for_stall_seconds_reconnects_and_resumes(ser
     within(rpc.cancelled)  # nothing more came, not even a heartbeat: the watch gave the call up
 
     _, second, rpc = within(server.take_unary_stream, METHOD["WatchQueue"])
-    assert dict(second.after_sequences) == {"DOC001": 3}
+    assert dict(second.after_sequences) == {"DOC001": 2}
     assert watch.reconnects == 1 and [type(e) for e in lost] == [Unavailable]
     assert "no update came for 0.5 s" in lost[0].message
+    rpc.send_response(event("DOC001", 3))
     rpc.send_response(event("DOC001", 4))
     assert viewer.next(1) == [("event", "DOC001", 4)]
     watch.cancel()
