@@ -103,6 +103,8 @@ def test_watchers_ride_out_graceful_restarts_however_they_meet_the_stop(tmp_path
             doctor = client.create_doctor("Dr Asha Rao", "General Medicine").doctor.doctor_id
             client.create_slots(doctor, [pb.SlotSpec(date=DAY, start_time="09:00", end_time="12:00",
                                                      max_capacity=400)])
+            for n in (100, 101):  # the snapshots are of a day that has begun: the first resume checks against them
+                client.allocate_token(patient=patient(n), doctor_id=doctor, date=DAY, source=pb.SOURCE_WALK_IN)
             watchers = [OPDClient(server.address) for _ in range(WATCHERS)]
 
             def follow(n: int) -> None:
