@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import tomllib
 import zoneinfo
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ MIN_REQUEST_RETENTION_HOURS = 24
 MIN_MESSAGE_BYTES = 4096
 ENVIRONMENT_PREFIX = "OPD_"
 NEAR_ENOUGH = 0.8  # difflib's ratio from which a name is taken for a misspelt setting
+# What Kubernetes sets in a pod for each Service of its namespace (the Service's name in capitals, - as _).
+_KUBERNETES = re.compile(r"[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)")
 # `OPD_` variables that are not the server's settings: the settings file's name, and what the clients read
 # (opdctl, the display board), which an operator's shell may hold beside the server's.
 OTHER_VARIABLES = frozenset({"OPD_CONFIG", "OPD_ADDRESS", "OPD_API_KEY", "OPD_CA_CERT", "OPD_CLIENT_CERT",
@@ -90,12 +93,13 @@ class Settings:
             values = _read_file(file)
         names = {f.name: f for f in dataclasses.fields(cls)}
         _refuse_unknown(set(values) - set(names), names, "", f"in {file}")
-        # In the environment only a name near a setting's is refused: other OPD_ names belong to others (the
-        # clients' own, or Kubernetes' for a Service named opd: OPD_SERVICE_HOST, OPD_PORT_50051_TCP, ...).
+        # In the environment only a name near a setting's (in any case) is refused: other OPD_ names belong to
+        # others, the clients' and Kubernetes' (for a Service named opd or opd-database: OPD_SERVICE_HOST,
+        # OPD_DATABASE_PORT, OPD_PORT_50051_TCP, ...).
         _refuse_unknown({key for key in env if key.startswith(ENVIRONMENT_PREFIX) and key not in OTHER_VARIABLES
-                         and key.removeprefix(ENVIRONMENT_PREFIX) not in names
-                         and _nearest(key.removeprefix(ENVIRONMENT_PREFIX), names)}, names, ENVIRONMENT_PREFIX,
-                        "in the environment")
+                         and key.removeprefix(ENVIRONMENT_PREFIX) not in names and not _KUBERNETES.fullmatch(key)
+                         and _nearest(key.removeprefix(ENVIRONMENT_PREFIX).upper(), names)}, names,
+                        ENVIRONMENT_PREFIX, "in the environment")
         for name in names:
             if ENVIRONMENT_PREFIX + name in env:
                 values[name] = env[ENVIRONMENT_PREFIX + name]
@@ -180,7 +184,7 @@ def _refuse_unknown(unknown: set[str], names: Mapping[str, Any], prefix: str, wh
         return
     described = []
     for key in sorted(unknown):
-        near = _nearest(key.removeprefix(prefix), names)
+        near = _nearest(key.removeprefix(prefix).upper(), names)
         described.append(f"{key} (did you mean {prefix}{near}?)" if near else key)
     raise SettingsError(f"unknown settings {where}: {', '.join(described)}")
 

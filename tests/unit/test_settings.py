@@ -156,10 +156,13 @@ def test_a_misspelt_setting_is_refused_with_the_name_it_is_near(tmp_path):
                                             r"OPD_AUTO_NO_SHOW\?\), OPD_DATABSE_URL \(did you mean "
                                             r"OPD_DATABASE_URL\?\)$"):
         Settings.load(env={"OPD_AUTO_NOSHOW": "1", "OPD_DATABSE_URL": "x", "OPD_MAX_WAITLIST_SIZE": "5"})
+    with pytest.raises(SettingsError, match=r"OPD_auto_no_show \(did you mean OPD_AUTO_NO_SHOW\?\)"):
+        Settings.load(env={"OPD_auto_no_show": "1"})  # names in the environment are in capitals
     others = {"OPD_ADDRESS": "opd:50051", "OPD_API_KEY": "opd_x_y", "OPD_CA_CERT": "ca.pem",
               "OPD_CLIENT_CERT": "c.pem", "OPD_CLIENT_KEY": "k.pem", "OPD_CONFIG": "",
               "OPD_SERVICE_HOST": "10.0.0.7", "OPD_SERVICE_PORT": "50051", "OPD_PORT": "tcp://10.0.0.7:50051",
-              "OPD_PORT_50051_TCP_ADDR": "10.0.0.7", "OPD_GRPC_SERVICE_HOST": "10.0.0.8", "OPD_GRPC_PORT": "tcp://x"}
+              "OPD_PORT_50051_TCP_ADDR": "10.0.0.7", "OPD_GRPC_SERVICE_HOST": "10.0.0.8", "OPD_GRPC_PORT": "tcp://x",
+              "OPD_DATABASE_PORT": "tcp://10.0.0.9:5432", "OPD_DATABASE_SERVICE_PORT_POSTGRES": "5432"}
     assert Settings.load(env={**others, "OPD_AUTO_NO_SHOW": "1"}).AUTO_NO_SHOW
     with pytest.raises(SettingsError, match=r"MAX_WAITLST_SIZE \(did you mean MAX_WAITLIST_SIZE\?\)"):
         Settings.load(env={}, file=toml(tmp_path, "MAX_WAITLST_SIZE = 5\n"))
