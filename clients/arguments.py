@@ -22,7 +22,7 @@ def date(text: str) -> str:
 def address(text: str) -> str:
     """The server's HOST:PORT. gRPC would take a port past 65535 modulo 65536, and call another server."""
     port = text.rpartition(":")[2]
-    if port.isascii() and port.isdigit() and not 0 < int(port) <= 65535:
+    if port.isascii() and port.lstrip("+-").isdigit() and not (port.isdigit() and 0 < int(port) <= 65535):
         raise argparse.ArgumentTypeError(f"{text!r}: the port must be from 1 to 65535")
     return text
 

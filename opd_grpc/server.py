@@ -84,8 +84,9 @@ class OPDServer:
         self.settings = settings
         if settings.TEST_CLOCK and not tls.is_loopback(settings.LISTEN):
             raise SettingsError(f"TEST_CLOCK is on and LISTEN {settings.LISTEN} is reachable from other machines: a "
-                                "test clock moves every clinic's day for whoever calls SetTime, so it serves on "
-                                "127.0.0.1 only, for tests and the simulation (SPEC §8: never in production)")
+                                "test clock moves every clinic's day for whoever calls SetTime, so it serves on a "
+                                "loopback address only (127.0.0.1, [::1], localhost), for tests and the simulation "
+                                "(SPEC §8: never in production)")
         self.credentials = tls.server_credentials(settings)  # its files are checked before the database is touched
         self.clock: Clock = TestClock() if settings.TEST_CLOCK else WallClock()
         self.store = SqlStore(settings.DATABASE_URL)
@@ -217,7 +218,7 @@ class OPDServer:
                 log.exception("reloading API keys failed; the keys loaded before stay in force")
                 continue
             self.service.events.end_watches(Unauthenticated(
-                "The API key this stream was opened with is no longer accepted (revoked, or keys are now required); "
+                "This stream's API key has been revoked, or it was opened without one and keys are now required; "
                 "open it again with a valid key.", "API_KEY_INVALID"),
                 of=lambda watcher: not self.gate.keys.accepts(watcher))
 

@@ -163,7 +163,10 @@ def _read_file(file: str | Path) -> dict[str, Any]:
     """The file's settings by name in capitals. UTF-8, with or without the byte-order mark some editors write."""
     try:
         with open(file, "rb") as fh:
-            text = fh.read().decode("utf-8-sig")
+            data = fh.read()
+        text = data.decode("utf-8-sig")
+        if "\x00" in text:  # UTF-16 or UTF-32 without a byte-order mark: valid UTF-8, but no TOML of ours
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL")
         table = tomllib.loads(text)
     except UnicodeDecodeError as exc:
         raise SettingsError(f"cannot read settings file {file}: it is not UTF-8 text (byte {exc.start}); save it "

@@ -89,10 +89,10 @@ class Violations:
 
     def text(self, field: str, text: str, max_len: int = 200, required: bool = True) -> str:
         """Text to store or to look up: one line (a name on a board, a row of a table, a line of the audit log),
-        with no control characters but spaces and tabs (PostgreSQL takes no NUL in text). The bidirectional
+        with no control characters (PostgreSQL takes no NUL in text; a tab is taken as a space). The bidirectional
         controls that make text show in another order than it reads are taken out (a phone's keyboard wraps a
         right-to-left name in some: its letters are kept)."""
-        value = text.translate(_WITHOUT_BIDI_CONTROLS).strip()
+        value = text.translate(_WITHOUT_BIDI_CONTROLS).replace("\t", " ").strip()  # a tab would break a table
         if not value and required:
             self.add(field, "is required")
         elif required and not any(unicodedata.category(ch)[0] not in "CZ" for ch in value):
@@ -101,7 +101,7 @@ class Violations:
             self.add(field, f"is longer than {max_len} characters")
         elif any(ch in _LINE_BREAKS for ch in value):
             self.add(field, "contains a line break; send it on one line")
-        elif control := next((ch for ch in value if unicodedata.category(ch) == "Cc" and ch != "\t"), None):
+        elif control := next((ch for ch in value if unicodedata.category(ch) == "Cc"), None):
             self.add(field, f"contains the control character U+{ord(control):04X}; send printable text")
         return value
 

@@ -619,6 +619,7 @@ def test_fields_the_server_refuses_are_listed_one_a_line(live: LiveServer, docto
      "'25:00' is not a time of day (00:00 to 23:59)"),
     # gRPC would have called port 34463 (99999 modulo 65536) and said the server was not running there
     (["doctors", "list", "--address", "127.0.0.1:99999"], "'127.0.0.1:99999': the port must be from 1 to 65535"),
+    (["doctors", "list", "--address", "127.0.0.1:-1"], "'127.0.0.1:-1': the port must be from 1 to 65535"),
     (["tokens", "allocate", "--doctor", "DOC001", "--name", "A", "--source", "vip"], "invalid choice: 'vip'"),
     (["tokens", "allocate", "--doctor", "DOC001", "--name", "A", "--source", "walk-in", "--time", "9am"],
      "'9am' is not a time of the form HH:MM"),

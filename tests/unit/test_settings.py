@@ -175,6 +175,9 @@ def test_a_file_in_utf16_or_with_one_name_twice_is_refused_and_a_byte_order_mark
     path.write_bytes("MAX_WAITLIST_SIZE = 30\n".encode("utf-16"))
     with pytest.raises(SettingsError, match=r"it is not UTF-8 text \(byte 0\); save it as UTF-8$"):
         Settings.load(env={}, file=path)
+    path.write_bytes("MAX_WAITLIST_SIZE = 30\n".encode("utf-16-le"))  # without its byte-order mark
+    with pytest.raises(SettingsError, match=r"it is not UTF-8 text \(byte 1\); save it as UTF-8$"):
+        Settings.load(env={}, file=path)
     path.write_bytes("MAX_WAITLIST_SIZE = 30\n".encode("utf-8-sig"))
     assert Settings.load(env={}, file=path).MAX_WAITLIST_SIZE == 30
     with pytest.raises(SettingsError, match="sets MAX_WAITLIST_SIZE twice"):
