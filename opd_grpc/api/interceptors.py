@@ -77,8 +77,8 @@ class CallPipeline(grpc.aio.ServerInterceptor):
                     self.last_held = time.monotonic()
                     await self._refuse.wait()
                     raise Unavailable("The server is shutting down and did nothing with this call; send it again "
-                                      "(with the same request_id) to another replica, or once this one is back.",
-                                      "SERVER_SHUTTING_DOWN")
+                                      "(a change with the same request_id) to another replica, or once this one is "
+                                      "back.", "SERVER_SHUTTING_DOWN")
                 call.actor = self.gate.authenticate(context.invocation_metadata())
                 self.rate.admit(call.actor.key_id)
                 if len(raw) > self.max_message_bytes:
