@@ -500,7 +500,7 @@ class Watch:
 
     def _request(self) -> pb.WatchQueueRequest:
         """The caller's request, with each doctor seen so far resuming after its last sequence, or one earlier
-        where this watch saw that last event."""
+        where the update this watch saw last (an event, or a snapshot past sequence 0) lets it check that event."""
         self._unverified = {d for d in self._expected if self.last_sequences.get(d, 0) > 0}
         after = {d: n - 1 if d in self._unverified else n for d, n in self.last_sequences.items()}
         return pb.WatchQueueRequest(doctor_ids=self.doctor_ids, date=self.date, after_sequence=self._after_sequence,
