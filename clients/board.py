@@ -343,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                 with client.watch(args.doctor_ids, date, reconnect=not args.once,
                                   stall_seconds=3 * args.heartbeat_seconds) as watch:
                     try:
-                        follow(watch, BoardState(args.doctor_ids, date, zone), console, names, args.next_count, args.once,
-                               args.heartbeat_seconds, until=new_day)
+                        follow(watch, BoardState(args.doctor_ids, date, zone), console, names, args.next_count,
+                               args.once, args.heartbeat_seconds, until=new_day)
                     except OPDError as error:
                         if error.code is not grpc.StatusCode.OUT_OF_RANGE:
                             raise

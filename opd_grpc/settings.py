@@ -26,7 +26,8 @@ MIN_MESSAGE_BYTES = 4096
 ENVIRONMENT_PREFIX = "OPD_"
 NEAR_ENOUGH = 0.8  # difflib's ratio from which a name is taken for a misspelt setting
 # What Kubernetes sets in a pod for each Service of its namespace (the Service's name in capitals, - as _).
-_KUBERNETES = re.compile(r"[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)")
+_KUBERNETES = re.compile(r"[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?"
+                         r"|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)")
 # `OPD_` variables that are not the server's settings: the settings file's name, and what the clients read
 # (opdctl, the display board), which an operator's shell may hold beside the server's.
 OTHER_VARIABLES = frozenset({"OPD_CONFIG", "OPD_ADDRESS", "OPD_API_KEY", "OPD_CA_CERT", "OPD_CLIENT_CERT",
@@ -236,8 +237,8 @@ def _convert(name: str, kind: Any, value: Any) -> Any:
 
 def _database_url(url: str) -> str:
     """DATABASE_URL as SQLAlchemy takes it. `postgresql://` (or `postgres://`) alone names a driver (psycopg2) this
-    project does not install: it means psycopg 3, which it does. Other databases are refused here, by name, rather than by a missing
-    driver's traceback."""
+    project does not install: it means psycopg 3, which it does. Other databases are refused here, by name, rather
+    than by a missing driver's traceback."""
     if not url.strip():
         raise SettingsError("DATABASE_URL is empty: leave it out for the default (sqlite:///opd.db), or give "
                             "sqlite:///FILE or postgresql://USER@HOST/DATABASE")

@@ -331,7 +331,8 @@ def test_watch_that_fell_behind_resumes_keeping_the_callers_start_for_doctors_no
 
 
 CANCEL_OF_T2 = pb.WatchQueueResponse(event=pb.QueueEvent(
-    doctor_id="DOC001", date=DAY, sequence=4, kind=pb.EVENT_KIND_CANCELLED, occurred_at=Timestamp(seconds=1_900_000_500),
+    doctor_id="DOC001", date=DAY, sequence=4, kind=pb.EVENT_KIND_CANCELLED,
+    occurred_at=Timestamp(seconds=1_900_000_500),
     token=pb.Token(token_id="DOC001-20300107-T2", status=pb.STATUS_CANCELLED)))
 
 
