@@ -90,12 +90,12 @@ def _shown(url: str) -> str:
 def _keys(settings: Settings, args: argparse.Namespace) -> None:
     with offline_service(settings.DATABASE_URL, settings.rules()) as offline:
         if offline.created:
-            made = (f"there was no database at {offline.database}: a new, empty one was made. A server uses it only "
-                    "if its DATABASE_URL names it (set OPD_DATABASE_URL or --config as the server's, or run this in "
-                    "the server's folder)." if offline.database.startswith("sqlite") else
-                    f"the database at {offline.database} was empty: the schema was made in it. A server uses it "
-                    "only if its DATABASE_URL names it (set OPD_DATABASE_URL or --config as the server's).")
-            print(f"opd-grpc: {made}", file=sys.stderr, flush=True)
+            file = offline.database.startswith("sqlite")
+            made = (f"there was no database at {offline.database}: a new, empty one was made" if file else
+                    f"the database at {offline.database} was empty: the schema was made in it")
+            folder = ", or run this in the server's folder" if file else ""
+            print(f"opd-grpc: {made}. A server uses it only if its DATABASE_URL names it (set OPD_DATABASE_URL or "
+                  f"--config as the server's{folder}).", file=sys.stderr, flush=True)
         service = offline.service
         if args.action == "add":
             key, text = service.add_key(args.name, args.role, OPERATOR)

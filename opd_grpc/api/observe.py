@@ -31,8 +31,8 @@ access_log = logging.getLogger("opd_grpc.access")
 FIELDS = "fields"
 # Codes that mean the server failed rather than the caller: logged at ERROR, so they stand out.
 SERVER_FAULTS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
-# From a cached read (0.5 ms) to a call stuck behind a slow database (5 s).
 WAITLIST_READ_SECONDS = 1.0  # a scrape's wait for the waitlist lengths (Prometheus' own timeout is 10 s)
+# From a cached read (0.5 ms) to a call stuck behind a slow database (5 s).
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # A new token gets exactly one of these events (DoctorDay._new_token); BUMPED and PROMOTED move existing tokens.
 ALLOCATION_OUTCOMES = {EventKind.ALLOCATED: "confirmed", EventKind.WAITLISTED: "waitlisted"}
